@@ -1,0 +1,192 @@
+"""`tokenmill build`: raw text shards → a Parquet token dataset.
+
+    read (ReadTextShards) → decode (DecodeText) → tokenize (TokenizeText)
+    → write (WriteTokenShards) → commit (CommitManifest)
+
+with every rejected record routed beside the main path into error shards.
+Arguments tokenmill does not know are Beam pipeline options (--runner, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines import runners
+from pipelines.cli_errors import OneLineArgumentParser, UsageError, usage_errors
+from schemas.manifest import DATA_DIR, ERRORS_DIR, MANIFEST_NAME, read_manifest
+from schemas.storage import join
+from transforms import fs
+from transforms.decoders.text import DecodeText
+from transforms.sources.text import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_DOC_BYTES, ReadTextShards
+from transforms.tokenize import TokenizeText
+from transforms.tokenizers.base import TokenizerSpecError
+from transforms.tokenizers.spec import TEXT_SPECS, load_text_tokenizer
+from transforms.write import CommitManifest, WriteTokenShards, error_to_block, failed_to_block
+
+_SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def byte_size(text: str) -> int:
+    """'8MiB', '512k', '1048576' → bytes."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = _SIZE_SUFFIXES.get(t[-1:], 1)
+    try:
+        value = int(float(t[:-1] if t[-1:] in _SIZE_SUFFIXES else t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 8MiB, 512k)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = OneLineArgumentParser(
+        prog="tokenmill build",
+        description="Tokenize text shards (.jsonl, .txt, .parquet; plain, .gz or .zst; local paths "
+                    "or fsspec URIs) into a Parquet token dataset. Arguments not listed here are "
+                    "Apache Beam pipeline options, e.g. --runner, --direct_num_workers.",
+        epilog="Tokenizer specs: " + ", ".join(TEXT_SPECS) + ". Default runner: Beam's FnApiRunner "
+               "(local, offline), multi_processing with one worker per CPU core.")
+    p.add_argument("--input", action="append", required=True, metavar="GLOB",
+                   help="input shard path, glob or URI (repeatable); a folder means all files under it")
+    p.add_argument("--output", required=True, metavar="DIR", help="dataset directory or URI to write")
+    p.add_argument("--tokenizer", required=True, metavar="SPEC",
+                   help="tiktoken:cl100k_base | tiktoken:PATH_OR_URI | bytes | hf:PATH_OR_URI")
+    p.add_argument("--text-field", default="text", metavar="NAME",
+                   help="JSON field or Parquet column holding the text; dots address nested JSON "
+                        "fields (default: text)")
+    p.add_argument("--eos", action="store_true", help="append the tokenizer's EOS token to every document")
+    p.add_argument("--bos", action="store_true", help="prepend the tokenizer's BOS token to every document")
+    p.add_argument("--txt-per-line", action="store_true",
+                   help=".txt files hold one document per line (default: one document per file)")
+    p.add_argument("--block-size", type=byte_size, default=DEFAULT_BLOCK_BYTES, metavar="BYTES",
+                   help="input bytes per work unit and output shard (default: 8MiB)")
+    p.add_argument("--max-doc-bytes", type=byte_size, default=DEFAULT_MAX_DOC_BYTES, metavar="BYTES",
+                   help="whole-file .txt documents larger than this become error rows (default: 64MiB)")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
+    return p
+
+
+def check_inputs(patterns: Sequence[str]) -> int:
+    """Fail fast on globs that match nothing; returns the number of files matched."""
+    total = 0
+    for pattern in patterns:
+        try:
+            found = fs.match(pattern)
+        except Exception as e:
+            raise UsageError(f"cannot list input {pattern!r}: {e}") from None
+        if not found:
+            raise UsageError(f"input {pattern!r} matches no files")
+        total += len(found)
+    return total
+
+
+def prepare_output(root: str, overwrite: bool) -> None:
+    """Make sure the output is writable and holds no dataset we would silently replace."""
+    import fsspec
+
+    try:
+        fsys, path = fsspec.core.url_to_fs(root)
+        if fsys.exists(join(path, MANIFEST_NAME)) and not overwrite:
+            raise UsageError(f"{root} already holds a dataset; pass --overwrite to replace it")
+        if fsys.exists(path) and not fsys.isdir(path):
+            raise UsageError(f"output {root} exists and is not a directory")
+        fsys.makedirs(path, exist_ok=True)
+        probe = join(path, ".tokenmill-write-probe")
+        fsys.pipe_file(probe, b"")
+        fsys.rm(probe)
+        # Only tokenmill's own folders are cleared: shards of an earlier or
+        # crashed build must not mix with this one's.
+        if fsys.exists(join(path, MANIFEST_NAME)):
+            fsys.rm(join(path, MANIFEST_NAME))
+        for sub in (DATA_DIR, ERRORS_DIR):
+            if fsys.exists(join(path, sub)):
+                fsys.rm(join(path, sub), recursive=True)
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"cannot write to output {root}: {e}") from None
+
+
+def build_pipeline(args: argparse.Namespace, options: PipelineOptions, tokenizer_meta: dict[str, Any],
+                   pipeline: beam.Pipeline | None = None) -> beam.Pipeline:
+    """The un-run Beam graph of a text build."""
+    p = pipeline or beam.Pipeline(options=options)
+    read = p | "ReadTextShards" >> ReadTextShards(
+        args.input, text_field=args.text_field, txt_per_line=args.txt_per_line,
+        block_bytes=args.block_size, max_doc_bytes=args.max_doc_bytes)
+    docs, decode_failed = read["blocks"] | "DecodeText" >> DecodeText(args.text_field)
+    tokens, tokenize_failed = docs | "TokenizeText" >> TokenizeText(args.tokenizer, bos=args.bos, eos=args.eos)
+
+    rejected = (
+        (read["failed"] | "ReadFailuresAsErrors" >> beam.Map(failed_to_block, "read")),
+        (decode_failed | "DecodeFailuresAsErrors" >> beam.Map(failed_to_block, "decode")),
+        (tokenize_failed | "TokenizeFailuresAsErrors" >> beam.Map(failed_to_block, "tokenize")),
+        (read["errors"] | "FileErrorsAsBlocks" >> beam.Map(error_to_block)),
+    )
+    options_record = {"text_field": args.text_field, "txt_per_line": args.txt_per_line,
+                      "block_bytes": args.block_size, "max_doc_bytes": args.max_doc_bytes}
+    results = ((tokens, *rejected)
+               | "JoinErrorPath" >> beam.Flatten()
+               | "WriteTokenShards" >> WriteTokenShards(args.output))
+    _ = results | "CommitManifest" >> CommitManifest(
+        args.output, read["files"], modality="text", tokenizer=tokenizer_meta, options=options_record)
+    return p
+
+
+def _summary(root: str, seconds: float, runner: str, counters: dict[str, int]) -> str:
+    m = read_manifest(root)
+    in_bytes = sum(i["size"] for i in m.inputs)
+    lines = [
+        f"tokenmill build: done in {seconds:.1f} s",
+        f"  runner:     {runner}",
+        f"  tokenizer:  {m.tokenizer['spec']} ({m.tokenizer['name']}, vocab {m.tokenizer['vocab_size']}, "
+        f"{m.token_dtype}, fingerprint {m.tokenizer['fingerprint'][:12]})",
+        f"  inputs:     {len(m.inputs)} files, {in_bytes / 1e6:.1f} MB",
+        f"  rows:       {m.rows}",
+        f"  tokens:     {m.tokens}",
+        f"  errors:     {m.errors}" + (f"  (rows in {join(root, ERRORS_DIR)}/)" if m.errors else ""),
+        f"  throughput: {in_bytes / 1e6 / seconds:.1f} MB/s, {m.tokens / seconds / 1e6:.2f} M tokens/s",
+        f"  output:     {root}  ({len(m.files)} data shards, manifest {MANIFEST_NAME})",
+    ]
+    if counters:
+        lines.append("  counters:   " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
+    return "\n".join(lines)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse, check, build and run; returns the process exit code."""
+    with usage_errors("tokenmill build"):
+        args, beam_args = make_parser().parse_known_args(argv)
+        beam_args, runner = runners.local_defaults(beam_args)
+        options = runners.pipeline_options(beam_args)
+        try:
+            tokenizer = load_text_tokenizer(args.tokenizer, bos=args.bos, eos=args.eos)
+        except TokenizerSpecError as e:
+            raise UsageError(str(e)) from None
+        args.input = list(args.input)
+        check_inputs(args.input)
+        args.output = fs.canonical(args.output)
+        prepare_output(args.output, args.overwrite)
+        pipeline = build_pipeline(args, options, tokenizer.metadata())
+    print(f"tokenmill build: runner {runner}", file=sys.stderr)
+    start = time.perf_counter()
+    result = pipeline.run()
+    result.wait_until_finish()
+    seconds = time.perf_counter() - start
+    print(_summary(args.output, seconds, runner, runners.counters(result)))
+    return 0
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

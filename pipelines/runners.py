@@ -1,0 +1,79 @@
+"""Choosing and describing the Beam runner.
+
+Beam's DirectRunner first tries Prism, which downloads a binary; offline that
+fails after a delay and falls back. tokenmill therefore defaults to the
+FnApiRunner, Beam's local portable runner, in multi_processing mode with one
+worker per CPU core. Any --runner the user gives is used as is.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+from pipelines.cli_errors import UsageError
+
+DEFAULT_LOCAL_RUNNER = "FnApiRunner"
+_LOCAL = {"fnapirunner", "directrunner", "switchingdirectrunner", "bundlebaseddirectrunner"}
+
+
+def _given(args: Sequence[str], name: str) -> bool:
+    return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in args)
+
+
+def local_defaults(beam_args: Sequence[str]) -> tuple[list[str], str]:
+    """Beam args with tokenmill's local defaults filled in, and a description of the runner."""
+    args = list(beam_args)
+    if not _given(args, "runner"):
+        args.append(f"--runner={DEFAULT_LOCAL_RUNNER}")
+    opts = PipelineOptions(args)
+    runner = opts.view_as(StandardOptions).runner or DEFAULT_LOCAL_RUNNER
+    if runner.lower() not in _LOCAL and runner.lower() + "runner" not in _LOCAL:
+        return args, runner
+    if not _given(args, "direct_num_workers"):
+        args.append(f"--direct_num_workers={os.cpu_count() or 1}")
+    direct = PipelineOptions(args).view_as(DirectOptions)
+    workers = direct.direct_num_workers
+    if not _given(args, "direct_running_mode") and workers != 1:
+        args.append("--direct_running_mode=multi_processing")
+    if not _given(args, "default_sdk_harness_log_level"):
+        args.append("--default_sdk_harness_log_level=WARNING")  # keep worker chatter off the terminal
+    mode = PipelineOptions(args).view_as(DirectOptions).direct_running_mode
+    return args, f"{runner} ({mode}, {workers} worker{'s' if workers != 1 else ''})"
+
+
+def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
+    """PipelineOptions from the leftover arguments; an argument Beam does not know is an error."""
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in _all_subclasses(PipelineOptions):
+        cls._add_argparse_args(parser)
+    _, unknown = parser.parse_known_args(list(beam_args))
+    if unknown:
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+    return PipelineOptions(list(beam_args))
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+def counters(result) -> dict[str, int]:
+    """tokenmill's Beam counters from a finished pipeline, where the runner reports them."""
+    try:
+        from apache_beam.metrics.metric import MetricsFilter
+
+        found = result.metrics().query(MetricsFilter().with_namespace("tokenmill"))["counters"]
+    except Exception:  # some runners report no metrics
+        return {}
+    totals: dict[str, int] = {}
+    for c in found:
+        value = c.committed if c.committed is not None else c.attempted
+        totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + int(value or 0)
+    return totals

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# tokenmill on this machine:
+#   ./run_local.sh            set up .venv, build the sample dataset into ./out/sample
+#                             (extra arguments go to `tokenmill build`)
+#   ./run_local.sh test       set up .venv, run the whole test suite (extra args go to pytest)
+#   ./run_local.sh bench      set up .venv, run the benchmarks under bench/
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-}
+if [ -z "$PYTHON" ]; then
+  if command -v python3.11 >/dev/null 2>&1; then PYTHON=python3.11; else PYTHON=python3; fi
+fi
+VENV=.venv
+EXTRAS="hf,test,bench"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "run_local.sh: creating $VENV with $($PYTHON --version 2>&1)" >&2
+  "$PYTHON" -m venv "$VENV"
+fi
+# Reinstall only when the package definition or the pins change.
+stamp="$VENV/.tokenmill-install"
+want=$(cat setup.py requirements/constraints.txt <(echo "$EXTRAS") | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "run_local.sh: installing tokenmill[$EXTRAS] with pinned constraints" >&2
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+    -c requirements/constraints.txt -e ".[$EXTRAS]"
+  echo "$want" > "$stamp"
+fi
+
+mode=${1:-build}
+case "$mode" in
+  test)
+    shift
+    exec "$VENV/bin/python" -m pytest -q tests "$@"
+    ;;
+  bench)
+    shift
+    exec "$VENV/bin/python" -m bench.text_build "$@"
+    ;;
+  *)
+    [ "$mode" = build ] && [ $# -gt 0 ] && shift
+    defaults=()
+    [[ " $* " == *" --input"* ]] || defaults+=(--input 'samples/text/*')
+    [[ " $* " == *" --output"* ]] || defaults+=(--output out/sample --overwrite)
+    [[ " $* " == *" --tokenizer"* ]] || defaults+=(--tokenizer tiktoken:cl100k_base --eos)
+    exec "$VENV/bin/tokenmill" build "${defaults[@]}" "$@"
+    ;;
+esac

