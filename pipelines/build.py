@@ -117,7 +117,7 @@ def prepare_output(root: str, overwrite: bool) -> None:
 def build_pipeline(args: argparse.Namespace, options: PipelineOptions, tokenizer_meta: dict[str, Any],
                    pipeline: beam.Pipeline | None = None) -> beam.Pipeline:
     """The un-run Beam graph of a text build."""
-    p = pipeline or beam.Pipeline(options=options)
+    p = pipeline or beam.Pipeline(runner=runners.make_runner(options), options=options)
     read = p | "ReadTextShards" >> ReadTextShards(
         args.input, text_field=args.text_field, txt_per_line=args.txt_per_line,
         block_bytes=args.block_size, max_doc_bytes=args.max_doc_bytes)

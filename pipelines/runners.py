@@ -56,6 +56,25 @@ def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
     return PipelineOptions(list(beam_args))
 
 
+def make_runner(options: PipelineOptions):
+    """A runner instance for `options`, or None to let Beam create it.
+
+    A FnApiRunner created by name hands its SDK workers no pipeline options, so
+    they log at INFO and ignore --default_sdk_harness_log_level. Build it the
+    way Beam's DirectRunner does, with the options in its provision info.
+    """
+    runner = (options.view_as(StandardOptions).runner or "").lower()
+    if runner not in ("fnapirunner", "fnapi"):
+        return None
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+    return fn_runner.FnApiRunner(provision_info=info)
+
+
 def _all_subclasses(cls: type) -> list[type]:
     out = []
     for sub in cls.__subclasses__():

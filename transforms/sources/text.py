@@ -111,10 +111,13 @@ def read_line_stream(f: IO[bytes], task: BlockTask, block_bytes: int) -> Iterato
     record it could not read.
     """
     stream = _decompressed(f, task.compression)
+    # read1 returns what one decompression step produced, so the data before a
+    # break is kept; read(n) would discard it along with the exception.
+    read = getattr(stream, "read1", stream.read)
     block, offset, pending = task.block, 0, b""
     while True:
         try:
-            chunk = stream.read(_READ_CHUNK)
+            chunk = read(_READ_CHUNK)
         except (EOFError, OSError, zlib.error, ValueError) as e:
             yield _tail_error(task, block, offset, pending, e)
             return
