@@ -26,7 +26,7 @@ from transforms.decoders.text import DecodeText
 from transforms.sources.text import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_DOC_BYTES, ReadTextShards
 from transforms.tokenize import TokenizeText
 from transforms.tokenizers.base import TokenizerSpecError
-from transforms.tokenizers.spec import TEXT_SPECS, load_text_tokenizer
+from transforms.tokenizers.spec import TEXT_SPECS, shared_text_tokenizer
 from transforms.write import CommitManifest, WriteTokenShards, error_to_block, failed_to_block
 
 _SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -124,17 +124,21 @@ def build_pipeline(args: argparse.Namespace, options: PipelineOptions, tokenizer
     docs, decode_failed = read["blocks"] | "DecodeText" >> DecodeText(args.text_field)
     tokens, tokenize_failed = docs | "TokenizeText" >> TokenizeText(args.tokenizer, bos=args.bos, eos=args.eos)
 
+    # The error path gets its own writer: joining it to the main path before
+    # writing would keep Beam from fusing tokenize and write into one stage,
+    # and every token block would travel through the runner between them.
     rejected = (
         (read["failed"] | "ReadFailuresAsErrors" >> beam.Map(failed_to_block, "read")),
         (decode_failed | "DecodeFailuresAsErrors" >> beam.Map(failed_to_block, "decode")),
         (tokenize_failed | "TokenizeFailuresAsErrors" >> beam.Map(failed_to_block, "tokenize")),
         (read["errors"] | "FileErrorsAsBlocks" >> beam.Map(error_to_block)),
-    )
+    ) | "JoinRejected" >> beam.Flatten()
     options_record = {"text_field": args.text_field, "txt_per_line": args.txt_per_line,
                       "block_bytes": args.block_size, "max_doc_bytes": args.max_doc_bytes}
-    results = ((tokens, *rejected)
-               | "JoinErrorPath" >> beam.Flatten()
-               | "WriteTokenShards" >> WriteTokenShards(args.output))
+    results = (
+        (tokens | "WriteTokenShards" >> WriteTokenShards(args.output)),
+        (rejected | "WriteRejectedShards" >> WriteTokenShards(args.output)),
+    ) | "JoinShardResults" >> beam.Flatten()
     _ = results | "CommitManifest" >> CommitManifest(
         args.output, read["files"], modality="text", tokenizer=tokenizer_meta, options=options_record)
     return p
@@ -167,7 +171,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         beam_args, runner = runners.local_defaults(beam_args)
         options = runners.pipeline_options(beam_args)
         try:
-            tokenizer = load_text_tokenizer(args.tokenizer, bos=args.bos, eos=args.eos)
+            tokenizer = shared_text_tokenizer(args.tokenizer, args.bos, args.eos)
         except TokenizerSpecError as e:
             raise UsageError(str(e)) from None
         args.input = list(args.input)

@@ -16,7 +16,7 @@ from apache_beam.metrics import Metrics
 from schemas.tables import text_hard_schema
 from transforms.records import ErrorRecord, TextBlock, TokenBlock, row_ids
 from transforms.tokenizers.base import TextTokenizer
-from transforms.tokenizers.spec import load_text_tokenizer
+from transforms.tokenizers.spec import shared_text_tokenizer
 
 
 def tokenize_block(tokenizer: TextTokenizer, block: TextBlock, schema: pa.Schema) -> TokenBlock:
@@ -48,7 +48,7 @@ class _TokenizeBlocks(beam.DoFn):
         self._rejected = Metrics.counter("tokenmill", "tokenize_errors")
 
     def setup(self) -> None:
-        self._tokenizer = load_text_tokenizer(self._spec, bos=self._bos, eos=self._eos)
+        self._tokenizer = shared_text_tokenizer(self._spec, self._bos, self._eos)
         self._schema = text_hard_schema(self._tokenizer.token_type, self._tokenizer.metadata())
 
     def process(self, block: TextBlock) -> Iterator[TokenBlock]:

@@ -210,17 +210,27 @@ def list_files(patterns: list[str]) -> list[InputFile]:
     return [found[uri] for uri in sorted(found)]
 
 
-class _PlanBlocks(beam.DoFn):
+class _ListAndPlan(beam.DoFn):
+    """Lists every input and plans its read tasks in one step.
+
+    Tasks leave largest first: Beam's local runner deals a stage's input out to
+    its workers round-robin, and largest-first keeps their shares even.
+    """
+
     def __init__(self, block_bytes: int, txt_per_line: bool):
         self._block_bytes = block_bytes
         self._txt_per_line = txt_per_line
 
-    def process(self, f: InputFile) -> Iterator[BlockTask | beam.pvalue.TaggedOutput]:
-        planned = plan_blocks(f, self._block_bytes, self._txt_per_line)
-        if isinstance(planned, ErrorRecord):
-            yield beam.pvalue.TaggedOutput("errors", planned)
-        else:
-            yield from planned
+    def process(self, patterns: list[str]) -> Iterator[BlockTask | beam.pvalue.TaggedOutput]:
+        tasks: list[BlockTask] = []
+        for f in list_files(patterns):
+            yield beam.pvalue.TaggedOutput("files", f)
+            planned = plan_blocks(f, self._block_bytes, self._txt_per_line)
+            if isinstance(planned, ErrorRecord):
+                yield beam.pvalue.TaggedOutput("errors", planned)
+            else:
+                tasks.extend(planned)
+        yield from sorted(tasks, key=lambda t: (-(t.end - t.start), t.source, t.block))
 
 
 class _ReadBlocks(beam.DoFn):
@@ -261,11 +271,10 @@ class ReadTextShards(beam.PTransform):
         self._max_doc_bytes = max_doc_bytes
 
     def expand(self, pbegin):
-        files = (pbegin
-                 | "InputGlobs" >> beam.Create([self._patterns])
-                 | "ListFiles" >> beam.FlatMap(list_files))
-        planned = files | "PlanBlocks" >> beam.ParDo(
-            _PlanBlocks(self._block_bytes, self._txt_per_line)).with_outputs("errors", main="tasks")
+        planned = (pbegin
+                   | "InputGlobs" >> beam.Create([self._patterns])
+                   | "ListAndPlanInputs" >> beam.ParDo(_ListAndPlan(self._block_bytes, self._txt_per_line))
+                   .with_outputs("files", "errors", main="tasks"))
         # Spread read tasks over workers; keyed by (source, block) so the
         # assignment, and so each worker's output, does not depend on randomness.
         tasks = (planned.tasks
@@ -276,4 +285,4 @@ class ReadTextShards(beam.PTransform):
                           | "ReadBlocks" >> beam.ParDo(
                               _ReadBlocks(self._text_field, self._block_bytes, self._max_doc_bytes))
                           .with_exception_handling(partial=True))
-        return {"files": files, "blocks": blocks, "errors": planned.errors, "failed": failed}
+        return {"files": planned.files, "blocks": blocks, "errors": planned.errors, "failed": failed}

@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import functools
+
 from transforms.tokenizers.base import TextTokenizer, TokenizerSpecError
 
 TEXT_SPECS = ("tiktoken:cl100k_base", "tiktoken:PATH_OR_URI", "bytes", "hf:PATH_OR_URI")
@@ -32,3 +34,11 @@ def load_text_tokenizer(spec: str, *, bos: bool = False, eos: bool = False) -> T
 
         return HFTokenizer(spec, arg, bos=bos, eos=eos)
     raise TokenizerSpecError(f"unknown tokenizer spec {spec!r}: expected one of {', '.join(TEXT_SPECS)}")
+
+
+@functools.lru_cache(maxsize=8)
+def shared_text_tokenizer(spec: str, bos: bool = False, eos: bool = False) -> TextTokenizer:
+    """One tokenizer per process and spec: workers in one process (and the
+    launcher, on a local runner) share it instead of each loading its own.
+    Tokenizers are safe to call from several threads."""
+    return load_text_tokenizer(spec, bos=bos, eos=eos)

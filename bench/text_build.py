@@ -1,0 +1,154 @@
+"""Text build benchmark: tokenmill vs raw tiktoken vs Hugging Face datasets, same corpus, one run.
+
+    ./run_local.sh bench [--corpus-mb 120] [--skip-hf]
+
+Measured, each as a fresh process tree whose peak RSS is sampled:
+  raw tiktoken   Encoding.encode_ordinary_batch(num_threads=1) over texts already
+                 in memory, in 1 process and split over 2 processes. Only the
+                 encoding is timed: the strictest baseline.
+  tokenmill      `tokenmill build` on the jsonl shards, 1 and 2 workers; timed
+                 from pipeline start to manifest written (the summary's figure),
+                 and as a whole command (interpreter start included).
+  HF datasets    load_dataset("json") + batched map with the same encoding
+                 (num_threads=1) + to_parquet, num_proc 1 and 2, fresh cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from bench.corpus import build_corpus
+
+REPO = Path(__file__).resolve().parent.parent
+TOKENMILL = [sys.executable, "-m", "pipelines.build"]
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[str, float, int]:
+    """Run a command; return (stdout, wall seconds, peak RSS of its process tree in bytes)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, **(env or {})})
+    ps = psutil.Process(proc.pid)
+    peak = [0]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _tree_rss(ps))
+            done.wait(0.05)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    out, err = proc.communicate()
+    wall = time.perf_counter() - start
+    done.set()
+    t.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
+    return out, wall, peak[0]
+
+
+def _timed(out: str) -> dict:
+    line = [l for l in out.splitlines() if l.startswith("BENCH ")][-1]
+    return json.loads(line[len("BENCH "):])
+
+
+def raw_tiktoken(files: list[Path], processes: int) -> dict:
+    out, wall, peak = run_measured([sys.executable, "-m", "bench.raw_tiktoken", str(processes),
+                                    *map(str, files)])
+    r = _timed(out)
+    return {**r, "wall_s": wall, "peak_rss": peak}
+
+
+def hf_datasets(files: list[Path], processes: int, tmp: Path) -> dict:
+    out, wall, peak = run_measured([sys.executable, "-m", "bench.hf_peer", str(processes), str(tmp),
+                                    *map(str, files)], env={"HF_DATASETS_OFFLINE": "1"})
+    return {**_timed(out), "wall_s": wall, "peak_rss": peak}
+
+
+def tokenmill(files: list[Path], workers: int, out_dir: Path) -> dict:
+    runner = ["--runner=FnApiRunner", f"--direct_num_workers={workers}",
+              f"--direct_running_mode={'multi_processing' if workers > 1 else 'in_memory'}"]
+    out, wall, peak = run_measured([*TOKENMILL, "--input", str(files[0].parent / "*.jsonl"),
+                                    "--output", str(out_dir), "--tokenizer", "tiktoken:cl100k_base",
+                                    "--overwrite", *runner])
+    seconds = float(re.search(r"done in ([0-9.]+) s", out).group(1))
+    manifest = json.loads((out_dir / "_manifest.json").read_text())
+    return {"seconds": seconds, "tokens": manifest["tokens"], "rows": manifest["rows"],
+            "errors": manifest["errors"], "wall_s": wall, "peak_rss": peak}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench.text_build", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus-mb", type=int, default=120)
+    ap.add_argument("--corpus-dir", type=Path, default=REPO / "bench" / "data" / "text-corpus")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--results", type=Path, default=REPO / "bench" / "data" / "text_build.json")
+    args = ap.parse_args(argv)
+
+    files = build_corpus(args.corpus_dir, args.corpus_mb)
+    mb = sum(f.stat().st_size for f in files) / 1e6
+    text_mb = json.loads((args.corpus_dir / "_corpus.json").read_text())["text_bytes"] / 1e6
+    print(f"corpus: {len(files)} jsonl shards, {mb:.1f} MB on disk, {text_mb:.1f} MB of text "
+          f"({args.corpus_dir})", flush=True)
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="tokenmill-bench-") as tmp:
+        tmp = Path(tmp)
+        for n in (1, 2):
+            results[f"raw tiktoken, {n} proc"] = raw_tiktoken(files, n)
+            print(f"  done: raw tiktoken {n}", flush=True)
+            results[f"tokenmill build, {n} worker"] = tokenmill(files, n, tmp / f"tm{n}")
+            print(f"  done: tokenmill {n}", flush=True)
+            shutil.rmtree(tmp / f"tm{n}", ignore_errors=True)
+            if not args.skip_hf:
+                results[f"HF datasets, {n} proc"] = hf_datasets(files, n, tmp / f"hf{n}")
+                print(f"  done: HF datasets {n}", flush=True)
+                shutil.rmtree(tmp / f"hf{n}", ignore_errors=True)
+
+    print(f"\n{'':28s} {'seconds':>8s} {'MB/s':>7s} {'Mtok/s':>7s} {'wall s':>7s} {'peak RSS':>9s}")
+    for name, r in results.items():
+        print(f"{name:28s} {r['seconds']:8.2f} {text_mb / r['seconds']:7.2f} "
+              f"{r['tokens'] / r['seconds'] / 1e6:7.2f} {r['wall_s']:7.2f} {r['peak_rss'] / 2**20:7.0f} MiB")
+    checks = []
+    for n in (1, 2):
+        tm = results[f"tokenmill build, {n} worker"]
+        raw = results[f"raw tiktoken, {n} proc"]
+        assert tm["tokens"] == raw["tokens"], (tm["tokens"], raw["tokens"])
+        checks.append((f"tokenmill {n}w vs raw tiktoken {n}p", raw["seconds"] / tm["seconds"], 0.9))
+        if not args.skip_hf:
+            hf = results[f"HF datasets, {n} proc"]
+            checks.append((f"tokenmill {n}w vs HF datasets {n}p", hf["seconds"] / tm["seconds"], 1.1))
+    print()
+    for name, ratio, target in checks:
+        print(f"{name:38s} {ratio:5.2f}x  (target >= {target}x: {'met' if ratio >= target else 'MISSED'})")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps({"corpus_text_mb": text_mb, "results": results,
+                                        "ratios": {n: r for n, r, _ in checks}}, indent=2))
+    print(f"\nresults: {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
