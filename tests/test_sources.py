@@ -96,3 +96,71 @@ def test_decode_rejects_each_bad_record_with_its_reason():
     assert "int, not a string" in out.errors[2].message
     nested = decode_block(raw, "meta.text")
     assert nested.texts == ["nested"]
+
+
+class _CountingReader(io.RawIOBase):
+    """A file that counts how many bytes have been read from it."""
+
+    def __init__(self, data: bytes):
+        self._f = io.BytesIO(data)
+        self.read_bytes = 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        n = self._f.readinto(b)
+        self.read_bytes += n
+        return n
+
+
+def test_compressed_stream_is_read_block_by_block_not_whole():
+    from transforms.records import BlockTask
+
+    data = b"".join(b'{"text": "%d %s"}\n' % (i, bytes(str(i * 7919 % 104729), "ascii") * 20)
+                    for i in range(60000))
+    packed = gzip.compress(data)
+    f = _CountingReader(packed)
+    task = BlockTask("mem.jsonl.gz", "jsonl", "gzip", 0, len(packed), 0, len(packed))
+    blocks = read_line_stream(f, task, 1 << 20)
+    first = next(blocks)
+    assert first.nbytes >= 1 << 20
+    assert f.read_bytes < len(packed) // 2  # the rest of the stream is still unread
+    rest = list(blocks)
+    assert sum(len(b.payloads) for b in [first, *rest]) == 60000
+
+
+@settings(max_examples=100, deadline=None)
+@given(records=st.lists(st.one_of(
+    st.builds(lambda t: {"text": t}, st.text(max_size=30)),
+    st.builds(lambda v: {"text": v}, st.one_of(st.integers(), st.none(), st.lists(st.integers(), max_size=2))),
+    st.builds(lambda t: {"other": t}, st.text(max_size=5)),
+    st.sampled_from(['{"text": "unclosed', "{}", "[1, 2]", '"just a string"', "nul\x00l"]),
+), max_size=40), block=st.integers(16, 400))
+def test_every_record_is_a_row_or_an_error(tmp_path_factory, records, block):
+    """The invariant, on the pure read → decode → tokenize chain."""
+    import json
+
+    from transforms.tokenize import tokenize_block
+    from transforms.tokenizers.spec import shared_text_tokenizer
+    from schemas.tables import text_hard_schema
+
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+    path = tmp_path_factory.mktemp("inv") / "x.jsonl"
+    path.write_text("".join(l + "\n" for l in lines))
+    tok = shared_text_tokenizer("bytes")
+    schema = text_hard_schema(tok.token_type, tok.metadata())
+    planned = plan_blocks(InputFile(str(path), path.stat().st_size, ""), block, False)
+    non_blank = sum(1 for l in lines if l.strip())
+    good = sum(1 for r in records if isinstance(r, dict) and isinstance(r.get("text"), str))
+    if not isinstance(planned, list):  # a zero-byte file is one error row
+        assert planned.error_type == "EmptyFile" and not lines
+        return
+    rows = errors = 0
+    for task in planned:
+        for raw in read_task(task, "text", block, 1 << 20):
+            out = tokenize_block(tok, decode_block(raw, "text"), schema)
+            rows += out.table.num_rows
+            errors += len(out.errors)
+    assert rows == good
+    assert rows + errors == non_blank

@@ -61,6 +61,8 @@ def match(pattern: str) -> list[InputFile]:
     for path, info in found.items():
         if info.get("type") == "directory":
             continue
+        if "://" not in path:  # give URIs back in the form the user wrote them
+            path = path.lstrip("/") if not pattern.split("://", 1)[1].startswith("/") else path
         uri = path if "://" in path else f"{protocol}://{path}"
         out.append(InputFile(uri, int(info.get("size") or 0), _change_token(info)))
     return sorted(out, key=lambda f: f.uri)
