@@ -30,6 +30,7 @@ from transforms.tokenizers.spec import TEXT_SPECS, shared_text_tokenizer
 from transforms.write import CommitManifest, WriteTokenShards, error_to_block, failed_to_block
 
 _SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+MAX_BYTES = 1 << 30  # keeps a block's token offsets within Arrow's 32-bit list offsets
 
 
 def byte_size(text: str) -> int:
@@ -40,8 +41,8 @@ def byte_size(text: str) -> int:
         value = int(float(t[:-1] if t[-1:] in _SIZE_SUFFIXES else t) * mult)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 8MiB, 512k)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    if not 0 < value <= MAX_BYTES:
+        raise argparse.ArgumentTypeError(f"size must be between 1 byte and 1GiB: {text!r}")
     return value
 
 
@@ -101,13 +102,14 @@ def prepare_output(root: str, overwrite: bool) -> None:
         probe = join(path, ".tokenmill-write-probe")
         fsys.pipe_file(probe, b"")
         fsys.rm(probe)
-        # Only tokenmill's own folders are cleared: shards of an earlier or
-        # crashed build must not mix with this one's.
+        # A replaced or crashed build leaves shards behind; remove tokenmill's
+        # own files only (part-*.parquet and temp files), never anything else.
         if fsys.exists(join(path, MANIFEST_NAME)):
             fsys.rm(join(path, MANIFEST_NAME))
         for sub in (DATA_DIR, ERRORS_DIR):
-            if fsys.exists(join(path, sub)):
-                fsys.rm(join(path, sub), recursive=True)
+            for pattern in ("part-*.parquet", ".part-*.tmp"):
+                for stale in fsys.glob(join(path, sub, pattern)):
+                    fsys.rm(stale)
     except UsageError:
         raise
     except Exception as e:
@@ -144,6 +146,14 @@ def build_pipeline(args: argparse.Namespace, options: PipelineOptions, tokenizer
     return p
 
 
+def _human(n: float, unit: str = "B") -> str:
+    for prefix in ("", "k", "M", "G", "T"):
+        if abs(n) < 1000 or prefix == "T":
+            return f"{n:.1f} {prefix}{unit}" if prefix else f"{n:.0f} {unit}"
+        n /= 1000
+    return f"{n} {unit}"
+
+
 def _summary(root: str, seconds: float, runner: str, counters: dict[str, int]) -> str:
     m = read_manifest(root)
     in_bytes = sum(i["size"] for i in m.inputs)
@@ -152,11 +162,11 @@ def _summary(root: str, seconds: float, runner: str, counters: dict[str, int]) -
         f"  runner:     {runner}",
         f"  tokenizer:  {m.tokenizer['spec']} ({m.tokenizer['name']}, vocab {m.tokenizer['vocab_size']}, "
         f"{m.token_dtype}, fingerprint {m.tokenizer['fingerprint'][:12]})",
-        f"  inputs:     {len(m.inputs)} files, {in_bytes / 1e6:.1f} MB",
+        f"  inputs:     {len(m.inputs)} files, {_human(in_bytes)}",
         f"  rows:       {m.rows}",
         f"  tokens:     {m.tokens}",
         f"  errors:     {m.errors}" + (f"  (rows in {join(root, ERRORS_DIR)}/)" if m.errors else ""),
-        f"  throughput: {in_bytes / 1e6 / seconds:.1f} MB/s, {m.tokens / seconds / 1e6:.2f} M tokens/s",
+        f"  throughput: {_human(in_bytes / seconds, 'B/s')}, {_human(m.tokens / seconds, 'tokens/s')}",
         f"  output:     {root}  ({len(m.files)} data shards, manifest {MANIFEST_NAME})",
     ]
     if counters:

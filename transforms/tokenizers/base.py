@@ -80,15 +80,11 @@ class TextTokenizer(Tokenizer):
         """The bytes one ID stands for (used to measure granularity)."""
         return self.decode([token_id]).encode("utf-8")
 
+    # Tokens that --bos / --eos add; None where the vocabulary has none.
+    bos_token: str | None = None
+    eos_token: str | None = None
+
     # -- shared ---------------------------------------------------------------
-    @property
-    def bos_token(self) -> str | None:
-        return None
-
-    @property
-    def eos_token(self) -> str | None:
-        return None
-
     def _special_id(self, token: str | None, what: str) -> int:
         if token is None or token not in self.special_tokens:
             raise TokenizerSpecError(f"tokenizer {self.spec!r} has no {what} token")
@@ -133,14 +129,10 @@ class TextTokenizer(Tokenizer):
 
     def encode(self, text: str) -> np.ndarray:
         """IDs of one document with the BOS/EOS policy applied."""
-        ids = self._encode(text)
-        if self.add_bos or self.add_eos:
-            parts = [np.array([self.bos_id], np.uint32)] if self.add_bos else []
-            parts.append(ids.astype(np.uint32, copy=False))
-            if self.add_eos:
-                parts.append(np.array([self.eos_id], np.uint32))
-            ids = np.concatenate(parts)
-        return ids
+        column, failures = self.encode_batch([text])
+        if failures:
+            raise failures[0][1]
+        return column.values.to_numpy(zero_copy_only=False)
 
     def encode_batch(self, texts: Sequence[str]) -> tuple[pa.ListArray, list[tuple[int, Exception]]]:
         """Encode documents into one Arrow list column, built from numpy buffers.

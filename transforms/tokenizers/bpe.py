@@ -113,19 +113,11 @@ class TiktokenTokenizer(TextTokenizer):
         self.name = params["name"]
         self._pat_str = params["pat_str"]
         self._ranks_sha256 = params["ranks_sha256"]
-        self._bos = params.get("bos", ENDOFTEXT)
-        self._eos = params.get("eos", ENDOFTEXT)
+        self.bos_token = params.get("bos", ENDOFTEXT)
+        self.eos_token = params.get("eos", ENDOFTEXT)
         self.special_tokens = dict(params["special_tokens"])
         self.vocab_size = self.encoding.n_vocab
         _ = self.bos_id, self.eos_id  # fail at load time if the policy cannot be met
-
-    @property
-    def bos_token(self) -> str | None:
-        return self._bos
-
-    @property
-    def eos_token(self) -> str | None:
-        return self._eos
 
     def _identity(self) -> dict[str, Any]:
         return {"family": "tiktoken", "ranks_sha256": self._ranks_sha256,

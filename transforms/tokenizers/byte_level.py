@@ -18,14 +18,8 @@ class ByteTokenizer(TextTokenizer):
     name = "bytes"
     special_tokens = {ENDOFTEXT: 256, BOS: 257}
     vocab_size = 258
-
-    @property
-    def bos_token(self) -> str:
-        return BOS
-
-    @property
-    def eos_token(self) -> str:
-        return ENDOFTEXT
+    bos_token = BOS
+    eos_token = ENDOFTEXT
 
     def _identity(self) -> dict[str, Any]:
         return {"family": "bytes", "encoding": "utf-8", "version": 1,

@@ -58,19 +58,11 @@ class HFTokenizer(TextTokenizer):
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.special_tokens = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()
                                if t.special}
-        self._bos = _token_name(config.get("bos_token")) or next(
+        self.bos_token = _token_name(config.get("bos_token")) or next(
             (t for t in _BOS_GUESSES if t in self.special_tokens), None)
-        self._eos = _token_name(config.get("eos_token")) or next(
+        self.eos_token = _token_name(config.get("eos_token")) or next(
             (t for t in _EOS_GUESSES if t in self.special_tokens), None)
         _ = self.bos_id, self.eos_id  # fail at load time if the policy cannot be met
-
-    @property
-    def bos_token(self) -> str | None:
-        return self._bos
-
-    @property
-    def eos_token(self) -> str | None:
-        return self._eos
 
     def _identity(self) -> dict[str, Any]:
         return {"family": "hf-tokenizers", "tokenizer_json_sha256": self._sha256,
