@@ -5,7 +5,9 @@ import sys
 from typing import Sequence
 
 COMMANDS = {
-    "build": ("pipelines.build", "tokenize raw shards into a Parquet token dataset"),
+    "build": ("pipelines.build:run", "tokenize raw shards into a Parquet token dataset"),
+    "schema": ("pipelines.commands:schema", "print a dataset schema definition (JSON or Arrow)"),
+    "validate": ("pipelines.commands:validate", "check a dataset against its manifest and schema"),
 }
 
 
@@ -23,8 +25,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(2)
     import importlib
 
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    sys.exit(module.run(argv[1:]))
+    module, _, func = COMMANDS[argv[0]][0].partition(":")
+    try:
+        code = getattr(importlib.import_module(module), func)(argv[1:])
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        code = 0
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from schemas.storage import join, read_bytes, write_bytes_atomic
 from schemas.tables import SCHEMA_VERSION
 
 MANIFEST_NAME = "_manifest.json"
+SCHEMA_NAME = "_schema.json"
 DATA_DIR = "data"
 ERRORS_DIR = "_errors"
 
@@ -54,6 +55,7 @@ class Manifest:
     shards: list[dict[str, Any]]
     options: dict[str, Any]
     schema_version: int = SCHEMA_VERSION
+    schema_file: str = SCHEMA_NAME
     created_at: str = ""
     tokenmill_version: str = ""
 
@@ -76,6 +78,19 @@ def write_manifest(root: str, manifest: Manifest) -> str:
     final = join(root, MANIFEST_NAME)
     write_bytes_atomic(final, manifest.to_json().encode())
     return final
+
+
+def write_schema_json(root: str, manifest: Manifest) -> str:
+    """The dataset's schema as JSON (see schemas.tables.describe), next to its manifest."""
+    from schemas.tables import describe
+
+    tok = manifest.tokenizer
+    kind = tok.get("kind", "hard")
+    definition = describe(manifest.modality, kind, token_dtype=manifest.token_dtype if kind == "hard" else None,
+                          latent_dtype=tok.get("latent_dtype"), dim=tok.get("dim"), metadata=tok)
+    path = join(root, SCHEMA_NAME)
+    write_bytes_atomic(path, (json.dumps(definition, indent=2, sort_keys=True) + "\n").encode())
+    return path
 
 
 def read_manifest(root: str) -> Manifest:

@@ -1,9 +1,18 @@
-"""pyarrow schemas of tokenmill datasets: data rows and error rows.
+"""pyarrow schemas of tokenmill datasets, one per modality and token kind, and error rows.
 
-A data shard's schema is the contract a training job reads. Token IDs are
-stored in the narrowest unsigned integer type that holds every ID of the
-vocabulary (including special tokens); the chosen type is recorded in the
-manifest and the Parquet key-value metadata so a reader never guesses it.
+A data shard's schema is the contract a training job reads:
+
+- common to all: `id`, `source`, `locator`, `modality`
+- hard tokens: `tokens` (list of unsigned integers, in the narrowest type that
+  holds the vocabulary, recorded as `token_dtype`) and `num_tokens`
+- soft tokens: `latents` (list of fixed-size vectors of `dim` values; a row's
+  values are one flat buffer that reshapes to (num_tokens, dim) without
+  copying) and `num_tokens`. bfloat16, which Arrow lacks, is stored as its raw
+  16 bits in uint16, with `latent_dtype` = "bfloat16" recorded.
+- image and video: `grid`, the token layout (h, w) or (t, h, w), row-major;
+  optional per-row extras (original size, clip timing, fps, frame indices)
+
+`describe()` gives the same definition as JSON for consumers in any language.
 """
 from __future__ import annotations
 
@@ -16,6 +25,14 @@ SCHEMA_VERSION = 1
 
 # Key under which tokenmill stores its metadata (JSON) in Parquet files.
 METADATA_KEY = b"tokenmill"
+
+MODALITIES = ("text", "image", "video")
+KINDS = ("hard", "soft")
+DEFINED = {("text", "hard"), ("image", "hard"), ("image", "soft"), ("video", "hard"), ("video", "soft")}
+
+# Arrow storage type of each latent dtype.
+LATENT_STORAGE = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16(),
+                  "uint8": pa.uint8()}
 
 
 def token_type_for_vocab(vocab_size: int) -> pa.DataType:
@@ -35,19 +52,73 @@ def _field(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> p
     return pa.field(name, type_, nullable=nullable, metadata={b"doc": doc.encode()})
 
 
-def text_hard_schema(token_type: pa.DataType, metadata: Mapping[str, Any] | None = None) -> pa.Schema:
-    """Schema of a text dataset of hard (integer) tokens."""
+def _list(item: pa.DataType) -> pa.DataType:
+    # "element" is the name Parquet's compliant nested encoding reads back.
+    return pa.list_(pa.field("element", item, nullable=False))
+
+
+def grid_rank(modality: str) -> int:
+    return {"image": 2, "video": 3}[modality]
+
+
+def dataset_schema(modality: str, kind: str, *, token_dtype: str | None = None,
+                   latent_dtype: str | None = None, dim: int | None = None,
+                   metadata: Mapping[str, Any] | None = None) -> pa.Schema:
+    """The schema of one modality and kind. Hard needs token_dtype; soft needs latent_dtype and dim."""
+    if (modality, kind) not in DEFINED:
+        raise ValueError(f"no schema for modality={modality!r} kind={kind!r}; defined: "
+                         + ", ".join(f"{m}/{k}" for m, k in sorted(DEFINED)))
     fields = [
         _field("id", pa.string(), "Stable row id: hash of source and locator."),
         _field("source", pa.string(), "URI of the input shard the record came from."),
         _field("locator", pa.string(),
-               "Where the record sits in its source: 'offset:N' (byte offset of the "
-               "record in the decompressed stream), 'row:N' (Parquet row) or 'file'."),
-        _field("tokens", pa.list_(pa.field("element", token_type, nullable=False)),
-               "Token IDs, BOS/EOS included when the dataset's policy adds them."),
-        _field("num_tokens", pa.int32(), "len(tokens)."),
+               "Where the record sits in its source: 'offset:N' (byte offset in the decompressed "
+               "stream), 'row:N' (Parquet row), 'member:NAME' (tar member), 'clip:N' or 'file'."),
+        _field("modality", pa.string(), "text, image or video."),
     ]
+    if kind == "hard":
+        if token_dtype is None:
+            raise ValueError("hard tokens need token_dtype")
+        fields.append(_field("tokens", _list(pa.type_for_alias(token_dtype)),
+                             "Token IDs, BOS/EOS included when the dataset's policy adds them."))
+    else:
+        if latent_dtype not in LATENT_STORAGE or not dim:
+            raise ValueError(f"soft tokens need latent_dtype in {sorted(LATENT_STORAGE)} and dim > 0")
+        fields.append(_field("latents", _list(pa.list_(pa.field("element", LATENT_STORAGE[latent_dtype],
+                                                                nullable=False), dim)),
+                             f"num_tokens vectors of {dim} {latent_dtype} values "
+                             "(bfloat16 as raw uint16 bits)."))
+    fields.append(_field("num_tokens", pa.int32(), "Number of tokens (or latent vectors) in the row."))
+    if modality in ("image", "video"):
+        n = grid_rank(modality)
+        fields.append(_field("grid", pa.list_(pa.field("element", pa.int32(), nullable=False), n),
+                             "Token layout, row-major: (h, w)" if n == 2 else
+                             "Token layout, row-major: (t, h, w)"))
+        fields += [
+            _field("orig_height", pa.int32(), "Height of the source image or frame, pixels.", True),
+            _field("orig_width", pa.int32(), "Width of the source image or frame, pixels.", True),
+        ]
+    if modality == "video":
+        fields += [
+            _field("clip_start", pa.float64(), "Clip start time in the source video, seconds.", True),
+            _field("clip_end", pa.float64(), "Clip end time in the source video, seconds.", True),
+            _field("fps", pa.float64(), "Frame rate of the sampled clip, frames per second.", True),
+            _field("frame_indices", _list(pa.int32()), "Source frame indices of the clip's frames.", True),
+        ]
     return pa.schema(fields, metadata=_encode_metadata(metadata))
+
+
+def text_hard_schema(token_type: pa.DataType, metadata: Mapping[str, Any] | None = None) -> pa.Schema:
+    """Schema of a text dataset of hard (integer) tokens."""
+    return dataset_schema("text", "hard", token_dtype=str(token_type), metadata=metadata)
+
+
+def schema_for_manifest(manifest: Any) -> pa.Schema:
+    """The schema a dataset's shards must have, from its manifest."""
+    tok = manifest.tokenizer
+    kind = tok.get("kind", "hard")
+    return dataset_schema(manifest.modality, kind, token_dtype=manifest.token_dtype if kind == "hard" else None,
+                          latent_dtype=tok.get("latent_dtype"), dim=tok.get("dim"))
 
 
 ERROR_SCHEMA = pa.schema([
@@ -69,3 +140,73 @@ def read_metadata(schema: pa.Schema) -> dict[str, Any]:
     """The tokenmill metadata stored in a shard's schema, or {} if absent."""
     raw = (schema.metadata or {}).get(METADATA_KEY)
     return json.loads(raw) if raw else {}
+
+
+def schema_differences(got: pa.Schema, expected: pa.Schema) -> list[str]:
+    """How `got` differs from `expected` in column names, order, types and nullability."""
+    out = []
+    for f in expected:
+        if f.name not in got.names:
+            out.append(f"missing column {f.name!r} ({f.type})")
+        elif not got.field(f.name).type.equals(f.type):
+            out.append(f"column {f.name!r} is {got.field(f.name).type}, expected {f.type}")
+        elif got.field(f.name).nullable != f.nullable:
+            out.append(f"column {f.name!r} is {'' if got.field(f.name).nullable else 'not '}nullable")
+    out += [f"unexpected column {n!r}" for n in got.names if n not in expected.names]
+    if not out and got.names != expected.names:
+        out.append(f"columns are in the order {got.names}, expected {expected.names}")
+    return out
+
+
+# -- JSON definition ---------------------------------------------------------
+
+def type_json(t: pa.DataType) -> Any:
+    """A language-neutral description of an Arrow type."""
+    if pa.types.is_fixed_size_list(t):
+        return {"fixed_size_list": type_json(t.value_type), "size": t.list_size}
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return {"list": type_json(t.value_type)}
+    return str(t)
+
+
+def describe(modality: str, kind: str, *, token_dtype: str | None = None, latent_dtype: str | None = None,
+             dim: int | None = None, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON definition of a schema. Unknown parameters are shown as {"param": name}."""
+    params = {"token_dtype": token_dtype or "uint32", "latent_dtype": latent_dtype or "float32",
+              "dim": dim or 8}
+    schema = dataset_schema(modality, kind, token_dtype=params["token_dtype"] if kind == "hard" else None,
+                            latent_dtype=params["latent_dtype"] if kind == "soft" else None,
+                            dim=params["dim"] if kind == "soft" else None)
+    fields = []
+    for f in schema:
+        entry: dict[str, Any] = {"name": f.name, "type": type_json(f.type), "nullable": f.nullable,
+                                 "doc": (f.metadata or {}).get(b"doc", b"").decode()}
+        if f.name == "tokens" and token_dtype is None:
+            entry["type"] = {"list": {"param": "token_dtype"}}
+        if f.name == "latents":
+            inner = {"param": "latent_storage"} if latent_dtype is None else type_json(
+                LATENT_STORAGE[latent_dtype])
+            entry["type"] = {"list": {"fixed_size_list": inner,
+                                      "size": {"param": "dim"} if dim is None else dim}}
+        fields.append(entry)
+    out: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "modality": modality, "kind": kind, "fields": fields,
+        "parameters": {
+            "token_dtype": "narrowest of uint8/uint16/uint32/uint64 holding vocab_size IDs"
+            if kind == "hard" else None,
+            "latent_dtype": f"one of {sorted(LATENT_STORAGE)}; bfloat16 is stored as uint16 bits"
+            if kind == "soft" else None,
+            "latent_storage": "Arrow type storing latent_dtype" if kind == "soft" else None,
+            "dim": "values per latent vector" if kind == "soft" else None,
+        },
+        "metadata": {"parquet_key": METADATA_KEY.decode(),
+                     "fields": ["spec", "name", "fingerprint", "vocab_size or dim and latent_dtype",
+                                "token_dtype", "special_tokens", "special_token_policy", "geometry"]},
+    }
+    out["parameters"] = {k: v for k, v in out["parameters"].items() if v is not None}
+    if token_dtype or latent_dtype or dim:
+        out["values"] = {k: v for k, v in {"token_dtype": token_dtype, "latent_dtype": latent_dtype,
+                                           "dim": dim}.items() if v is not None}
+    if metadata is not None:
+        out["dataset_metadata"] = dict(metadata)
+    return out

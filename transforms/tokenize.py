@@ -34,6 +34,7 @@ def tokenize_block(tokenizer: TextTokenizer, block: TextBlock, schema: pa.Schema
         [pa.array(row_ids(block.source, locators), pa.string()),
          pa.array([block.source] * len(locators), pa.string()),
          pa.array(locators, pa.string()),
+         pa.array(["text"] * len(locators), pa.string()),
          column,
          pa.array(lengths, pa.int32())],
         schema=schema)

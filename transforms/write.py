@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
-from schemas.manifest import DATA_DIR, ERRORS_DIR, Manifest, now_iso, tokenmill_version, write_manifest
+from schemas.manifest import (DATA_DIR, ERRORS_DIR, Manifest, now_iso, tokenmill_version, write_manifest,
+                              write_schema_json)
 from schemas.storage import join, write_bytes_atomic
 from schemas.tables import ERROR_SCHEMA, read_metadata
 from transforms.records import (BlockTask, ErrorRecord, InputFile, RawBlock, ShardResult, TextBlock,
@@ -27,7 +28,7 @@ PARQUET_OPTIONS: dict[str, Any] = {
     "compression": "zstd",
     # Token IDs barely repeat within a page; dictionary-encoding them costs
     # time and gains nothing, while `source` is one value per shard.
-    "use_dictionary": ["source"],
+    "use_dictionary": ["source", "modality"],
 }
 
 
@@ -162,4 +163,6 @@ class CommitManifest(beam.PTransform):
 
 
 def _commit(results: list[ShardResult], root: str, files: list[InputFile], **kwargs: Any) -> str:
-    return write_manifest(root, build_manifest(results, files, **kwargs))
+    manifest = build_manifest(results, files, **kwargs)
+    write_schema_json(root, manifest)
+    return write_manifest(root, manifest)

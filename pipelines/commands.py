@@ -1,0 +1,51 @@
+"""Commands that are not Beam graphs: thin faces over schemas/."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Sequence
+
+from pipelines.cli_errors import OneLineArgumentParser, UsageError, usage_errors
+from schemas.tables import DEFINED, KINDS, LATENT_STORAGE, MODALITIES, dataset_schema, describe
+
+
+def schema(argv: Sequence[str] | None = None) -> int:
+    """`tokenmill schema`: print a schema definition (JSON for any language, or Arrow)."""
+    with usage_errors("tokenmill schema"):
+        p = OneLineArgumentParser(prog="tokenmill schema",
+                                  description="Print the definition of a token dataset schema.")
+        p.add_argument("--modality", choices=MODALITIES, required=True)
+        p.add_argument("--kind", choices=KINDS, required=True, help="hard (integer IDs) or soft (vectors)")
+        p.add_argument("--format", choices=("json", "arrow"), default="json")
+        p.add_argument("--token-dtype", choices=("uint8", "uint16", "uint32", "uint64"),
+                       help="hard: the ID type (otherwise shown as a parameter)")
+        p.add_argument("--latent-dtype", choices=sorted(LATENT_STORAGE), help="soft: the value type")
+        p.add_argument("--dim", type=int, help="soft: values per latent vector")
+        args = p.parse_args(argv)
+        if (args.modality, args.kind) not in DEFINED:
+            raise UsageError(f"no {args.modality}/{args.kind} schema; defined: "
+                             + ", ".join(f"{m}/{k}" for m, k in sorted(DEFINED)))
+        if args.format == "json":
+            print(json.dumps(describe(args.modality, args.kind, token_dtype=args.token_dtype,
+                                      latent_dtype=args.latent_dtype, dim=args.dim), indent=2))
+        else:
+            print(dataset_schema(args.modality, args.kind, token_dtype=args.token_dtype or "uint32",
+                                 latent_dtype=args.latent_dtype or "float32", dim=args.dim or 8))
+    return 0
+
+
+def validate(argv: Sequence[str] | None = None) -> int:
+    """`tokenmill validate DIR`: exit 0 if the dataset is sound, 1 with one line per problem if not."""
+    from schemas.validate import validate as check
+
+    with usage_errors("tokenmill validate"):
+        p = OneLineArgumentParser(prog="tokenmill validate",
+                                  description="Check every shard of a dataset against its manifest and schema.")
+        p.add_argument("dir", metavar="DIR", help="dataset directory or URI")
+        args = p.parse_args(argv)
+    problems = check(args.dir)
+    for line in problems:
+        print(f"tokenmill validate: {line}", file=sys.stderr)
+    if not problems:
+        print(f"tokenmill validate: {args.dir}: ok")
+    return 1 if problems else 0

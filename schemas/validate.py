@@ -1,0 +1,125 @@
+"""Checking a dataset against its manifest and schema.
+
+`validate(root)` reads every shard and returns a list of precise problems
+(empty when the dataset is sound): missing or altered files (sha256), column
+types, row and token counts, token IDs at or above vocab_size, latent shapes,
+grids that do not multiply out to num_tokens, and metadata that names another
+tokenizer.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from schemas.manifest import Manifest, read_manifest
+from schemas.storage import join, read_bytes
+from schemas.tables import (ERROR_SCHEMA, SCHEMA_VERSION, read_metadata, schema_differences,
+                            schema_for_manifest)
+
+
+def _check_table(path: str, table: pa.Table, manifest: Manifest, shard: dict[str, Any]) -> list[str]:
+    problems = []
+    tok = manifest.tokenizer
+    n = table.num_rows
+    if n != shard["rows"]:
+        problems.append(f"{path}: {n} rows, manifest says {shard['rows']}")
+    num_tokens = table.column("num_tokens").combine_chunks()
+    total = int(pc.sum(num_tokens).as_py() or 0)
+    if total != shard["tokens"]:
+        problems.append(f"{path}: {total} tokens, manifest says {shard['tokens']}")
+    payload = "tokens" if "tokens" in table.column_names else "latents"
+    column = table.column(payload).combine_chunks()
+    lengths = pc.list_value_length(column)
+    bad = pc.not_equal(lengths, num_tokens.cast(lengths.type))
+    if pc.any(bad).as_py():
+        row = int(np.flatnonzero(bad.to_numpy(zero_copy_only=False))[0])
+        problems.append(f"{path}: row {row}: {payload} has {lengths[row].as_py()} entries, "
+                        f"num_tokens says {num_tokens[row].as_py()}")
+    if payload == "tokens":
+        vocab = tok.get("vocab_size")
+        biggest = pc.max(pc.list_flatten(column)).as_py()
+        if vocab is not None and biggest is not None and biggest >= vocab:
+            problems.append(f"{path}: token ID {biggest} is not below vocab_size {vocab}")
+    elif column.type.value_type.list_size != tok.get("dim"):
+        problems.append(f"{path}: latent vectors have {column.type.value_type.list_size} values, "
+                        f"dim is {tok.get('dim')}")
+    if "grid" in table.column_names:
+        grid = table.column("grid").combine_chunks()
+        cells = np.prod(grid.flatten().to_numpy().reshape(n, -1), axis=1) if n else np.zeros(0)
+        mismatch = np.flatnonzero(cells != num_tokens.to_numpy())
+        if len(mismatch):
+            r = int(mismatch[0])
+            problems.append(f"{path}: row {r}: grid {grid[r].as_py()} holds {int(cells[r])} tokens, "
+                            f"num_tokens says {num_tokens[r].as_py()}")
+    return problems
+
+
+def validate(root: str) -> list[str]:
+    """Problems found in the dataset at `root`; [] means valid."""
+    try:
+        manifest = read_manifest(root)
+    except FileNotFoundError:
+        return [f"{root}: no _manifest.json (not a tokenmill dataset, or its build did not finish)"]
+    except ValueError as e:
+        return [f"{root}/_manifest.json: unreadable: {e}"]
+    problems: list[str] = []
+    if manifest.schema_version != SCHEMA_VERSION:
+        problems.append(f"schema_version {manifest.schema_version} is not supported (expected {SCHEMA_VERSION})")
+        return problems
+    expected = schema_for_manifest(manifest)
+    listed = [s["path"] for s in manifest.shards]
+    if listed != list(manifest.files):
+        problems.append("manifest 'files' and 'shards' list different files")
+    rows = tokens = 0
+    for shard in manifest.shards:
+        path = shard["path"]
+        try:
+            data = read_bytes(join(root, path))
+        except FileNotFoundError:
+            problems.append(f"{path}: missing")
+            continue
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != shard["sha256"]:
+            problems.append(f"{path}: sha256 {digest[:16]}... does not match the manifest's "
+                            f"{shard['sha256'][:16]}... (file changed or corrupt)")
+            continue
+        try:
+            pf = pq.ParquetFile(pa.BufferReader(data))
+        except Exception as e:
+            problems.append(f"{path}: not readable as Parquet: {e}")
+            continue
+        diff = schema_differences(pf.schema_arrow, expected)
+        if diff:
+            problems.append(f"{path}: not the {manifest.modality}/{manifest.tokenizer.get('kind', 'hard')} "
+                            f"schema: {'; '.join(diff)}")
+            continue
+        fingerprint = read_metadata(pf.schema_arrow).get("fingerprint")
+        if fingerprint != manifest.tokenizer.get("fingerprint"):
+            problems.append(f"{path}: tokenizer fingerprint {fingerprint} differs from the manifest's "
+                            f"{manifest.tokenizer.get('fingerprint')}")
+        problems += _check_table(path, pf.read(), manifest, shard)
+        rows += shard["rows"]
+        tokens += shard["tokens"]
+    if rows != manifest.rows:
+        problems.append(f"shards hold {rows} rows, manifest says {manifest.rows}")
+    if tokens != manifest.tokens:
+        problems.append(f"shards hold {tokens} tokens, manifest says {manifest.tokens}")
+    errors = 0
+    for path in manifest.error_files:
+        try:
+            table = pq.read_table(pa.BufferReader(read_bytes(join(root, path))))
+        except FileNotFoundError:
+            problems.append(f"{path}: missing")
+            continue
+        diff = schema_differences(table.schema, ERROR_SCHEMA)
+        if diff:
+            problems.append(f"{path}: not an error shard: {'; '.join(diff)}")
+        errors += table.num_rows
+    if errors != manifest.errors:
+        problems.append(f"error shards hold {errors} rows, manifest says {manifest.errors}")
+    return problems
