@@ -107,6 +107,7 @@ class ShardResult:
     data_sha256: str
     error_sha256: str
     fingerprint: str
+    row_groups: tuple[int, ...] = ()
 
 
 def source_key(uri: str) -> str:

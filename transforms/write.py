@@ -50,6 +50,7 @@ def write_block(root: str, block: TokenBlock) -> ShardResult:
     data_path = error_path = None
     rows = tokens = data_bytes = 0
     data_sha = error_sha = fingerprint = ""
+    row_groups: tuple[int, ...] = ()
     if block.table is not None and block.table.num_rows:
         payload = parquet_bytes(block.table)
         data_path = f"{DATA_DIR}/{name}"
@@ -58,13 +59,15 @@ def write_block(root: str, block: TokenBlock) -> ShardResult:
         tokens = int(pc.sum(block.table.column("num_tokens")).as_py() or 0)
         data_bytes, data_sha = len(payload), hashlib.sha256(payload).hexdigest()
         fingerprint = read_metadata(block.table.schema).get("fingerprint", "")
+        md = pq.ParquetFile(pa.BufferReader(payload)).metadata
+        row_groups = tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
     if block.errors:
         payload = parquet_bytes(errors_table(block.errors))
         error_path = f"{ERRORS_DIR}/{name}"
         write_bytes_atomic(join(root, error_path), payload)
         error_sha = hashlib.sha256(payload).hexdigest()
     return ShardResult(block.source, block.block, data_path, error_path, rows, tokens,
-                       len(block.errors), data_bytes, data_sha, error_sha, fingerprint)
+                       len(block.errors), data_bytes, data_sha, error_sha, fingerprint, row_groups)
 
 
 def failed_to_block(failed: tuple[Any, tuple[type, str, list[str]]], stage: str) -> TokenBlock:
@@ -138,7 +141,8 @@ def build_manifest(results: list[ShardResult], files: list[InputFile], *, modali
         inputs=[{"uri": f.uri, "size": f.size, "change_token": f.change_token}
                 for f in sorted(files, key=lambda f: f.uri)],
         shards=[{"path": r.data_path, "rows": r.rows, "tokens": r.tokens, "bytes": r.data_bytes,
-                 "sha256": r.data_sha256, "source": r.source, "block": r.block} for r in data],
+                 "sha256": r.data_sha256, "source": r.source, "block": r.block,
+                 "row_groups": list(r.row_groups)} for r in data],
         options=options,
         created_at=now_iso(),
         tokenmill_version=tokenmill_version(),

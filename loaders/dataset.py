@@ -1,0 +1,359 @@
+"""The training reader: a tokenmill dataset as a resumable, shardable stream of samples.
+
+`TokenReader` is plain Python (numpy out); `TorchTokenDataset` is the same
+stream as a torch IterableDataset (tensors out). No Beam anywhere.
+
+How a pass over the data is laid out, for `num_slots` = ranks x DataLoader
+workers and slot = rank * workers + worker:
+
+1. Work units are the (shard, row group) pairs of the manifest. Each epoch they
+   are permuted from (seed, epoch); slot s takes units s, s + num_slots, ...:
+   every unit goes to exactly one slot, no overlap and no gap.
+2. Within a slot, rows pass through a shuffle buffer of `shuffle_buffer` rows
+   whose random draws come from (seed, epoch, slot).
+3. Text may be packed: documents are joined (EOS between them unless the
+   dataset already ends each with EOS) and cut into windows of seq_len + 1
+   tokens with stride seq_len, so every token is a target exactly once. The
+   remainder at the end of a pass is dropped, or padded with `pad_id`.
+
+The order depends only on the data, the seed, the epoch and the slot, so a
+position is just "n samples into epoch e". `state_dict()` records that;
+`load_state_dict()` makes the next pass skip ahead by replaying the order from
+the tiny `num_tokens` column alone, without reading token data. With
+torchdata's StatefulDataLoader each worker's reader saves and restores itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.manifest import MANIFEST_NAME, Manifest
+from schemas.storage import join, read_bytes
+
+
+class DatasetMismatchError(ValueError):
+    """The dataset is not what the caller expects (tokenizer, vocabulary, kind)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One row group of one shard: the unit of work split across slots."""
+
+    path: str
+    row_group: int
+    rows: int
+
+
+def _open(uri: str):
+    import fsspec
+
+    return fsspec.open(uri, "rb").open()
+
+
+def list_units(root: str, manifest: Manifest) -> list[Unit]:
+    units = []
+    for shard in manifest.shards:
+        uri = join(root, shard["path"])
+        groups = shard.get("row_groups")
+        if groups is None:  # older manifests: read the footer
+            with _open(uri) as f:
+                md = pq.ParquetFile(f).metadata
+                groups = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+        units += [Unit(uri, i, n) for i, n in enumerate(groups)]
+    return units
+
+
+def _slot() -> tuple[int, int]:
+    """(worker id, number of workers) of the torch DataLoader worker we run in, else (0, 1)."""
+    try:
+        from torch.utils.data import get_worker_info
+    except ImportError:
+        return 0, 1
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+def _rank() -> tuple[int, int]:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except ImportError:
+        pass
+    return 0, 1
+
+
+class TokenReader:
+    """Samples of a tokenmill dataset, for a training loop.
+
+    Yields, per sample:
+      - packed text (seq_len set): an int64 array of seq_len + 1 token IDs
+      - otherwise a dict: "id", and "tokens" (int64 array) or "latents"
+        ((num_tokens, dim) array; bfloat16 as uint16 bits), plus "grid" for
+        image and video.
+
+    expect_fingerprint / expect_vocab_size / expect_tokenizer (a spec) make the
+    reader refuse a dataset built with another tokenizer.
+    """
+
+    def __init__(self, root: str, *, seq_len: int | None = None, shuffle: bool = True, seed: int = 0,
+                 shuffle_buffer: int = 1024, remainder: str = "drop", pad_id: int | None = None,
+                 eos_id: int | str | None = "auto", rank: int | None = None, world_size: int | None = None,
+                 expect_fingerprint: str | None = None, expect_vocab_size: int | None = None,
+                 expect_tokenizer: str | None = None, epoch: int = 0):
+        self.root = root.rstrip("/")
+        try:
+            self.manifest = Manifest.from_json(read_bytes(join(self.root, MANIFEST_NAME)).decode())
+        except FileNotFoundError:
+            raise DatasetMismatchError(f"{root}: no {MANIFEST_NAME}; not a finished tokenmill dataset") from None
+        tok = self.manifest.tokenizer
+        self.kind = tok.get("kind", "hard")
+        self._check(tok, expect_fingerprint, expect_vocab_size, expect_tokenizer)
+        if seq_len is not None and (self.manifest.modality, self.kind) != ("text", "hard"):
+            raise DatasetMismatchError("packing (seq_len) needs a text dataset of hard tokens")
+        if remainder not in ("drop", "pad"):
+            raise ValueError("remainder must be 'drop' or 'pad'")
+        if remainder == "pad" and pad_id is None:
+            raise ValueError("remainder='pad' needs pad_id")
+        self.seq_len, self.shuffle, self.seed = seq_len, shuffle, seed
+        self.shuffle_buffer, self.remainder, self.pad_id = max(1, shuffle_buffer), remainder, pad_id
+        self.separator = self._separator(tok, eos_id) if seq_len else None
+        self.rank, self.world_size = rank, world_size
+        self.units = list_units(self.root, self.manifest)
+        self.epoch = epoch
+        self._yielded = 0
+        self._skip = 0
+
+    # -- identity ------------------------------------------------------------
+    def _check(self, tok: dict, fingerprint: str | None, vocab_size: int | None, spec: str | None) -> None:
+        where = f"dataset {self.root} (tokenizer {tok.get('spec')}, fingerprint {str(tok.get('fingerprint'))[:12]})"
+        if spec is not None:
+            from transforms.tokenizers.spec import load_text_tokenizer
+
+            policy = tok.get("special_token_policy") or {}
+            want = load_text_tokenizer(spec, bos=policy.get("bos_id") is not None,
+                                       eos=policy.get("eos_id") is not None).fingerprint()
+            if want != tok.get("fingerprint"):
+                raise DatasetMismatchError(f"{where} was not tokenized with {spec} (fingerprint {want[:12]})")
+        if fingerprint is not None and fingerprint != tok.get("fingerprint"):
+            raise DatasetMismatchError(f"{where}: expected fingerprint {fingerprint[:12]}")
+        if vocab_size is not None and vocab_size != tok.get("vocab_size"):
+            raise DatasetMismatchError(f"{where}: vocab_size is {tok.get('vocab_size')}, expected {vocab_size}")
+
+    @staticmethod
+    def _separator(tok: dict, eos_id: int | str | None) -> np.ndarray:
+        if (tok.get("special_token_policy") or {}).get("eos_id") is not None or eos_id is None:
+            return np.zeros(0, np.int64)  # documents already end with EOS, or no separator wanted
+        if eos_id == "auto":
+            specials = tok.get("special_tokens") or {}
+            if "<|endoftext|>" not in specials:
+                raise DatasetMismatchError("no <|endoftext|> in the vocabulary: pass eos_id (or None)")
+            eos_id = specials["<|endoftext|>"]
+        return np.array([int(eos_id)], np.int64)
+
+    # -- position ------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "yielded": self._yielded, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"state was saved with seed {state['seed']}, this reader has seed {self.seed}")
+        self.epoch, self._skip = int(state["epoch"]), int(state["yielded"])
+        self._yielded = self._skip
+
+    # -- the stream ------------------------------------------------------------
+    def slot(self) -> tuple[int, int]:
+        worker, workers = _slot()
+        rank, world = (self.rank, self.world_size) if self.rank is not None else _rank()
+        return rank * workers + worker, world * workers
+
+    def my_units(self, epoch: int) -> list[int]:
+        slot, slots = self.slot()
+        order = np.arange(len(self.units))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
+        return [int(u) for u in order[slot::slots]]
+
+    def _lengths(self, unit: Unit) -> np.ndarray:
+        with _open(unit.path) as f:
+            t = pq.ParquetFile(f).read_row_group(unit.row_group, columns=["num_tokens"])
+        return t.column(0).to_numpy()
+
+    def _refs(self, epoch: int) -> Iterator[tuple[int, int, int]]:
+        """(unit, row, num_tokens) of this slot's rows in this epoch's order."""
+        slot, _ = self.slot()
+        rng = np.random.default_rng([self.seed, epoch, slot, 1])
+        buffer: list[tuple[int, int, int]] = []
+        for u in self.my_units(epoch):
+            lengths = self._lengths(self.units[u])
+            for r in range(len(lengths)):
+                ref = (u, r, int(lengths[r]))
+                if not self.shuffle:
+                    yield ref
+                    continue
+                buffer.append(ref)
+                if len(buffer) >= self.shuffle_buffer:
+                    i = int(rng.integers(len(buffer)))
+                    buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                    yield buffer.pop()
+        while buffer:
+            i = int(rng.integers(len(buffer)))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            yield buffer.pop()
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch, skip = self.epoch, self._skip
+        self._skip = 0
+        self._yielded = skip
+        refs = self._refs(epoch)
+        rows = _RowCache(self)
+        samples = self._windows(refs, rows, skip) if self.seq_len else self._rows(refs, rows, skip)
+        for sample in samples:
+            self._yielded += 1
+            yield sample
+        self.epoch, self._yielded = epoch + 1, 0  # a finished pass moves on to the next epoch
+
+    def _rows(self, refs, rows: "_RowCache", skip: int) -> Iterator[dict[str, Any]]:
+        for i, (u, r, _) in enumerate(refs):
+            if i < skip:
+                rows.skip(u)
+                continue
+            yield rows.get(u, r)
+
+    def _windows(self, refs, rows: "_RowCache", skip: int) -> Iterator[np.ndarray]:
+        L, W, sep = self.seq_len, self.seq_len + 1, self.separator
+        start = skip * L  # stream offset of the first window to yield
+        pos = 0  # stream offset of the next document
+        chunks: list[np.ndarray] = []
+        have = 0
+        for u, r, n in refs:
+            size = n + len(sep)
+            if pos + size <= start:  # fast-forward: wholly before the resume point
+                pos += size
+                rows.skip(u)
+                continue
+            doc = rows.get(u, r)["tokens"]
+            piece = np.concatenate([doc, sep]) if len(sep) else doc
+            if pos < start:
+                piece = piece[start - pos:]
+            pos += size
+            chunks.append(piece)
+            have += len(piece)
+            if have >= W:
+                buf = np.concatenate(chunks)
+                k = (len(buf) - 1) // L
+                for j in range(k):
+                    yield buf[j * L: j * L + W]
+                tail = buf[k * L:]
+                chunks, have = [tail], len(tail)
+        if have > 1 and self.remainder == "pad":
+            buf = np.concatenate(chunks)
+            yield np.concatenate([buf, np.full(W - len(buf), self.pad_id, np.int64)])
+
+
+class _RowCache:
+    """Token data of the units that rows in flight come from; a unit is dropped once all its rows are out."""
+
+    def __init__(self, reader: TokenReader):
+        self.reader = reader
+        self.tables: dict[int, dict[str, Any]] = {}
+        self.left: dict[int, int] = {}
+
+    def _done_one(self, u: int) -> None:
+        self.left[u] = self.left.get(u, self.reader.units[u].rows) - 1
+        if self.left[u] == 0:
+            self.tables.pop(u, None)
+            del self.left[u]
+
+    def skip(self, u: int) -> None:
+        self._done_one(u)
+
+    def get(self, u: int, r: int) -> dict[str, Any]:
+        if u not in self.tables:
+            self.tables[u] = self._load(self.reader.units[u])
+        t = self.tables[u]
+        sample: dict[str, Any] = {"id": t["id"][r]}
+        a, b = t["offsets"][r], t["offsets"][r + 1]
+        if "tokens" in t:
+            sample["tokens"] = t["tokens"][a:b].astype(np.int64)
+        else:
+            sample["latents"] = t["latents"][a:b].copy()  # one memcpy; Arrow buffers are read-only
+        if "grid" in t:
+            sample["grid"] = tuple(int(x) for x in t["grid"][r])
+        self._done_one(u)
+        return sample
+
+    def _load(self, unit: Unit) -> dict[str, Any]:
+        kind = self.reader.kind
+        payload = "tokens" if kind == "hard" else "latents"
+        columns = ["id", payload] + (["grid"] if self.reader.manifest.modality != "text" else [])
+        with _open(unit.path) as f:
+            table = pq.ParquetFile(f).read_row_group(unit.row_group, columns=columns)
+        col = table.column(payload).combine_chunks()
+        out: dict[str, Any] = {"id": table.column("id").to_pylist(),
+                               "offsets": col.offsets.to_numpy()}
+        values = col.values
+        if kind == "hard":
+            out["tokens"] = values.to_numpy()
+        else:
+            dim = values.type.list_size
+            out["latents"] = values.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+        if "grid" in columns:
+            g = table.column("grid").combine_chunks()
+            out["grid"] = g.values.to_numpy().reshape(len(g), -1)
+        return out
+
+
+def _to_torch(sample: Any, latent_dtype: str | None) -> Any:
+    import torch
+
+    if isinstance(sample, np.ndarray):
+        return torch.from_numpy(sample)
+    out = dict(sample)
+    if "tokens" in out:
+        out["tokens"] = torch.from_numpy(out["tokens"])
+    if "latents" in out:
+        t = torch.from_numpy(np.ascontiguousarray(out["latents"]))
+        out["latents"] = t.view(torch.bfloat16) if latent_dtype == "bfloat16" else t
+    if "grid" in out:
+        out["grid"] = torch.tensor(out["grid"], dtype=torch.int64)
+    return out
+
+
+try:  # torch is optional: TokenReader works without it
+    from torch.utils.data import IterableDataset as _TorchBase
+except ImportError:  # pragma: no cover
+    _TorchBase = object  # type: ignore[assignment,misc]
+
+
+class TorchTokenDataset(_TorchBase):
+    """TokenReader as a torch IterableDataset: tensors out (int64 tokens; latents in their dtype).
+
+    Splits across DataLoader workers and distributed ranks by itself; with
+    torchdata's StatefulDataLoader, state_dict/load_state_dict resume mid-epoch.
+    """
+
+    def __init__(self, root: str, **kwargs: Any) -> None:
+        self.reader = TokenReader(root, **kwargs)
+
+    def __iter__(self):
+        latent_dtype = self.reader.manifest.tokenizer.get("latent_dtype")
+        for sample in self.reader:
+            yield _to_torch(sample, latent_dtype)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.reader.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.reader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reader.load_state_dict(state)

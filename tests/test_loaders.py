@@ -1,0 +1,235 @@
+"""The training reader: splitting, shuffling, packing, exact resume, identity checks, interop."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from loaders import DatasetMismatchError, TokenReader, TorchTokenDataset
+from schemas.manifest import read_manifest, write_manifest
+from schemas.tables import dataset_schema
+from schemas.validate import validate
+from tests.conftest import read_rows, run_build, write_jsonl
+from transforms.records import TokenBlock, row_ids
+from transforms.write import build_manifest, write_block
+
+
+@pytest.fixture(scope="module")
+def text_dataset(tmp_path_factory):
+    """About 600 documents of varied length in 20+ shards, cl100k without EOS."""
+    src = tmp_path_factory.mktemp("src")
+    words = "the quick brown fox jumps over a lazy dog while tokenizers count characters".split()
+    for k in range(3):
+        write_jsonl(src / f"s{k}.jsonl", [{"text": " ".join(words[(i + j) % len(words)]
+                                                            for j in range(1 + (i * 7 + k) % 60))}
+                                          for i in range(200)])
+    out = tmp_path_factory.mktemp("ds") / "text"
+    assert run_build(["--input", str(src / "*.jsonl"), "--output", str(out), "--tokenizer",
+                      "tiktoken:cl100k_base", "--block-size", "3k"]) == 0
+    return out
+
+
+def all_ids(reader) -> list[str]:
+    return [s["id"] for s in reader]
+
+
+def test_ranks_and_workers_split_rows_without_overlap_or_gap(text_dataset):
+    everything = sorted(read_rows(text_dataset).column("id").to_pylist())
+    assert len(TokenReader(str(text_dataset)).units) > 10
+    for world in (1, 2, 3):
+        parts = [all_ids(TokenReader(str(text_dataset), rank=r, world_size=world, seed=3)) for r in range(world)]
+        joined = [i for p in parts for i in p]
+        assert sorted(joined) == everything
+        assert len(set(joined)) == len(joined)
+
+
+def test_shuffle_is_deterministic_per_seed_and_differs_by_epoch(text_dataset):
+    a = all_ids(TokenReader(str(text_dataset), seed=1))
+    assert a == all_ids(TokenReader(str(text_dataset), seed=1))
+    assert a != all_ids(TokenReader(str(text_dataset), seed=2))
+    reader = TokenReader(str(text_dataset), seed=1)
+    first, second = all_ids(reader), all_ids(reader)  # a finished pass moves to the next epoch
+    assert first == a and second != first and sorted(second) == sorted(first)
+    plain = all_ids(TokenReader(str(text_dataset), shuffle=False))
+    in_file_order = [i for f in read_manifest(str(text_dataset)).files
+                     for i in pq.read_table(text_dataset / f, columns=["id"]).column("id").to_pylist()]
+    assert plain == in_file_order
+
+
+def test_packing_joins_documents_with_eos_into_overlapping_windows(text_dataset):
+    docs = [s["tokens"] for s in TokenReader(str(text_dataset), seed=5)]
+    stream = np.concatenate([np.append(d, 100257) for d in docs])
+    L = 64
+    windows = list(TokenReader(str(text_dataset), seed=5, seq_len=L))
+    assert all(w.dtype == np.int64 and len(w) == L + 1 for w in windows)
+    assert len(windows) == (len(stream) - 1) // L
+    for j, w in enumerate(windows):
+        assert np.array_equal(w, stream[j * L: j * L + L + 1])
+    padded = list(TokenReader(str(text_dataset), seed=5, seq_len=L, remainder="pad", pad_id=0))
+    assert len(padded) == len(windows) + 1
+    tail = stream[len(windows) * L:]
+    assert np.array_equal(padded[-1][: len(tail)], tail) and not padded[-1][len(tail):].any()
+
+
+@pytest.mark.parametrize("seq_len", [None, 50])
+@pytest.mark.parametrize("stop", [1, 17, 200])
+def test_resume_mid_epoch_equals_an_uninterrupted_pass(text_dataset, seq_len, stop):
+    def key(s):
+        return s.tobytes() if isinstance(s, np.ndarray) else s["id"]
+
+    full = [key(s) for s in TokenReader(str(text_dataset), seed=9, seq_len=seq_len, shuffle_buffer=64)]
+    first = TokenReader(str(text_dataset), seed=9, seq_len=seq_len, shuffle_buffer=64)
+    head = []
+    for s in first:
+        head.append(key(s))
+        if len(head) == stop:
+            break
+    state = json.loads(json.dumps(first.state_dict()))  # survives a checkpoint file
+    second = TokenReader(str(text_dataset), seed=9, seq_len=seq_len, shuffle_buffer=64)
+    second.load_state_dict(state)
+    assert head + [key(s) for s in second] == full
+
+
+def test_resume_with_two_dataloader_workers(text_dataset):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def loader():
+        return StatefulDataLoader(TorchTokenDataset(str(text_dataset), seed=4, seq_len=32),
+                                  batch_size=4, num_workers=2)
+
+    full = [b.clone() for b in loader()]
+    assert len(full) > 20 and full[0].dtype.is_floating_point is False and full[0].shape == (4, 33)
+    dl = loader()
+    it = iter(dl)
+    head = [next(it).clone() for _ in range(7)]
+    state = dl.state_dict()
+    del it, dl
+    resumed = loader()
+    resumed.load_state_dict(state)
+    rest = [b.clone() for b in resumed]
+    got = head + rest
+    assert len(got) == len(full)
+    assert all((a == b).all() for a, b in zip(got, full))
+
+
+def test_reader_refuses_another_tokenizer(text_dataset):
+    with pytest.raises(DatasetMismatchError, match="not tokenized with bytes"):
+        TokenReader(str(text_dataset), expect_tokenizer="bytes")
+    with pytest.raises(DatasetMismatchError, match="vocab_size is 100277"):
+        TokenReader(str(text_dataset), expect_vocab_size=50257)
+    with pytest.raises(DatasetMismatchError, match="expected fingerprint"):
+        TokenReader(str(text_dataset), expect_fingerprint="0" * 64)
+    fp = read_manifest(str(text_dataset)).tokenizer["fingerprint"]
+    TokenReader(str(text_dataset), expect_tokenizer="tiktoken:cl100k_base", expect_fingerprint=fp,
+                expect_vocab_size=100277)
+
+
+def test_validate_accepts_a_build_and_reports_each_kind_of_damage(tmp_path, text_dataset):
+    import shutil
+
+    assert validate(str(text_dataset)) == []
+    bad = tmp_path / "bad"
+    shutil.copytree(text_dataset, bad)
+    m = read_manifest(str(bad))
+    first = bad / m.files[0]
+    table = pq.read_table(first)
+    ids = table.column("tokens").combine_chunks()
+    values = ids.values.to_numpy().copy()
+    values[0] = 200_000  # above cl100k's vocabulary
+    table = table.set_column(table.schema.get_field_index("tokens"), table.schema.field("tokens"),
+                             pa.ListArray.from_arrays(ids.offsets, pa.array(values, pa.uint32()),
+                                                      type=table.schema.field("tokens").type))
+    pq.write_table(table, first)
+    (bad / m.files[1]).unlink()
+    problems = validate(str(bad))
+    assert any("sha256" in p and m.files[0] in p for p in problems)
+    assert any(p == f"{m.files[1]}: missing" for p in problems)
+    # With the checksum fixed up, the content checks speak.
+    import hashlib
+
+    raw = json.loads((bad / "_manifest.json").read_text())
+    raw["shards"][0]["sha256"] = hashlib.sha256(first.read_bytes()).hexdigest()
+    (bad / "_manifest.json").write_text(json.dumps(raw))
+    assert any("token ID 200000 is not below vocab_size 100277" in p for p in validate(str(bad)))
+    assert validate(str(tmp_path / "nothing"))[0].endswith("no _manifest.json (not a tokenmill dataset, "
+                                                           "or its build did not finish)")
+
+
+def test_validate_cli_exit_codes(tmp_path, text_dataset):
+    from tests.conftest import run_cli
+
+    ok = run_cli("pipelines.cli", "validate", str(text_dataset))
+    assert ok.returncode == 0 and "ok" in ok.stdout
+    missing = run_cli("pipelines.cli", "validate", str(tmp_path))
+    assert missing.returncode == 1 and "no _manifest.json" in missing.stderr
+
+
+def write_soft_dataset(root: Path, latent_dtype: str, dim: int, rows: list[tuple[np.ndarray, tuple]]) -> None:
+    """An image/soft dataset written with tokenmill's own writer and manifest code."""
+    tok = {"spec": "test:soft", "name": "soft", "kind": "soft", "modality": "image", "dim": dim,
+           "latent_dtype": latent_dtype, "fingerprint": "f" * 64, "token_dtype": latent_dtype}
+    schema = dataset_schema("image", "soft", latent_dtype=latent_dtype, dim=dim, metadata=tok)
+    storage = schema.field("latents").type.value_type.value_type
+    locs = [f"member:{i}.jpg" for i in range(len(rows))]
+    flat = np.concatenate([a.reshape(-1) for a, _ in rows])
+    offsets = np.cumsum([0] + [len(a) for a, _ in rows]).astype(np.int32)
+    latents = pa.ListArray.from_arrays(
+        pa.array(offsets), pa.FixedSizeListArray.from_arrays(pa.array(flat, storage),
+                                                             type=schema.field("latents").type.value_type),
+        type=schema.field("latents").type)
+    table = pa.Table.from_arrays([
+        pa.array(row_ids("shard.tar", locs)), pa.array(["shard.tar"] * len(rows)), pa.array(locs),
+        pa.array(["image"] * len(rows)), latents, pa.array([len(a) for a, _ in rows], pa.int32()),
+        pa.array([list(g) for _, g in rows], schema.field("grid").type),
+        pa.array([None] * len(rows), pa.int32()), pa.array([None] * len(rows), pa.int32())], schema=schema)
+    result = write_block(str(root), TokenBlock("shard.tar", 0, table, []))
+    write_manifest(str(root), build_manifest([result], [], modality="image", tokenizer=tok, options={}))
+
+
+@pytest.mark.parametrize("latent_dtype,np_dtype", [("float16", np.float16), ("float32", np.float32),
+                                                   ("bfloat16", np.uint16)])
+def test_soft_latents_come_back_as_num_tokens_by_dim(tmp_path, latent_dtype, np_dtype):
+    import torch
+
+    rng = np.random.default_rng(0)
+    rows = [(rng.integers(0, 60000, size=(h * w, 6)).astype(np_dtype), (h, w)) for h, w in [(2, 3), (4, 4), (1, 5)]]
+    write_soft_dataset(tmp_path, latent_dtype, 6, rows)
+    assert validate(str(tmp_path)) == []
+    got = {tuple(s["grid"].tolist()): s for s in TorchTokenDataset(str(tmp_path), shuffle=False)}
+    for array, grid in rows:
+        lat = got[grid]["latents"]
+        assert tuple(lat.shape) == (grid[0] * grid[1], 6)
+        if latent_dtype == "bfloat16":
+            assert lat.dtype == torch.bfloat16
+            assert np.array_equal(lat.view(torch.uint16).numpy(), array)
+        else:
+            assert np.array_equal(lat.numpy(), array)
+        assert got[grid]["grid"].tolist() == list(grid)
+
+
+def test_validate_catches_a_grid_that_does_not_match_num_tokens(tmp_path):
+    write_soft_dataset(tmp_path, "float32", 4, [(np.ones((6, 4), np.float32), (2, 2))])
+    assert any("grid [2, 2] holds 4 tokens, num_tokens says 6" in p for p in validate(str(tmp_path)))
+
+
+def test_same_values_in_pyarrow_hf_datasets_and_duckdb(text_dataset):
+    import duckdb
+    import pyarrow.dataset as pads
+    from datasets import load_dataset
+
+    m = read_manifest(str(text_dataset))
+    files = [str(text_dataset / f) for f in m.files]
+    ours = {r["id"]: r["tokens"] for r in read_rows(text_dataset).to_pylist()}
+    via_pyarrow = pads.dataset(files, format="parquet").to_table(columns=["id", "tokens"]).to_pylist()
+    assert {r["id"]: r["tokens"] for r in via_pyarrow} == ours
+    hf = load_dataset("parquet", data_files=files, split="train")
+    assert {r["id"]: r["tokens"] for r in hf} == ours
+    con = duckdb.connect()
+    rows = con.execute("SELECT id, tokens, len(tokens) = num_tokens FROM read_parquet(?)", [files]).fetchall()
+    assert {i: list(t) for i, t, _ in rows} == ours and all(ok for *_, ok in rows)
+    total = con.execute("SELECT sum(num_tokens) FROM read_parquet(?)", [files]).fetchone()[0]
+    assert total == m.tokens
