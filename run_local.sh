@@ -36,7 +36,7 @@ case "$mode" in
     ;;
   bench)
     shift
-    exec "$VENV/bin/python" -m bench.text_build "$@"
+    exec "$VENV/bin/python" -m bench "$@"
     ;;
   *)
     [ "$mode" = build ] && [ $# -gt 0 ] && shift

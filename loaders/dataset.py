@@ -25,8 +25,10 @@ torchdata's StatefulDataLoader each worker's reader saves and restores itself.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Iterator
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -49,8 +51,8 @@ class Unit:
 
 
 def _open(uri: str):
-    import fsspec
-
+    if "://" not in uri:
+        return open(uri, "rb")
     return fsspec.open(uri, "rb").open()
 
 
@@ -69,22 +71,21 @@ def list_units(root: str, manifest: Manifest) -> list[Unit]:
 
 def _slot() -> tuple[int, int]:
     """(worker id, number of workers) of the torch DataLoader worker we run in, else (0, 1)."""
-    try:
-        from torch.utils.data import get_worker_info
-    except ImportError:
+    if "torch" not in sys.modules:  # no torch loaded, so no DataLoader worker; importing it costs ~1 s
         return 0, 1
+    from torch.utils.data import get_worker_info
+
     info = get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
 
 
 def _rank() -> tuple[int, int]:
-    try:
-        import torch.distributed as dist
+    if "torch" not in sys.modules:
+        return 0, 1
+    import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except ImportError:
-        pass
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
@@ -232,7 +233,10 @@ class TokenReader:
         L, W, sep = self.seq_len, self.seq_len + 1, self.separator
         start = skip * L  # stream offset of the first window to yield
         pos = 0  # stream offset of the next document
-        chunks: list[np.ndarray] = []
+        # Documents are copied into one reusable int64 staging buffer and each
+        # window is copied out of it: fresh large buffers per document would
+        # cost a page-faulting allocation each time.
+        stage = np.empty(max(4 * W, 1 << 16), np.int64)
         have = 0
         for u, r, n in refs:
             size = n + len(sep)
@@ -241,22 +245,30 @@ class TokenReader:
                 rows.skip(u)
                 continue
             doc = rows.get(u, r)["tokens"]
-            piece = np.concatenate([doc, sep]) if len(sep) else doc
-            if pos < start:
-                piece = piece[start - pos:]
+            cut = max(0, start - pos)  # only the first document after a resume is cut
             pos += size
-            chunks.append(piece)
-            have += len(piece)
+            if have + size > len(stage):
+                grown = np.empty(max(have + size, 2 * len(stage)), np.int64)
+                grown[:have] = stage[:have]
+                stage = grown
+            for piece in (doc, sep):
+                if cut >= len(piece):
+                    cut -= len(piece)
+                    continue
+                stage[have: have + len(piece) - cut] = piece[cut:]
+                have += len(piece) - cut
+                cut = 0
             if have >= W:
-                buf = np.concatenate(chunks)
-                k = (len(buf) - 1) // L
+                k = (have - 1) // L
                 for j in range(k):
-                    yield buf[j * L: j * L + W]
-                tail = buf[k * L:]
-                chunks, have = [tail], len(tail)
+                    yield stage[j * L: j * L + W].copy()
+                rest = stage[k * L: have].copy()
+                stage[: len(rest)] = rest
+                have = len(rest)
         if have > 1 and self.remainder == "pad":
-            buf = np.concatenate(chunks)
-            yield np.concatenate([buf, np.full(W - len(buf), self.pad_id, np.int64)])
+            window = np.full(W, self.pad_id, np.int64)
+            window[:have] = stage[:have]
+            yield window
 
 
 class _RowCache:
@@ -280,10 +292,11 @@ class _RowCache:
         if u not in self.tables:
             self.tables[u] = self._load(self.reader.units[u])
         t = self.tables[u]
-        sample: dict[str, Any] = {"id": t["id"][r]}
+        sample: dict[str, Any] = {"id": t["id"][r]} if "id" in t else {}
         a, b = t["offsets"][r], t["offsets"][r + 1]
         if "tokens" in t:
-            sample["tokens"] = t["tokens"][a:b].astype(np.int64)
+            # Packing converts to int64 once, when it joins documents.
+            sample["tokens"] = t["tokens"][a:b] if self.reader.seq_len else t["tokens"][a:b].astype(np.int64)
         else:
             sample["latents"] = t["latents"][a:b].copy()  # one memcpy; Arrow buffers are read-only
         if "grid" in t:
@@ -294,12 +307,14 @@ class _RowCache:
     def _load(self, unit: Unit) -> dict[str, Any]:
         kind = self.reader.kind
         payload = "tokens" if kind == "hard" else "latents"
-        columns = ["id", payload] + (["grid"] if self.reader.manifest.modality != "text" else [])
+        columns = ([] if self.reader.seq_len else ["id"]) + [payload] + (
+            ["grid"] if self.reader.manifest.modality != "text" else [])
         with _open(unit.path) as f:
             table = pq.ParquetFile(f).read_row_group(unit.row_group, columns=columns)
         col = table.column(payload).combine_chunks()
-        out: dict[str, Any] = {"id": table.column("id").to_pylist(),
-                               "offsets": col.offsets.to_numpy()}
+        out: dict[str, Any] = {"offsets": col.offsets.to_numpy()}
+        if "id" in columns:
+            out["id"] = table.column("id").to_pylist()
         values = col.values
         if kind == "hard":
             out["tokens"] = values.to_numpy()
@@ -310,50 +325,3 @@ class _RowCache:
             g = table.column("grid").combine_chunks()
             out["grid"] = g.values.to_numpy().reshape(len(g), -1)
         return out
-
-
-def _to_torch(sample: Any, latent_dtype: str | None) -> Any:
-    import torch
-
-    if isinstance(sample, np.ndarray):
-        return torch.from_numpy(sample)
-    out = dict(sample)
-    if "tokens" in out:
-        out["tokens"] = torch.from_numpy(out["tokens"])
-    if "latents" in out:
-        t = torch.from_numpy(np.ascontiguousarray(out["latents"]))
-        out["latents"] = t.view(torch.bfloat16) if latent_dtype == "bfloat16" else t
-    if "grid" in out:
-        out["grid"] = torch.tensor(out["grid"], dtype=torch.int64)
-    return out
-
-
-try:  # torch is optional: TokenReader works without it
-    from torch.utils.data import IterableDataset as _TorchBase
-except ImportError:  # pragma: no cover
-    _TorchBase = object  # type: ignore[assignment,misc]
-
-
-class TorchTokenDataset(_TorchBase):
-    """TokenReader as a torch IterableDataset: tensors out (int64 tokens; latents in their dtype).
-
-    Splits across DataLoader workers and distributed ranks by itself; with
-    torchdata's StatefulDataLoader, state_dict/load_state_dict resume mid-epoch.
-    """
-
-    def __init__(self, root: str, **kwargs: Any) -> None:
-        self.reader = TokenReader(root, **kwargs)
-
-    def __iter__(self):
-        latent_dtype = self.reader.manifest.tokenizer.get("latent_dtype")
-        for sample in self.reader:
-            yield _to_torch(sample, latent_dtype)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.reader.set_epoch(epoch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.reader.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.reader.load_state_dict(state)

@@ -1,0 +1,11 @@
+"""`python -m bench [text_build|reader ...]`: run the named benchmarks (default: all)."""
+import sys
+
+from bench import reader, text_build
+
+BENCHES = {"text_build": text_build.main, "reader": reader.main}
+
+if __name__ == "__main__":
+    names = [a for a in sys.argv[1:] if a in BENCHES] or list(BENCHES)
+    rest = [a for a in sys.argv[1:] if a not in BENCHES]
+    sys.exit(max(BENCHES[n](rest) for n in names))
