@@ -133,7 +133,7 @@ ERROR_SCHEMA = pa.schema([
 def _encode_metadata(metadata: Mapping[str, Any] | None) -> dict[bytes, bytes] | None:
     if metadata is None:
         return None
-    return {METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()}
+    return {METADATA_KEY: json.dumps({"schema_version": SCHEMA_VERSION, **metadata}, sort_keys=True).encode()}
 
 
 def read_metadata(schema: pa.Schema) -> dict[str, Any]:

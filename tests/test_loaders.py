@@ -233,3 +233,38 @@ def test_same_values_in_pyarrow_hf_datasets_and_duckdb(text_dataset):
     assert {i: list(t) for i, t, _ in rows} == ours and all(ok for *_, ok in rows)
     total = con.execute("SELECT sum(num_tokens) FROM read_parquet(?)", [files]).fetchone()[0]
     assert total == m.tokens
+
+
+def test_image_codes_come_back_with_their_grid(tmp_path):
+    tok = {"spec": "test:vq", "name": "vq", "kind": "hard", "modality": "image", "vocab_size": 1024,
+           "fingerprint": "c" * 64, "token_dtype": "uint16"}
+    schema = dataset_schema("image", "hard", token_dtype="uint16", metadata=tok)
+    grids = [(2, 3), (3, 3)]
+    codes = [np.arange(h * w, dtype=np.uint16) * 7 + i for i, (h, w) in enumerate(grids)]
+    locs = ["member:a.jpg", "member:b.jpg"]
+    table = pa.Table.from_arrays([
+        pa.array(row_ids("s.tar", locs)), pa.array(["s.tar"] * 2), pa.array(locs), pa.array(["image"] * 2),
+        pa.array([c.tolist() for c in codes], schema.field("tokens").type),
+        pa.array([len(c) for c in codes], pa.int32()), pa.array([list(g) for g in grids], schema.field("grid").type),
+        pa.array([480, 512], pa.int32()), pa.array([640, 512], pa.int32())], schema=schema)
+    result = write_block(str(tmp_path), TokenBlock("s.tar", 0, table, []))
+    write_manifest(str(tmp_path), build_manifest([result], [], modality="image", tokenizer=tok, options={}))
+    assert validate(str(tmp_path)) == []
+    got = {s["grid"]: s["tokens"] for s in TokenReader(str(tmp_path), shuffle=False)}
+    for c, g in zip(codes, grids):
+        assert got[g].dtype == np.int64 and got[g].tolist() == c.tolist()
+
+
+def test_reader_reads_an_fsspec_uri(text_dataset):
+    import fsspec
+
+    mem = fsspec.filesystem("memory")
+    try:
+        for path in text_dataset.rglob("*"):
+            if path.is_file():
+                mem.pipe(f"memory://ds/{path.relative_to(text_dataset)}", path.read_bytes())
+        remote = [s["id"] for s in TokenReader("memory://ds", seed=2)]
+        assert remote == all_ids(TokenReader(str(text_dataset), seed=2))
+        assert validate("memory://ds") == []
+    finally:
+        mem.rm("memory://ds", recursive=True)
