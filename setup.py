@@ -20,9 +20,11 @@ setup(
     ],
     extras_require={
         "hf": ["tokenizers>=0.20"],
+        "fast": ["bpe-openai>=0.1.4"],
         "torch": ["torch>=2.1", "torchdata>=0.10"],
         "test": ["pytest>=8", "hypothesis>=6", "tokenizers>=0.20", "duckdb>=1.0", "datasets>=3"],
         "bench": ["datasets>=3", "psutil>=5"],
     },
+    package_data={"transforms.tokenizers": ["data/*.tiktoken.gz"]},
     entry_points={"console_scripts": ["tokenmill=pipelines.cli:main"]},
 )

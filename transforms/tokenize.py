@@ -42,14 +42,14 @@ def tokenize_block(tokenizer: TextTokenizer, block: TextBlock, schema: pa.Schema
 
 
 class _TokenizeBlocks(beam.DoFn):
-    def __init__(self, spec: str, bos: bool, eos: bool):
-        self._spec, self._bos, self._eos = spec, bos, eos
+    def __init__(self, spec: str, bos: bool, eos: bool, engine: str):
+        self._spec, self._bos, self._eos, self._engine = spec, bos, eos, engine
         self._documents = Metrics.counter("tokenmill", "documents")
         self._tokens = Metrics.counter("tokenmill", "tokens")
         self._rejected = Metrics.counter("tokenmill", "tokenize_errors")
 
     def setup(self) -> None:
-        self._tokenizer = shared_text_tokenizer(self._spec, self._bos, self._eos)
+        self._tokenizer = shared_text_tokenizer(self._spec, self._bos, self._eos, self._engine)
         self._schema = text_hard_schema(self._tokenizer.token_type, self._tokenizer.metadata())
 
     def process(self, block: TextBlock) -> Iterator[TokenBlock]:
@@ -63,10 +63,10 @@ class _TokenizeBlocks(beam.DoFn):
 class TokenizeText(beam.PTransform):
     """TextBlocks → TokenBlocks. Returns (blocks, failed) where failed holds blocks that raised."""
 
-    def __init__(self, spec: str, *, bos: bool = False, eos: bool = False):
+    def __init__(self, spec: str, *, bos: bool = False, eos: bool = False, engine: str = "tiktoken"):
         super().__init__()
-        self._spec, self._bos, self._eos = spec, bos, eos
+        self._spec, self._bos, self._eos, self._engine = spec, bos, eos, engine
 
     def expand(self, text_blocks):
         return text_blocks | "EncodeBlocks" >> beam.ParDo(
-            _TokenizeBlocks(self._spec, self._bos, self._eos)).with_exception_handling()
+            _TokenizeBlocks(self._spec, self._bos, self._eos, self._engine)).with_exception_handling()

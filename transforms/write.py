@@ -21,6 +21,7 @@ from schemas.manifest import (DATA_DIR, ERRORS_DIR, Manifest, now_iso, tokenmill
                               write_schema_json)
 from schemas.storage import join, write_bytes_atomic
 from schemas.tables import ERROR_SCHEMA, read_metadata
+from transforms.tokenizers.base import FatalTokenizerError
 from transforms.records import (BlockTask, ErrorRecord, InputFile, RawBlock, ShardResult, TextBlock,
                                 TokenBlock, shard_name)
 
@@ -77,6 +78,8 @@ def failed_to_block(failed: tuple[Any, tuple[type, str, list[str]]], stage: str)
     a read task that failed before yielding records gets one row for its range.
     """
     element, (exc_type, exc_repr, _tb) = failed
+    if isinstance(exc_type, type) and issubclass(exc_type, FatalTokenizerError):
+        raise exc_type(exc_repr)  # not a bad record: the build must stop
     kind = getattr(exc_type, "__name__", str(exc_type))
     message = f"{stage} failed for the whole block: {exc_repr}"
     if isinstance(element, BlockTask):

@@ -21,6 +21,13 @@ class TokenizerSpecError(ValueError):
     """A tokenizer spec that cannot be parsed or loaded (a CLI usage error)."""
 
 
+class FatalTokenizerError(RuntimeError):
+    """The tokenizer cannot be trusted (for example, an engine disagreeing with its reference).
+
+    Unlike a bad document, this stops the whole build: no manifest is written.
+    """
+
+
 def sha256_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
@@ -148,6 +155,8 @@ class TextTokenizer(Tokenizer):
         for i, text in enumerate(texts):
             try:
                 ids = self._encode(text)
+            except FatalTokenizerError:
+                raise  # the tokenizer itself is wrong: no row of this build can be trusted
             except Exception as e:  # one bad document must not sink the batch
                 failures.append((i, e))
                 continue

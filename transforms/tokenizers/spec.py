@@ -1,6 +1,7 @@
 """Tokenizer specs: the strings users pass to --tokenizer, parsed into tokenizers.
 
     tiktoken:cl100k_base      the GPT-4 vocabulary, offline
+    tiktoken:o200k_base       the GPT-4o vocabulary, offline
     tiktoken:PATH_OR_URI      any .tiktoken rank file (see transforms/tokenizers/bpe.py)
     bytes                     UTF-8 byte-level tokens
     hf:PATH_OR_URI            a Hugging Face tokenizer.json or save_pretrained folder
@@ -11,12 +12,18 @@ import functools
 
 from transforms.tokenizers.base import TextTokenizer, TokenizerSpecError
 
-TEXT_SPECS = ("tiktoken:cl100k_base", "tiktoken:PATH_OR_URI", "bytes", "hf:PATH_OR_URI")
+TEXT_SPECS = ("tiktoken:cl100k_base", "tiktoken:o200k_base", "tiktoken:PATH_OR_URI", "bytes", "hf:PATH_OR_URI")
 
 
-def load_text_tokenizer(spec: str, *, bos: bool = False, eos: bool = False) -> TextTokenizer:
-    """Load the tokenizer a spec names; raises TokenizerSpecError with a one-line reason."""
+def load_text_tokenizer(spec: str, *, bos: bool = False, eos: bool = False,
+                        engine: str = "tiktoken") -> TextTokenizer:
+    """Load the tokenizer a spec names; raises TokenizerSpecError with a one-line reason.
+
+    `engine` picks the BPE implementation for tiktoken vocabularies (see engines.py).
+    """
     family, _, arg = spec.partition(":")
+    if engine != "tiktoken" and family != "tiktoken":
+        raise TokenizerSpecError(f"--engine {engine} applies to tiktoken vocabularies, not {spec!r}")
     if family == "bytes" and not arg:
         from transforms.tokenizers.byte_level import ByteTokenizer
 
@@ -28,7 +35,7 @@ def load_text_tokenizer(spec: str, *, bos: bool = False, eos: bool = False) -> T
             raise TokenizerSpecError(
                 f"unknown tiktoken encoding {arg!r}: available offline: "
                 f"{', '.join(sorted(OFFLINE_ENCODINGS))}, or give a path/URI to a .tiktoken file")
-        return TiktokenTokenizer(spec, arg, bos=bos, eos=eos)
+        return TiktokenTokenizer(spec, arg, bos=bos, eos=eos, engine=engine)
     if family == "hf" and arg:
         from transforms.tokenizers.hf import HFTokenizer
 
@@ -37,8 +44,9 @@ def load_text_tokenizer(spec: str, *, bos: bool = False, eos: bool = False) -> T
 
 
 @functools.lru_cache(maxsize=8)
-def shared_text_tokenizer(spec: str, bos: bool = False, eos: bool = False) -> TextTokenizer:
+def shared_text_tokenizer(spec: str, bos: bool = False, eos: bool = False,
+                          engine: str = "tiktoken") -> TextTokenizer:
     """One tokenizer per process and spec: workers in one process (and the
     launcher, on a local runner) share it instead of each loading its own.
     Tokenizers are safe to call from several threads."""
-    return load_text_tokenizer(spec, bos=bos, eos=eos)
+    return load_text_tokenizer(spec, bos=bos, eos=eos, engine=engine)
