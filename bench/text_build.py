@@ -39,7 +39,11 @@ TOKENMILL = [sys.executable, "-m", "pipelines.build"]
 
 def _tree_rss(proc: psutil.Process) -> int:
     total = 0
-    for p in [proc, *proc.children(recursive=True)]:
+    try:
+        family = [proc, *proc.children(recursive=True)]
+    except psutil.Error:  # the process is exiting
+        return 0
+    for p in family:
         try:
             total += p.memory_info().rss
         except psutil.Error:

@@ -1,4 +1,4 @@
-"""`tokenmill build`: raw text shards → a Parquet token dataset.
+"""`tokenmill build`: raw text or image shards → a Parquet token dataset.
 
     read (ReadTextShards) → decode (DecodeText) → tokenize (TokenizeText)
     → write (WriteTokenShards) → commit (CommitManifest)
@@ -22,12 +22,15 @@ from pipelines.cli_errors import OneLineArgumentParser, UsageError, usage_errors
 from schemas.manifest import DATA_DIR, ERRORS_DIR, MANIFEST_NAME, read_manifest
 from schemas.storage import join
 from transforms import fs
+from transforms.decoders.images import DEFAULT_MAX_PIXELS, DecodeImages, SizePolicy
 from transforms.decoders.text import DecodeText
+from transforms.sources.images import ReadImageShards
 from transforms.sources.text import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_DOC_BYTES, ReadTextShards
-from transforms.tokenize import TokenizeText
+from transforms.tokenize import TokenizeImages, TokenizeText
 from transforms.tokenizers.base import TokenizerSpecError
 from transforms.tokenizers.engines import engine_names
-from transforms.tokenizers.spec import TEXT_SPECS, shared_text_tokenizer
+from transforms.tokenizers.spec import (IMAGE_FAMILIES, IMAGE_SPECS, TEXT_SPECS, shared_image_tokenizer,
+                                        shared_text_tokenizer)
 from transforms.write import CommitManifest, WriteTokenShards, error_to_block, failed_to_block
 
 _SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -50,16 +53,19 @@ def byte_size(text: str) -> int:
 def make_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(
         prog="tokenmill build",
-        description="Tokenize text shards (.jsonl, .txt, .parquet; plain, .gz or .zst; local paths "
-                    "or fsspec URIs) into a Parquet token dataset. Arguments not listed here are "
+        description="Tokenize text shards (.jsonl, .txt, .parquet; plain, .gz or .zst) or image shards "
+                    "(image files, WebDataset tars, Parquet with image bytes), from local paths "
+                    "or fsspec URIs, into a Parquet token dataset. Arguments not listed here are "
                     "Apache Beam pipeline options, e.g. --runner, --direct_num_workers.",
-        epilog="Tokenizer specs: " + ", ".join(TEXT_SPECS) + ". Default runner: Beam's FnApiRunner "
+        epilog="Tokenizer specs: text: " + ", ".join(TEXT_SPECS) + "; images: " + ", ".join(IMAGE_SPECS)
+               + ". Default runner: Beam's FnApiRunner "
                "(local, offline), multi_processing with one worker per CPU core.")
     p.add_argument("--input", action="append", required=True, metavar="GLOB",
                    help="input shard path, glob or URI (repeatable); a folder means all files under it")
     p.add_argument("--output", required=True, metavar="DIR", help="dataset directory or URI to write")
     p.add_argument("--tokenizer", required=True, metavar="SPEC",
-                   help="tiktoken:cl100k_base | tiktoken:PATH_OR_URI | bytes | hf:PATH_OR_URI")
+                   help="text: tiktoken:cl100k_base | tiktoken:o200k_base | tiktoken:PATH_OR_URI | bytes | "
+                        "hf:PATH_OR_URI; images: patch:P")
     p.add_argument("--engine", choices=engine_names(), default="tiktoken",
                    help="BPE engine for tiktoken vocabularies: tiktoken (the reference, default) or "
                         "bpe-openai (faster, extra tokenmill[fast]; verified against tiktoken before and "
@@ -76,6 +82,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-doc-bytes", type=byte_size, default=DEFAULT_MAX_DOC_BYTES, metavar="BYTES",
                    help="whole-file .txt documents larger than this become error rows (default: 64MiB)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
+    g = p.add_argument_group("images")
+    g.add_argument("--modality", choices=("auto", "text", "image"), default="auto",
+                   help="what the inputs hold; auto: from the tokenizer (patch:P is an image tokenizer)")
+    g.add_argument("--size", default="native:1024", metavar="POLICY",
+                   help="image size policy: native[:MAX] keeps the size, downscaling so the longer side is at "
+                        "most MAX; crop:S center-crops a square and resizes to S; shorter:S resizes the "
+                        "shorter side to S (default: native:1024)")
+    g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="images whose header declares more pixels are refused before decoding "
+                        f"(decompression bombs; default {DEFAULT_MAX_PIXELS})")
+    g.add_argument("--image-field", default="image", metavar="NAME",
+                   help="Parquet column with the image bytes (default: image)")
     return p
 
 
@@ -121,16 +139,27 @@ def prepare_output(root: str, overwrite: bool) -> None:
         raise UsageError(f"cannot write to output {root}: {e}") from None
 
 
+def _read_decode_tokenize(p: beam.Pipeline, args: argparse.Namespace):
+    """The modality-specific front of the graph: (read outputs, tokens, decode failures, tokenize failures)."""
+    if args.modality == "image":
+        read = p | "ReadImageShards" >> ReadImageShards(args.input, image_field=args.image_field)
+        decoded, decode_failed = read["blocks"] | "DecodeImages" >> DecodeImages(args.size, args.max_pixels)
+        tokens, tokenize_failed = decoded | "TokenizeImages" >> TokenizeImages(args.tokenizer)
+    else:
+        read = p | "ReadTextShards" >> ReadTextShards(
+            args.input, text_field=args.text_field, txt_per_line=args.txt_per_line,
+            block_bytes=args.block_size, max_doc_bytes=args.max_doc_bytes)
+        decoded, decode_failed = read["blocks"] | "DecodeText" >> DecodeText(args.text_field)
+        tokens, tokenize_failed = decoded | "TokenizeText" >> TokenizeText(
+            args.tokenizer, bos=args.bos, eos=args.eos, engine=args.engine)
+    return read, tokens, decode_failed, tokenize_failed
+
+
 def build_pipeline(args: argparse.Namespace, options: PipelineOptions, tokenizer_meta: dict[str, Any],
                    pipeline: beam.Pipeline | None = None) -> beam.Pipeline:
-    """The un-run Beam graph of a text build."""
+    """The un-run Beam graph: read → decode → tokenize → write → commit, errors beside."""
     p = pipeline or beam.Pipeline(runner=runners.make_runner(options), options=options)
-    read = p | "ReadTextShards" >> ReadTextShards(
-        args.input, text_field=args.text_field, txt_per_line=args.txt_per_line,
-        block_bytes=args.block_size, max_doc_bytes=args.max_doc_bytes)
-    docs, decode_failed = read["blocks"] | "DecodeText" >> DecodeText(args.text_field)
-    tokens, tokenize_failed = docs | "TokenizeText" >> TokenizeText(args.tokenizer, bos=args.bos, eos=args.eos,
-                                                                      engine=args.engine)
+    read, tokens, decode_failed, tokenize_failed = _read_decode_tokenize(p, args)
 
     # The error path gets its own writer: joining it to the main path before
     # writing would keep Beam from fusing tokenize and write into one stage,
@@ -141,15 +170,26 @@ def build_pipeline(args: argparse.Namespace, options: PipelineOptions, tokenizer
         (tokenize_failed | "TokenizeFailuresAsErrors" >> beam.Map(failed_to_block, "tokenize")),
         (read["errors"] | "FileErrorsAsBlocks" >> beam.Map(error_to_block)),
     ) | "JoinRejected" >> beam.Flatten()
-    options_record = {"text_field": args.text_field, "txt_per_line": args.txt_per_line,
-                      "block_bytes": args.block_size, "max_doc_bytes": args.max_doc_bytes}
+    if args.modality == "image":
+        options_record = {"image_field": args.image_field, "size_policy": args.size, "max_pixels": args.max_pixels}
+    else:
+        options_record = {"text_field": args.text_field, "txt_per_line": args.txt_per_line,
+                          "block_bytes": args.block_size, "max_doc_bytes": args.max_doc_bytes}
     results = (
         (tokens | "WriteTokenShards" >> WriteTokenShards(args.output)),
         (rejected | "WriteRejectedShards" >> WriteTokenShards(args.output)),
     ) | "JoinShardResults" >> beam.Flatten()
     _ = results | "CommitManifest" >> CommitManifest(
-        args.output, read["files"], modality="text", tokenizer=tokenizer_meta, options=options_record)
+        args.output, read["files"], modality=args.modality, tokenizer=tokenizer_meta, options=options_record)
     return p
+
+
+def infer_modality(args: argparse.Namespace) -> str:
+    """--modality, or the tokenizer family (patch:, vq:, ... are image tokenizers)."""
+    if args.modality != "auto":
+        return args.modality
+    family = args.tokenizer.partition(":")[0]
+    return "image" if family in IMAGE_FAMILIES else "text"
 
 
 def _human(n: float, unit: str = "B") -> str:
@@ -166,8 +206,10 @@ def _summary(root: str, seconds: float, runner: str, counters: dict[str, int]) -
     lines = [
         f"tokenmill build: done in {seconds:.1f} s",
         f"  runner:     {runner}",
-        f"  tokenizer:  {m.tokenizer['spec']} ({m.tokenizer['name']}, vocab {m.tokenizer['vocab_size']}, "
-        f"engine {m.tokenizer.get('engine', 'tiktoken')}, "
+        f"  tokenizer:  {m.tokenizer['spec']} ({m.tokenizer['name']}, "
+        + (f"vocab {m.tokenizer['vocab_size']}, " if "vocab_size" in m.tokenizer else
+           f"dim {m.tokenizer.get('dim')} {m.tokenizer.get('latent_dtype')}, ")
+        + (f"engine {m.tokenizer['engine']}, " if "engine" in m.tokenizer else "") + 
         f"{m.token_dtype}, fingerprint {m.tokenizer['fingerprint'][:12]})",
         f"  inputs:     {len(m.inputs)} files, {_human(in_bytes)}",
         f"  rows:       {m.rows}",
@@ -187,9 +229,14 @@ def run(argv: Sequence[str] | None = None) -> int:
         args, beam_args = make_parser().parse_known_args(argv)
         beam_args, runner = runners.local_defaults(beam_args)
         options = runners.pipeline_options(beam_args)
+        args.modality = infer_modality(args)
         try:
-            tokenizer = shared_text_tokenizer(args.tokenizer, args.bos, args.eos, args.engine)
-        except TokenizerSpecError as e:
+            if args.modality == "image":
+                SizePolicy.parse(args.size)
+                tokenizer = shared_image_tokenizer(args.tokenizer)
+            else:
+                tokenizer = shared_text_tokenizer(args.tokenizer, args.bos, args.eos, args.engine)
+        except (TokenizerSpecError, ValueError) as e:
             raise UsageError(str(e)) from None
         args.input = list(args.input)
         check_inputs(args.input)

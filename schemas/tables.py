@@ -95,8 +95,13 @@ def dataset_schema(modality: str, kind: str, *, token_dtype: str | None = None,
                              "Token layout, row-major: (h, w)" if n == 2 else
                              "Token layout, row-major: (t, h, w)"))
         fields += [
-            _field("orig_height", pa.int32(), "Height of the source image or frame, pixels.", True),
-            _field("orig_width", pa.int32(), "Width of the source image or frame, pixels.", True),
+            _field("orig_height", pa.int32(), "Height of the source image or frame, pixels, as displayed.", True),
+            _field("orig_width", pa.int32(), "Width of the source image or frame, pixels, as displayed.", True),
+            _field("height", pa.int32(), "Height of the tokenized image after the size policy, before "
+                                         "padding to the token grid, pixels.", True),
+            _field("width", pa.int32(), "Width of the tokenized image after the size policy, before "
+                                        "padding, pixels.", True),
+            _field("meta", pa.string(), "Sidecar metadata of the record (JSON), if any.", True),
         ]
     if modality == "video":
         fields += [
@@ -119,6 +124,20 @@ def schema_for_manifest(manifest: Any) -> pa.Schema:
     kind = tok.get("kind", "hard")
     return dataset_schema(manifest.modality, kind, token_dtype=manifest.token_dtype if kind == "hard" else None,
                           latent_dtype=tok.get("latent_dtype"), dim=tok.get("dim"))
+
+
+def table_from_columns(schema: pa.Schema, columns: Mapping[str, Any], num_rows: int) -> pa.Table:
+    """A table in `schema` from the given columns; nullable columns not given are null."""
+    arrays = []
+    for f in schema:
+        if f.name in columns:
+            value = columns[f.name]
+            arrays.append(value if isinstance(value, (pa.Array, pa.ChunkedArray)) else pa.array(value, f.type))
+        elif f.nullable:
+            arrays.append(pa.nulls(num_rows, f.type))
+        else:
+            raise ValueError(f"column {f.name!r} is required")
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 ERROR_SCHEMA = pa.schema([

@@ -11,7 +11,7 @@ import pytest
 
 from loaders import DatasetMismatchError, TokenReader, TorchTokenDataset
 from schemas.manifest import read_manifest, write_manifest
-from schemas.tables import dataset_schema
+from schemas.tables import dataset_schema, table_from_columns
 from schemas.validate import validate
 from tests.conftest import read_rows, run_build, write_jsonl
 from transforms.records import TokenBlock, row_ids
@@ -181,11 +181,10 @@ def write_soft_dataset(root: Path, latent_dtype: str, dim: int, rows: list[tuple
         pa.array(offsets), pa.FixedSizeListArray.from_arrays(pa.array(flat, storage),
                                                              type=schema.field("latents").type.value_type),
         type=schema.field("latents").type)
-    table = pa.Table.from_arrays([
-        pa.array(row_ids("shard.tar", locs)), pa.array(["shard.tar"] * len(rows)), pa.array(locs),
-        pa.array(["image"] * len(rows)), latents, pa.array([len(a) for a, _ in rows], pa.int32()),
-        pa.array([list(g) for _, g in rows], schema.field("grid").type),
-        pa.array([None] * len(rows), pa.int32()), pa.array([None] * len(rows), pa.int32())], schema=schema)
+    table = table_from_columns(schema, {
+        "id": row_ids("shard.tar", locs), "source": ["shard.tar"] * len(rows), "locator": locs,
+        "modality": ["image"] * len(rows), "latents": latents, "num_tokens": [len(a) for a, _ in rows],
+        "grid": [list(g) for _, g in rows]}, len(rows))
     result = write_block(str(root), TokenBlock("shard.tar", 0, table, []))
     write_manifest(str(root), build_manifest([result], [], modality="image", tokenizer=tok, options={}))
 
@@ -242,11 +241,10 @@ def test_image_codes_come_back_with_their_grid(tmp_path):
     grids = [(2, 3), (3, 3)]
     codes = [np.arange(h * w, dtype=np.uint16) * 7 + i for i, (h, w) in enumerate(grids)]
     locs = ["member:a.jpg", "member:b.jpg"]
-    table = pa.Table.from_arrays([
-        pa.array(row_ids("s.tar", locs)), pa.array(["s.tar"] * 2), pa.array(locs), pa.array(["image"] * 2),
-        pa.array([c.tolist() for c in codes], schema.field("tokens").type),
-        pa.array([len(c) for c in codes], pa.int32()), pa.array([list(g) for g in grids], schema.field("grid").type),
-        pa.array([480, 512], pa.int32()), pa.array([640, 512], pa.int32())], schema=schema)
+    table = table_from_columns(schema, {
+        "id": row_ids("s.tar", locs), "source": ["s.tar"] * 2, "locator": locs, "modality": ["image"] * 2,
+        "tokens": [c.tolist() for c in codes], "num_tokens": [len(c) for c in codes],
+        "grid": [list(g) for g in grids], "orig_height": [480, 512], "orig_width": [640, 512]}, 2)
     result = write_block(str(tmp_path), TokenBlock("s.tar", 0, table, []))
     write_manifest(str(tmp_path), build_manifest([result], [], modality="image", tokenizer=tok, options={}))
     assert validate(str(tmp_path)) == []

@@ -41,6 +41,7 @@ class BlockTask:
     end: int
     block: int  # index of the first block this task produces
     size: int
+    members: tuple[str, ...] = ()  # image-files tasks: the files it reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,23 @@ class RawBlock:
     fmt: str
     locators: list[str]
     payloads: Sequence[Any]
+    errors: list[ErrorRecord]
+    nbytes: int = 0
+    sources: list[str] | None = None  # per record, where records come from several files
+    metas: list[str | None] | None = None  # per record sidecar metadata (JSON), images
+
+
+@dataclasses.dataclass
+class ImageBlock:
+    """Decoded RGB uint8 images (H, W, 3) with where they came from."""
+
+    source: str
+    block: int
+    locators: list[str]
+    sources: list[str]
+    images: list[Any]
+    infos: list[dict[str, Any]]
+    metas: list[str | None]
     errors: list[ErrorRecord]
     nbytes: int = 0
 
@@ -117,6 +135,10 @@ def source_key(uri: str) -> str:
 
 def shard_name(source: str, block: int) -> str:
     return f"part-{source_key(source)}-{block:06d}.parquet"
+
+
+def row_id(source: str, locator: str) -> str:
+    return hashlib.blake2b(source.encode() + b"\0" + locator.encode(), digest_size=8).hexdigest()
 
 
 def row_ids(source: str, locators: Sequence[str]) -> list[str]:

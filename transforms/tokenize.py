@@ -1,4 +1,4 @@
-"""TokenizeText: TextBlocks → TokenBlocks (Arrow tables in the dataset schema).
+"""TokenizeText and TokenizeImages: blocks → TokenBlocks (Arrow tables in the dataset schema).
 
 The tokenizer is loaded once per worker in setup(); each block of documents is
 encoded in one call, straight into an Arrow list column.
@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 
-from schemas.tables import text_hard_schema
-from transforms.records import ErrorRecord, TextBlock, TokenBlock, row_ids
-from transforms.tokenizers.base import TextTokenizer
-from transforms.tokenizers.spec import shared_text_tokenizer
+from schemas.tables import dataset_schema, table_from_columns, text_hard_schema
+from transforms.records import ErrorRecord, ImageBlock, TextBlock, TokenBlock, row_id, row_ids
+from transforms.tokenizers.base import ImageTokenizer, TextTokenizer
+from transforms.tokenizers.spec import shared_image_tokenizer, shared_text_tokenizer
 
 
 def tokenize_block(tokenizer: TextTokenizer, block: TextBlock, schema: pa.Schema) -> TokenBlock:
@@ -70,3 +70,65 @@ class TokenizeText(beam.PTransform):
     def expand(self, text_blocks):
         return text_blocks | "EncodeBlocks" >> beam.ParDo(
             _TokenizeBlocks(self._spec, self._bos, self._eos, self._engine)).with_exception_handling()
+
+
+def tokenize_image_block(tokenizer: ImageTokenizer, block: ImageBlock, schema: pa.Schema) -> TokenBlock:
+    """Encode one block of images; images the tokenizer rejects become error records."""
+    column, grids, failures = tokenizer.encode_batch(block.images)
+    errors = list(block.errors)
+    keep = list(range(len(block.images)))
+    if failures:
+        failed = {i for i, _ in failures}
+        errors += [ErrorRecord(block.sources[i], block.locators[i], "tokenize", type(e).__name__, str(e))
+                   for i, e in failures]
+        keep = [i for i in keep if i not in failed]
+    sources = [block.sources[i] for i in keep]
+    locators = [block.locators[i] for i in keep]
+    infos = [block.infos[i] for i in keep]
+    payload = "tokens" if tokenizer.kind == "hard" else "latents"
+    table = table_from_columns(schema, {
+        "id": [row_id(s, l) for s, l in zip(sources, locators)],
+        "source": sources, "locator": locators, "modality": ["image"] * len(keep),
+        payload: column, "num_tokens": [h * w for h, w in grids], "grid": [list(g) for g in grids],
+        "orig_height": [i["orig_height"] for i in infos], "orig_width": [i["orig_width"] for i in infos],
+        "height": [block.images[i].shape[0] for i in keep], "width": [block.images[i].shape[1] for i in keep],
+        "meta": [block.metas[i] for i in keep],
+    }, len(keep))
+    return TokenBlock(block.source, block.block, table, errors)
+
+
+class _TokenizeImageBlocks(beam.DoFn):
+    def __init__(self, spec: str):
+        self._spec = spec
+        self._documents = Metrics.counter("tokenmill", "documents")
+        self._tokens = Metrics.counter("tokenmill", "tokens")
+        self._rejected = Metrics.counter("tokenmill", "tokenize_errors")
+
+    def setup(self) -> None:
+        self._tokenizer = shared_image_tokenizer(self._spec)
+        self._schema = image_schema(self._tokenizer)
+
+    def process(self, block: ImageBlock) -> Iterator[TokenBlock]:
+        out = tokenize_image_block(self._tokenizer, block, self._schema)
+        self._documents.inc(out.table.num_rows)
+        self._tokens.inc(int(pc.sum(out.table.column("num_tokens")).as_py() or 0))
+        self._rejected.inc(len(out.errors) - len(block.errors))
+        yield out
+
+
+def image_schema(tokenizer: ImageTokenizer) -> pa.Schema:
+    return dataset_schema("image", tokenizer.kind, token_dtype=str(tokenizer.token_type)
+                          if tokenizer.kind == "hard" else None, latent_dtype=tokenizer.latent_dtype,
+                          dim=tokenizer.dim or None, metadata=tokenizer.metadata())
+
+
+class TokenizeImages(beam.PTransform):
+    """ImageBlocks → TokenBlocks. Returns (blocks, failed)."""
+
+    def __init__(self, spec: str):
+        super().__init__()
+        self._spec = spec
+
+    def expand(self, image_blocks):
+        return image_blocks | "EncodeImageBlocks" >> beam.ParDo(
+            _TokenizeImageBlocks(self._spec)).with_exception_handling()

@@ -22,8 +22,8 @@ from schemas.manifest import (DATA_DIR, ERRORS_DIR, Manifest, now_iso, tokenmill
 from schemas.storage import join, write_bytes_atomic
 from schemas.tables import ERROR_SCHEMA, read_metadata
 from transforms.tokenizers.base import FatalTokenizerError
-from transforms.records import (BlockTask, ErrorRecord, InputFile, RawBlock, ShardResult, TextBlock,
-                                TokenBlock, shard_name)
+from transforms.records import (BlockTask, ErrorRecord, ImageBlock, InputFile, RawBlock, ShardResult,
+                                TextBlock, TokenBlock, shard_name)
 
 PARQUET_OPTIONS: dict[str, Any] = {
     "compression": "zstd",
@@ -87,9 +87,10 @@ def failed_to_block(failed: tuple[Any, tuple[type, str, list[str]]], stage: str)
             f"offset:{element.start}-{element.end}"
         return TokenBlock(element.source, element.block, None,
                           [ErrorRecord(element.source, locator, stage, kind, message)])
-    if isinstance(element, (RawBlock, TextBlock)):
-        errors = list(element.errors) + [ErrorRecord(element.source, loc, stage, kind, message)
-                                         for loc in element.locators]
+    if isinstance(element, (RawBlock, TextBlock, ImageBlock)):
+        sources = getattr(element, "sources", None) or [element.source] * len(element.locators)
+        errors = list(element.errors) + [ErrorRecord(src, loc, stage, kind, message)
+                                         for src, loc in zip(sources, element.locators)]
         return TokenBlock(element.source, element.block, None, errors)
     raise TypeError(f"unexpected dead-letter element {type(element).__name__}")
 

@@ -172,3 +172,66 @@ class TextTokenizer(Tokenizer):
         column = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values_arr,
                                           type=pa.list_(pa.field("element", value_type, nullable=False)))
         return column, failures
+
+
+class ImageTokenizer(Tokenizer):
+    """RGB uint8 images (H, W, 3) → tokens on a (h, w) grid: codes (hard) or vectors (soft).
+
+    Subclasses implement `encode_image` and `decode_image`, and set `kind`,
+    `dim` and `latent_dtype` (soft) or `vocab_size` (hard).
+    """
+
+    modality = "image"
+    dim: int = 0
+    latent_dtype: str | None = None
+    vocab_size: int | None = None
+
+    @abc.abstractmethod
+    def encode_image(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """(tokens (n,) or latents (n, dim), grid (h, w) with h * w = n)."""
+
+    @abc.abstractmethod
+    def decode_image(self, tokens: np.ndarray, grid: tuple[int, int], height: int, width: int) -> np.ndarray:
+        """The RGB uint8 image (height, width, 3) the tokens stand for."""
+
+    @property
+    def token_type(self) -> pa.DataType:
+        if self.kind == "hard":
+            return token_type_for_vocab(self.vocab_size)
+        from schemas.tables import LATENT_STORAGE
+
+        return LATENT_STORAGE[self.latent_dtype]
+
+    def column_type(self) -> pa.DataType:
+        if self.kind == "hard":
+            return pa.list_(pa.field("element", self.token_type, nullable=False))
+        inner = pa.list_(pa.field("element", self.token_type, nullable=False), self.dim)
+        return pa.list_(pa.field("element", inner, nullable=False))
+
+    def encode_batch(self, images: Sequence[np.ndarray]
+                     ) -> tuple[pa.Array, list[tuple[int, int]], list[tuple[int, Exception]]]:
+        """Encode images into one Arrow column built from numpy buffers; failures are left out."""
+        parts: list[np.ndarray] = []
+        grids: list[tuple[int, int]] = []
+        failures: list[tuple[int, Exception]] = []
+        for i, image in enumerate(images):
+            try:
+                out, grid = self.encode_image(image)
+            except FatalTokenizerError:
+                raise
+            except Exception as e:
+                failures.append((i, e))
+                continue
+            parts.append(out)
+            grids.append(grid)
+        lengths = [len(p) for p in parts]
+        offsets = np.zeros(len(parts) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        numpy_type = self.token_type.to_pandas_dtype()
+        flat = (np.concatenate([p.reshape(-1) for p in parts]) if parts else np.zeros(0)).astype(
+            numpy_type, copy=False)
+        values = pa.array(flat, self.token_type)
+        column_type = self.column_type()
+        if self.kind == "soft":
+            values = pa.FixedSizeListArray.from_arrays(values, type=column_type.value_type)
+        return pa.ListArray.from_arrays(pa.array(offsets), values, type=column_type), grids, failures

@@ -50,3 +50,25 @@ def shared_text_tokenizer(spec: str, bos: bool = False, eos: bool = False,
     launcher, on a local runner) share it instead of each loading its own.
     Tokenizers are safe to call from several threads."""
     return load_text_tokenizer(spec, bos=bos, eos=eos, engine=engine)
+
+
+IMAGE_SPECS = ("patch:P",)
+IMAGE_FAMILIES = ("patch",)
+
+
+def load_image_tokenizer(spec: str):
+    """Load an image tokenizer from its spec; raises TokenizerSpecError with a one-line reason."""
+    family, _, arg = spec.partition(":")
+    if family == "patch":
+        if not arg.isdigit():
+            raise TokenizerSpecError(f"patch spec needs a size: patch:16, not {spec!r}")
+        from transforms.tokenizers.patches import PatchTokenizer
+
+        return PatchTokenizer(spec, int(arg))
+    raise TokenizerSpecError(f"unknown image tokenizer spec {spec!r}: expected one of {', '.join(IMAGE_SPECS)}")
+
+
+@functools.lru_cache(maxsize=8)
+def shared_image_tokenizer(spec: str):
+    """One image tokenizer per process and spec (see shared_text_tokenizer)."""
+    return load_image_tokenizer(spec)

@@ -1,0 +1,157 @@
+"""Image bytes → RGB uint8 arrays, with EXIF orientation, one mode rule and a size policy.
+
+Mode rule (every mode becomes 8-bit RGB):
+  - RGB: as is.  L, 1: gray copied to R, G and B.
+  - I;16 / I;16B / I / F (16-bit and wider gray): scaled to 0..255 by value / 257
+    (F is clipped to 0..255 first), then as L.
+  - Anything with transparency (RGBA, LA, PA, P or L with a transparent colour):
+    composited over white.
+  - P without transparency, CMYK, YCbCr, LAB, HSV: PIL's conversion to RGB.
+Decompression bombs are refused from the header, before any pixel is decoded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from PIL import Image, ImageOps
+
+DEFAULT_MAX_PIXELS = 64_000_000
+
+# PIL's own bomb check stays on as a second line, above ours.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class DecompressionBomb(ValueError):
+    """An image whose header declares more pixels than allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SizePolicy:
+    """native[:MAX] keeps the size (downscaling so the longer side is at most MAX);
+    crop:S center-crops to a square and resizes it to S x S;
+    shorter:S resizes so the shorter side is S, keeping the aspect ratio."""
+
+    kind: str = "native"
+    size: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "SizePolicy":
+        kind, _, arg = text.partition(":")
+        if kind not in ("native", "crop", "shorter"):
+            raise ValueError(f"unknown size policy {text!r}: use native[:MAX], crop:S or shorter:S")
+        if arg and (not arg.isdigit() or int(arg) <= 0):
+            raise ValueError(f"size policy {text!r}: size must be a positive integer")
+        if kind != "native" and not arg:
+            raise ValueError(f"size policy {kind} needs a size, e.g. {kind}:256")
+        return cls(kind, int(arg) if arg else None)
+
+    def __str__(self) -> str:
+        return self.kind if self.size is None else f"{self.kind}:{self.size}"
+
+    def target(self, w: int, h: int) -> tuple[tuple[int, int, int, int] | None, tuple[int, int]]:
+        """(crop box or None, output size) for an image of w x h."""
+        if self.kind == "crop":
+            side = min(w, h)
+            left, top = (w - side) // 2, (h - side) // 2
+            return (left, top, left + side, top + side), (self.size, self.size)
+        if self.kind == "shorter":
+            scale = self.size / min(w, h)
+        else:
+            scale = min(1.0, self.size / max(w, h)) if self.size else 1.0
+        return None, (max(1, round(w * scale)), max(1, round(h * scale)))
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            a = np.clip(a, 0, 255) * 257
+        return Image.fromarray(np.clip(np.rint(a / 257), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def decode_image(data: bytes, policy: SizePolicy = SizePolicy(), max_pixels: int = DEFAULT_MAX_PIXELS
+                 ) -> tuple[np.ndarray, dict[str, Any]]:
+    """RGB uint8 array (H, W, 3) and facts about the source (orig size, mode)."""
+    im = Image.open(io.BytesIO(data))  # reads the header only
+    w, h = im.size
+    if w * h > max_pixels:
+        raise DecompressionBomb(f"{w}x{h} = {w * h} pixels is above --max-pixels={max_pixels}")
+    info = {"orig_width": w, "orig_height": h, "mode": im.mode, "format": im.format}
+    if im.format == "JPEG" and policy.kind != "crop" and policy.size:
+        im.draft("RGB", policy.target(w, h)[1])  # let libjpeg downscale by 1/2, 1/4, 1/8 while decoding
+    im.load()
+    im = ImageOps.exif_transpose(im)  # orientation from EXIF; a no-op without it
+    info["orig_width"], info["orig_height"] = im.size  # as displayed, after the rotation
+    im = _to_rgb(im)
+    box, size = policy.target(*im.size)
+    if box is not None:
+        im = im.crop(box)
+    if im.size != size:
+        im = im.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return np.asarray(im, dtype=np.uint8), info
+
+
+def decode_image_block(raw: "RawBlock", policy: SizePolicy, max_pixels: int) -> "ImageBlock":
+    """Decode every record of a block; each failure becomes an error record with its reason."""
+    from PIL import UnidentifiedImageError
+
+    from transforms.records import ErrorRecord, ImageBlock
+
+    sources = raw.sources or [raw.source] * len(raw.locators)
+    metas = raw.metas or [None] * len(raw.locators)
+    out = ImageBlock(raw.source, raw.block, [], [], [], [], [], list(raw.errors), raw.nbytes)
+    for loc, src, meta, data in zip(raw.locators, sources, metas, raw.payloads):
+        try:
+            image, info = decode_image(data, policy, max_pixels)
+        except DecompressionBomb as e:
+            out.errors.append(ErrorRecord(src, loc, "decode", "DecompressionBomb", str(e)))
+            continue
+        except UnidentifiedImageError:
+            out.errors.append(ErrorRecord(src, loc, "decode", "NotAnImage",
+                                          "not a decodable image (unknown format or corrupt header)"))
+            continue
+        except Exception as e:  # truncated data, broken streams, codec errors
+            out.errors.append(ErrorRecord(src, loc, "decode", type(e).__name__, f"cannot decode image: {e}"))
+            continue
+        out.locators.append(loc)
+        out.sources.append(src)
+        out.images.append(image)
+        out.infos.append(info)
+        out.metas.append(meta)
+    return out
+
+
+class _DecodeImageBlocks(beam.DoFn):
+    def __init__(self, policy: str, max_pixels: int):
+        self._policy, self._max_pixels = SizePolicy.parse(policy), max_pixels
+        self._rejected = Metrics.counter("tokenmill", "decode_errors")
+
+    def process(self, raw):
+        block = decode_image_block(raw, self._policy, self._max_pixels)
+        self._rejected.inc(len(block.errors) - len(raw.errors))
+        yield block
+
+
+class DecodeImages(beam.PTransform):
+    """RawBlocks of encoded images → ImageBlocks. Returns (blocks, failed)."""
+
+    def __init__(self, policy: str = "native:1024", max_pixels: int = DEFAULT_MAX_PIXELS):
+        super().__init__()
+        SizePolicy.parse(policy)  # fail at construction on a bad policy
+        self._policy, self._max_pixels = policy, max_pixels
+
+    def expand(self, raw_blocks):
+        return raw_blocks | "DecodeImageBlocks" >> beam.ParDo(
+            _DecodeImageBlocks(self._policy, self._max_pixels)).with_exception_handling()

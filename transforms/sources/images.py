@@ -1,0 +1,233 @@
+"""Reading image shards: image files, WebDataset-style tar shards, Parquet with an image column.
+
+Records carry raw encoded bytes; decoding happens in transforms/decoders/images.py.
+- Image files (jpg, jpeg, png, webp, bmp, tif, tiff, gif) are grouped into read
+  tasks of up to `files_per_block` files; each file is one record, locator 'file'.
+- Tar shards are streamed (never extracted): members key.jpg sit beside key.json
+  or key.txt sidecars, which are kept as the row's `meta`. Members whose path is
+  absolute or climbs out of the archive ('..'), and links, are rejected.
+- Parquet: the image column holds bytes, or Hugging Face's {"bytes", "path"} struct.
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+import tarfile
+from typing import IO, Iterator
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from transforms import fs
+from transforms.records import BlockTask, ErrorRecord, InputFile, RawBlock
+from transforms.sources.text import list_files
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+SIDECAR_EXTENSIONS = (".json", ".txt")
+DEFAULT_FILES_PER_BLOCK = 256
+DEFAULT_TAR_BLOCK = 256  # images per block when streaming a tar shard
+
+
+def image_kind(uri: str) -> str | None:
+    name = uri.rsplit("/", 1)[-1].lower()
+    if name.endswith(IMAGE_EXTENSIONS):
+        return "image-files"
+    if name.endswith((".tar", ".tar.gz", ".tgz")):
+        return "tar"
+    if name.endswith(".parquet"):
+        return "parquet"
+    return None
+
+
+def plan_image_tasks(files: list[InputFile], files_per_block: int) -> tuple[list[BlockTask], list[ErrorRecord]]:
+    """Read tasks for all matched files: loose images in groups, one task per tar or Parquet file."""
+    tasks, errors, loose = [], [], []
+    for f in files:
+        kind = image_kind(f.uri)
+        if kind is None:
+            errors.append(ErrorRecord(f.uri, "file", "read", "UnsupportedFormat",
+                                      f"not an image, tar or Parquet file name ({', '.join(IMAGE_EXTENSIONS)})"))
+        elif f.size == 0:
+            errors.append(ErrorRecord(f.uri, "file", "read", "EmptyFile", "zero-byte file"))
+        elif kind == "image-files":
+            loose.append(f)
+        else:
+            tasks.append(BlockTask(f.uri, kind, "", 0, f.size, 0, f.size))
+    for i in range(0, len(loose), files_per_block):
+        group = loose[i:i + files_per_block]
+        tasks.append(BlockTask(group[0].uri, "image-files", "", 0, sum(g.size for g in group), 0,
+                               sum(g.size for g in group), members=tuple(g.uri for g in group)))
+    return tasks, errors
+
+
+def read_image_files(task: BlockTask) -> RawBlock:
+    payloads, sources, errors = [], [], []
+    for uri in task.members:
+        try:
+            with fs.open_binary(uri) as f:
+                payloads.append(f.read())
+            sources.append(uri)
+        except OSError as e:
+            errors.append(ErrorRecord(uri, "file", "read", type(e).__name__, f"cannot read: {e}"))
+    return RawBlock(task.source, task.block, "image", ["file"] * len(payloads), payloads, errors,
+                    sum(len(p) for p in payloads), sources=sources)
+
+
+def _safe_member(name: str) -> bool:
+    norm = posixpath.normpath(name)
+    return not (name.startswith("/") or norm.startswith("..") or "/../" in f"/{norm}/")
+
+
+def read_tar(f: IO[bytes], task: BlockTask, images_per_block: int) -> Iterator[RawBlock]:
+    """Blocks of images from a tar stream, each with its sidecar metadata (WebDataset layout)."""
+    block = task.block
+    locators: list[str] = []
+    payloads: list[bytes] = []
+    metas: list[str | None] = []
+    errors: list[ErrorRecord] = []
+    pending: dict[str, dict] = {}  # key → {"image": (name, bytes), "meta": {...}}
+
+    def flush_key(key: str) -> None:
+        entry = pending.pop(key)
+        if "image" in entry:
+            name, data = entry["image"]
+            locators.append(f"member:{name}")
+            payloads.append(data)
+            metas.append(json.dumps(entry["meta"], sort_keys=True) if entry["meta"] else None)
+
+    def take_block() -> RawBlock:
+        nonlocal block, locators, payloads, metas, errors
+        out = RawBlock(task.source, block, "image", locators, payloads, errors,
+                       sum(len(p) for p in payloads), metas=metas)
+        block += 1
+        locators, payloads, metas, errors = [], [], [], []
+        return out
+
+    try:
+        with tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                if not _safe_member(member.name):
+                    errors.append(ErrorRecord(task.source, f"member:{member.name}", "read", "UnsafeMember",
+                                              "tar member path escapes the archive; not read"))
+                    continue
+                if not member.isfile():
+                    if member.issym() or member.islnk():
+                        errors.append(ErrorRecord(task.source, f"member:{member.name}", "read", "UnsafeMember",
+                                                  "tar links are not followed"))
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                key, dot, ext = member.name.rpartition(".")
+                ext = "." + ext.lower() if dot else ""
+                if base.startswith("."):
+                    continue
+                data = tar.extractfile(member).read()
+                # WebDataset keeps a sample's files together: a new key closes the earlier ones.
+                for done in [k for k in pending if k != key]:
+                    flush_key(done)
+                entry = pending.setdefault(key, {"meta": {}})
+                if ext in IMAGE_EXTENSIONS:
+                    entry["image"] = (member.name, data)
+                elif ext == ".json":
+                    try:
+                        entry["meta"]["json"] = json.loads(data)
+                    except ValueError as e:
+                        errors.append(ErrorRecord(task.source, f"member:{member.name}", "read",
+                                                  "JSONDecodeError", f"sidecar is not JSON: {e}"))
+                elif ext == ".txt":
+                    entry["meta"]["txt"] = data.decode("utf-8", "replace")
+                if len(payloads) >= images_per_block:
+                    yield take_block()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        errors.append(ErrorRecord(task.source, f"member-after:{locators[-1][7:] if locators else ''}", "read",
+                                  type(e).__name__, f"tar stream ended early ({e}); members after this are lost"))
+    for key in list(pending):
+        flush_key(key)
+    if payloads or errors or block == task.block:
+        yield take_block()
+
+
+def read_image_parquet(f: IO[bytes], task: BlockTask, field: str, images_per_block: int) -> Iterator[RawBlock]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(f)
+    if field not in pf.schema_arrow.names:
+        errors = [ErrorRecord(task.source, f"row:{i}", "decode", "MissingField",
+                              f"Parquet file has no column {field!r}") for i in range(pf.metadata.num_rows)]
+        yield RawBlock(task.source, task.block, "image", [], [], errors)
+        return
+    block, row = task.block, 0
+    for batch in pf.iter_batches(batch_size=images_per_block, columns=[field]):
+        values = batch.column(0).to_pylist()
+        locators, payloads, errors = [], [], []
+        for i, v in enumerate(values, row):
+            data = v.get("bytes") if isinstance(v, dict) else v
+            if isinstance(data, (bytes, bytearray)) and data:
+                locators.append(f"row:{i}")
+                payloads.append(bytes(data))
+            else:
+                errors.append(ErrorRecord(task.source, f"row:{i}", "decode", "NotImageBytes",
+                                          f"column {field!r} holds {type(data).__name__}, not image bytes"))
+        yield RawBlock(task.source, block, "image", locators, payloads, errors, sum(len(p) for p in payloads))
+        block, row = block + 1, row + len(values)
+
+
+def read_image_task(task: BlockTask, field: str, images_per_block: int) -> Iterator[RawBlock]:
+    if task.fmt == "image-files":
+        yield read_image_files(task)
+        return
+    with fs.open_binary(task.source) as f:
+        if task.fmt == "tar":
+            yield from read_tar(f, task, images_per_block)
+        else:
+            yield from read_image_parquet(f, task, field, images_per_block)
+
+
+class _ListAndPlanImages(beam.DoFn):
+    def __init__(self, files_per_block: int):
+        self._files_per_block = files_per_block
+
+    def process(self, patterns: list[str]):
+        files = list_files(patterns)
+        for f in files:
+            yield beam.pvalue.TaggedOutput("files", f)
+        tasks, errors = plan_image_tasks(files, self._files_per_block)
+        for e in errors:
+            yield beam.pvalue.TaggedOutput("errors", e)
+        yield from sorted(tasks, key=lambda t: (-t.size, t.source, t.block))
+
+
+class _ReadImageBlocks(beam.DoFn):
+    def __init__(self, field: str, images_per_block: int):
+        self._field, self._per_block = field, images_per_block
+        self._bytes = Metrics.counter("tokenmill", "bytes_read")
+        self._blocks = Metrics.counter("tokenmill", "blocks")
+
+    def process(self, task: BlockTask) -> Iterator[RawBlock]:
+        for block in read_image_task(task, self._field, self._per_block):
+            self._bytes.inc(block.nbytes)
+            self._blocks.inc()
+            yield block
+
+
+class ReadImageShards(beam.PTransform):
+    """Globs → image read tasks → RawBlocks of encoded images. Same outputs as ReadTextShards."""
+
+    def __init__(self, patterns: list[str], *, image_field: str = "image",
+                 files_per_block: int = DEFAULT_FILES_PER_BLOCK, images_per_block: int = DEFAULT_TAR_BLOCK):
+        super().__init__()
+        self._patterns, self._field = list(patterns), image_field
+        self._files_per_block, self._per_block = files_per_block, images_per_block
+
+    def expand(self, pbegin):
+        planned = (pbegin
+                   | "InputGlobs" >> beam.Create([self._patterns])
+                   | "ListAndPlanInputs" >> beam.ParDo(_ListAndPlanImages(self._files_per_block))
+                   .with_outputs("files", "errors", main="tasks"))
+        tasks = (planned.tasks
+                 | "KeyByBlock" >> beam.WithKeys(lambda t: (t.source, t.block))
+                 | "SpreadOverWorkers" >> beam.GroupByKey()
+                 | "Unkey" >> beam.FlatMap(lambda kv: kv[1]))
+        blocks, failed = (tasks
+                          | "ReadBlocks" >> beam.ParDo(_ReadImageBlocks(self._field, self._per_block))
+                          .with_exception_handling(partial=True))
+        return {"files": planned.files, "blocks": blocks, "errors": planned.errors, "failed": failed}

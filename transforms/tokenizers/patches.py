@@ -1,0 +1,65 @@
+"""`patch:P`: soft visual patches, the Sora / NaViT token: P x P x 3 pixels per token.
+
+Native resolution and aspect ratio are kept: the image (after the size policy)
+is padded at the bottom and right, by repeating its edge pixels, to a multiple
+of P, then cut into a row-major (h, w) grid. Each token holds its pixels in
+(row, column, channel) order as uint8, which is lossless and half the bytes of
+float16; the normalization to [-1, 1] (x / 127.5 - 1) is recorded in the
+metadata and applied by the reader. Decoding reassembles the grid and cuts the
+padding off, giving back exactly the image that was tokenized.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from transforms.tokenizers.base import ImageTokenizer, TokenizerSpecError
+
+NORMALIZATION = {"scale": 1 / 127.5, "offset": -1.0, "range": [-1.0, 1.0]}
+
+
+def image_to_patches(image: np.ndarray, p: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """(h * w, p * p * 3) uint8 patches and the grid (h, w) of an (H, W, 3) image."""
+    H, W = image.shape[:2]
+    h, w = -(-H // p), -(-W // p)
+    if (h * p, w * p) != (H, W):
+        image = np.pad(image, ((0, h * p - H), (0, w * p - W), (0, 0)), mode="edge")
+    patches = image.reshape(h, p, w, p, 3).transpose(0, 2, 1, 3, 4).reshape(h * w, p * p * 3)
+    return np.ascontiguousarray(patches), (h, w)
+
+
+def patches_to_image(patches: np.ndarray, grid: tuple[int, int], p: int, height: int, width: int) -> np.ndarray:
+    h, w = grid
+    full = np.asarray(patches).reshape(h, w, p, p, 3).transpose(0, 2, 1, 3, 4).reshape(h * p, w * p, 3)
+    return full[:height, :width]
+
+
+class PatchTokenizer(ImageTokenizer):
+    kind = "soft"
+    latent_dtype = "uint8"
+
+    def __init__(self, spec: str, patch: int):
+        if not 1 <= patch <= 256:
+            raise TokenizerSpecError(f"patch size must be 1..256, got {patch}")
+        self.spec, self.patch = spec, patch
+        self.name = f"patch{patch}"
+        self.dim = patch * patch * 3
+
+    def identity(self) -> dict[str, Any]:
+        return {"family": "patch", "version": 1, "patch": self.patch, "layout": "row-major grid, (y, x, c) in patch",
+                "padding": "edge, bottom and right, to a multiple of the patch size"}
+
+    def metadata(self) -> dict[str, Any]:
+        return {"spec": self.spec, "name": self.name, "modality": self.modality, "kind": self.kind,
+                "dim": self.dim, "latent_dtype": self.latent_dtype, "token_dtype": self.latent_dtype,
+                "normalization": NORMALIZATION,
+                "geometry": {"patch": [self.patch, self.patch], "channels": 3, "layout": "hwc",
+                             "padding": "edge, bottom/right, to a multiple of the patch"},
+                "fingerprint": self.fingerprint()}
+
+    def encode_image(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        return image_to_patches(image, self.patch)
+
+    def decode_image(self, tokens: np.ndarray, grid: tuple[int, int], height: int, width: int) -> np.ndarray:
+        return patches_to_image(tokens, grid, self.patch, height, width)
