@@ -99,14 +99,16 @@ class TokenReader:
         image and video.
 
     expect_fingerprint / expect_vocab_size / expect_tokenizer (a spec) make the
-    reader refuse a dataset built with another tokenizer.
+    reader refuse a dataset built with another tokenizer. With `normalize` (the
+    default), latents stored as uint8 with a recorded normalization (patch:P)
+    come back as float32 x * scale + offset, i.e. in [-1, 1].
     """
 
     def __init__(self, root: str, *, seq_len: int | None = None, shuffle: bool = True, seed: int = 0,
                  shuffle_buffer: int = 1024, remainder: str = "drop", pad_id: int | None = None,
                  eos_id: int | str | None = "auto", rank: int | None = None, world_size: int | None = None,
                  expect_fingerprint: str | None = None, expect_vocab_size: int | None = None,
-                 expect_tokenizer: str | None = None, epoch: int = 0):
+                 expect_tokenizer: str | None = None, epoch: int = 0, normalize: bool = True):
         self.root = root.rstrip("/")
         try:
             self.manifest = Manifest.from_json(read_bytes(join(self.root, MANIFEST_NAME)).decode())
@@ -125,6 +127,8 @@ class TokenReader:
         self.shuffle_buffer, self.remainder, self.pad_id = max(1, shuffle_buffer), remainder, pad_id
         self.separator = self._separator(tok, eos_id) if seq_len else None
         self.rank, self.world_size = rank, world_size
+        norm = tok.get("normalization") if normalize else None
+        self.normalization = (float(norm["scale"]), float(norm["offset"])) if norm else None
         self.units = list_units(self.root, self.manifest)
         self.epoch = epoch
         self._yielded = 0
@@ -298,7 +302,10 @@ class _RowCache:
             # Packing converts to int64 once, when it joins documents.
             sample["tokens"] = t["tokens"][a:b] if self.reader.seq_len else t["tokens"][a:b].astype(np.int64)
         else:
-            sample["latents"] = t["latents"][a:b].copy()  # one memcpy; Arrow buffers are read-only
+            norm = self.reader.normalization
+            latents = t["latents"][a:b]
+            # One vectorised pass (or memcpy): Arrow buffers are read-only and shared.
+            sample["latents"] = (latents * np.float32(norm[0]) + np.float32(norm[1])) if norm else latents.copy()
         if "grid" in t:
             sample["grid"] = tuple(int(x) for x in t["grid"][r])
         self._done_one(u)
