@@ -20,7 +20,7 @@ from apache_beam.metrics import Metrics
 
 from transforms import fs
 from transforms.records import BlockTask, ErrorRecord, InputFile, RawBlock
-from transforms.sources.text import list_files
+from transforms.sources.common import SpreadOverWorkers, list_files
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 SIDECAR_EXTENSIONS = (".json", ".txt")
@@ -223,10 +223,7 @@ class ReadImageShards(beam.PTransform):
                    | "InputGlobs" >> beam.Create([self._patterns])
                    | "ListAndPlanInputs" >> beam.ParDo(_ListAndPlanImages(self._files_per_block))
                    .with_outputs("files", "errors", main="tasks"))
-        tasks = (planned.tasks
-                 | "KeyByBlock" >> beam.WithKeys(lambda t: (t.source, t.block))
-                 | "SpreadOverWorkers" >> beam.GroupByKey()
-                 | "Unkey" >> beam.FlatMap(lambda kv: kv[1]))
+        tasks = planned.tasks | "SpreadOverWorkers" >> SpreadOverWorkers()
         blocks, failed = (tasks
                           | "ReadBlocks" >> beam.ParDo(_ReadImageBlocks(self._field, self._per_block))
                           .with_exception_handling(partial=True))

@@ -25,6 +25,7 @@ from apache_beam.metrics import Metrics
 
 from transforms import fs
 from transforms.records import BlockTask, ErrorRecord, InputFile, RawBlock
+from transforms.sources.common import SpreadOverWorkers, list_files
 
 DEFAULT_BLOCK_BYTES = 8 << 20
 DEFAULT_MAX_DOC_BYTES = 64 << 20
@@ -211,12 +212,6 @@ def read_task(task: BlockTask, text_field: str, block_bytes: int, max_doc_bytes:
             yield read_line_range(f, task)
 
 
-def list_files(patterns: list[str]) -> list[InputFile]:
-    """Every file matched by any pattern, once, sorted by URI."""
-    found = {f.uri: f for pattern in patterns for f in fs.match(pattern)}
-    return [found[uri] for uri in sorted(found)]
-
-
 class _ListAndPlan(beam.DoFn):
     """Lists every input and plans its read tasks in one step.
 
@@ -255,10 +250,6 @@ class _ReadBlocks(beam.DoFn):
             yield block
 
 
-def _block_key(task: BlockTask) -> tuple[str, int]:
-    return task.source, task.block
-
-
 class ReadTextShards(beam.PTransform):
     """Globs → matched files → read tasks → RawBlocks.
 
@@ -282,12 +273,7 @@ class ReadTextShards(beam.PTransform):
                    | "InputGlobs" >> beam.Create([self._patterns])
                    | "ListAndPlanInputs" >> beam.ParDo(_ListAndPlan(self._block_bytes, self._txt_per_line))
                    .with_outputs("files", "errors", main="tasks"))
-        # Spread read tasks over workers; keyed by (source, block) so the
-        # assignment, and so each worker's output, does not depend on randomness.
-        tasks = (planned.tasks
-                 | "KeyByBlock" >> beam.WithKeys(_block_key)
-                 | "SpreadOverWorkers" >> beam.GroupByKey()
-                 | "Unkey" >> beam.FlatMap(lambda kv: kv[1]))
+        tasks = planned.tasks | "SpreadOverWorkers" >> SpreadOverWorkers()
         blocks, failed = (tasks
                           | "ReadBlocks" >> beam.ParDo(
                               _ReadBlocks(self._text_field, self._block_bytes, self._max_doc_bytes))
