@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from schemas.manifest import MANIFEST_NAME, Manifest
 from schemas.storage import join, read_bytes
+from schemas.tables import LATENT_NUMPY
 
 
 class DatasetMismatchError(ValueError):
@@ -319,15 +320,20 @@ class _RowCache:
         with _open(unit.path) as f:
             table = pq.ParquetFile(f).read_row_group(unit.row_group, columns=columns)
         col = table.column(payload).combine_chunks()
-        out: dict[str, Any] = {"offsets": col.offsets.to_numpy()}
+        out: dict[str, Any] = {"offsets": col.offsets.to_numpy()} if kind == "hard" else {}
         if "id" in columns:
             out["id"] = table.column("id").to_pylist()
-        values = col.values
         if kind == "hard":
-            out["tokens"] = values.to_numpy()
-        else:
-            dim = values.type.list_size
-            out["latents"] = values.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+            out["tokens"] = col.values.to_numpy()
+        else:  # one binary value per row: view the data buffer as (total tokens, dim) values
+            tok = self.reader.manifest.tokenizer
+            dtype = np.dtype(LATENT_NUMPY[tok["latent_dtype"]])
+            dim = int(tok["dim"])
+            data = np.frombuffer(col.buffers()[2], np.uint8)
+            offsets = np.frombuffer(col.buffers()[1], np.int32)[col.offset: col.offset + len(col) + 1]
+            start = int(offsets[0])
+            out["latents"] = data[start: int(offsets[-1])].view(dtype).reshape(-1, dim)
+            out["offsets"] = (offsets - start) // (dtype.itemsize * dim)
         if "grid" in columns:
             g = table.column("grid").combine_chunks()
             out["grid"] = g.values.to_numpy().reshape(len(g), -1)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from schemas.manifest import Manifest, read_manifest
 from schemas.storage import join, read_bytes
-from schemas.tables import (ERROR_SCHEMA, SCHEMA_VERSION, read_metadata, schema_differences,
+from schemas.tables import (ERROR_SCHEMA, LATENT_NUMPY, SCHEMA_VERSION, read_metadata, schema_differences,
                             schema_for_manifest)
 
 
@@ -34,7 +34,11 @@ def _check_table(path: str, table: pa.Table, manifest: Manifest, shard: dict[str
         problems.append(f"{path}: {total} tokens, manifest says {shard['tokens']}")
     payload = "tokens" if "tokens" in table.column_names else "latents"
     column = table.column(payload).combine_chunks()
-    lengths = pc.list_value_length(column)
+    if payload == "latents":  # bytes per row = num_tokens x dim x value size
+        size = np.dtype(LATENT_NUMPY[tok.get("latent_dtype")]).itemsize * int(tok.get("dim") or 0)
+        lengths = pc.divide(pc.binary_length(column), size) if size else pc.binary_length(column)
+    else:
+        lengths = pc.list_value_length(column)
     bad = pc.not_equal(lengths, num_tokens.cast(lengths.type))
     if pc.any(bad).as_py():
         row = int(np.flatnonzero(bad.to_numpy(zero_copy_only=False))[0])
@@ -45,9 +49,14 @@ def _check_table(path: str, table: pa.Table, manifest: Manifest, shard: dict[str
         biggest = pc.max(pc.list_flatten(column)).as_py()
         if vocab is not None and biggest is not None and biggest >= vocab:
             problems.append(f"{path}: token ID {biggest} is not below vocab_size {vocab}")
-    elif column.type.value_type.list_size != tok.get("dim"):
-        problems.append(f"{path}: latent vectors have {column.type.value_type.list_size} values, "
-                        f"dim is {tok.get('dim')}")
+    elif pc.any(pc.not_equal(pc.binary_length(column),
+                             pc.multiply(num_tokens.cast(pa.int64()), size))).as_py():
+        bad_rows = np.flatnonzero(pc.not_equal(pc.binary_length(column), pc.multiply(
+            num_tokens.cast(pa.int64()), size)).to_numpy(zero_copy_only=False))
+        r = int(bad_rows[0])
+        problems.append(f"{path}: row {r}: latents hold {pc.binary_length(column)[r].as_py()} bytes, "
+                        f"num_tokens x dim x {size // max(int(tok.get('dim') or 1), 1)} bytes = "
+                        f"{num_tokens[r].as_py() * size}")
     if "grid" in table.column_names:
         grid = table.column("grid").combine_chunks()
         cells = np.prod(grid.flatten().to_numpy().reshape(n, -1), axis=1) if n else np.zeros(0)

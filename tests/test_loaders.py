@@ -173,14 +173,9 @@ def write_soft_dataset(root: Path, latent_dtype: str, dim: int, rows: list[tuple
     tok = {"spec": "test:soft", "name": "soft", "kind": "soft", "modality": "image", "dim": dim,
            "latent_dtype": latent_dtype, "fingerprint": "f" * 64, "token_dtype": latent_dtype}
     schema = dataset_schema("image", "soft", latent_dtype=latent_dtype, dim=dim, metadata=tok)
-    storage = schema.field("latents").type.value_type.value_type
     locs = [f"member:{i}.jpg" for i in range(len(rows))]
-    flat = np.concatenate([a.reshape(-1) for a, _ in rows])
-    offsets = np.cumsum([0] + [len(a) for a, _ in rows]).astype(np.int32)
-    latents = pa.ListArray.from_arrays(
-        pa.array(offsets), pa.FixedSizeListArray.from_arrays(pa.array(flat, storage),
-                                                             type=schema.field("latents").type.value_type),
-        type=schema.field("latents").type)
+    latents = pa.array([np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes() for a, _ in rows],
+                       pa.binary())
     table = table_from_columns(schema, {
         "id": row_ids("shard.tar", locs), "source": ["shard.tar"] * len(rows), "locator": locs,
         "modality": ["image"] * len(rows), "latents": latents, "num_tokens": [len(a) for a, _ in rows],

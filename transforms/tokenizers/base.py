@@ -202,11 +202,6 @@ class ImageTokenizer(Tokenizer):
 
         return LATENT_STORAGE[self.latent_dtype]
 
-    def column_type(self) -> pa.DataType:
-        if self.kind == "hard":
-            return pa.list_(pa.field("element", self.token_type, nullable=False))
-        inner = pa.list_(pa.field("element", self.token_type, nullable=False), self.dim)
-        return pa.list_(pa.field("element", inner, nullable=False))
 
     def encode_batch(self, images: Sequence[np.ndarray]
                      ) -> tuple[pa.Array, list[tuple[int, int]], list[tuple[int, Exception]]]:
@@ -224,14 +219,17 @@ class ImageTokenizer(Tokenizer):
                 continue
             parts.append(out)
             grids.append(grid)
-        lengths = [len(p) for p in parts]
-        offsets = np.zeros(len(parts) + 1, dtype=np.int32)
-        np.cumsum(lengths, out=offsets[1:])
-        numpy_type = self.token_type.to_pandas_dtype()
+        numpy_type = np.dtype(self.token_type.to_pandas_dtype()).newbyteorder("<")
         flat = (np.concatenate([p.reshape(-1) for p in parts]) if parts else np.zeros(0)).astype(
             numpy_type, copy=False)
-        values = pa.array(flat, self.token_type)
-        column_type = self.column_type()
-        if self.kind == "soft":
-            values = pa.FixedSizeListArray.from_arrays(values, type=column_type.value_type)
-        return pa.ListArray.from_arrays(pa.array(offsets), values, type=column_type), grids, failures
+        lengths = [p.size for p in parts]
+        offsets = np.zeros(len(parts) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        if self.kind == "hard":
+            column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, self.token_type),
+                                              type=pa.list_(pa.field("element", self.token_type, nullable=False)))
+        else:  # one binary value per row: see schemas/tables.py for why
+            byte_offsets = offsets * np.int32(numpy_type.itemsize)
+            column = pa.BinaryArray.from_buffers(pa.binary(), len(parts),
+                                                 [None, pa.py_buffer(byte_offsets), pa.py_buffer(flat)])
+        return column, grids, failures
