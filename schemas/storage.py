@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -12,7 +13,7 @@ def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
-def write_bytes_atomic(uri: str, data: bytes) -> None:
+def write_bytes_atomic(uri: str, data: bytes | memoryview | Any) -> None:
     """Write a whole file so that readers see either nothing or all of it.
 
     Locally: a temp file in the same folder, then rename. On object stores a
@@ -26,7 +27,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
             f.write(data)
         os.replace(tmp, path)
     else:
-        fs.pipe_file(path, data)
+        fs.pipe_file(path, bytes(data))
 
 
 def read_bytes(uri: str) -> bytes:

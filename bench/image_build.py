@@ -1,0 +1,133 @@
+"""Image build benchmark: `tokenmill build --tokenizer patch:16` against a plain loop, same images.
+
+    ./run_local.sh bench image_build [--images 1000] [--size 512]
+
+The images are generated here once (structured scenes: gradients, discs and
+bars, JPEG quality 90), then, each as a fresh process tree with its peak RSS:
+  loop, 1 proc     for each file: read, decode_image (same size policy), patchify
+  loop, 2 proc     the same loop split over a multiprocessing.Pool of 2
+  tokenmill        `tokenmill build` with 1 worker and with 2 workers; timed from
+                   pipeline start to manifest written (the summary's figure)
+The loop writes nothing; tokenmill also writes every patch (uint8) to Parquet.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.text_build import REPO, run_measured
+
+POLICY = "native:1024"
+PATCH = 16
+
+
+def make_images(folder: Path, count: int, size: int) -> list[Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = folder / "_images.json"
+    files = [folder / f"img-{i:05d}.jpg" for i in range(count)]
+    if stamp.exists() and json.loads(stamp.read_text()) == {"count": count, "size": size} and all(
+            f.exists() for f in files):
+        return files
+    y, x = np.mgrid[0:size, 0:size]
+    for i, f in enumerate(files):
+        rng = np.random.default_rng(i)
+        base = np.stack([(x * rng.uniform(0.2, 1) + y * rng.uniform(0, 0.5)) % 256,
+                         (y * rng.uniform(0.2, 1)) % 256, np.full_like(x, rng.integers(0, 256))], -1)
+        for _ in range(6):
+            cx, cy, r = rng.integers(0, size, 2).tolist() + [int(rng.integers(size // 16, size // 4))]
+            base[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.integers(0, 256, 3)
+        Image.fromarray(base.astype(np.uint8)).save(f, quality=90)
+    stamp.write_text(json.dumps({"count": count, "size": size}))
+    return files
+
+
+def _loop(paths: list[str]) -> int:
+    from transforms.decoders.images import SizePolicy, decode_image
+    from transforms.tokenizers.patches import image_to_patches
+
+    policy, tokens = SizePolicy.parse(POLICY), 0
+    for p in paths:
+        with open(p, "rb") as f:
+            image, _ = decode_image(f.read(), policy)
+        patches, _ = image_to_patches(image, PATCH)
+        tokens += len(patches)
+    return tokens
+
+
+def loop_main(processes: int, paths: list[str]) -> None:
+    import transforms.decoders.images  # noqa: F401  (imports outside the timed part)
+    import transforms.tokenizers.patches  # noqa: F401
+
+    start = time.perf_counter()
+    if processes == 1:
+        tokens = _loop(paths)
+    else:
+        chunks = [paths[i::processes] for i in range(processes)]
+        with mp.get_context("fork").Pool(processes) as pool:
+            tokens = sum(pool.map(_loop, chunks))
+    print("BENCH " + json.dumps({"seconds": time.perf_counter() - start, "tokens": tokens, "images": len(paths)}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench.image_build", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--loop", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.loop:
+        loop_main(args.loop, args.paths)
+        return 0
+    folder = REPO / "bench" / "data" / f"images-{args.size}"
+    files = make_images(folder, args.images, args.size)
+    mb = sum(f.stat().st_size for f in files) / 1e6
+    print(f"images: {len(files)} JPEGs of {args.size}x{args.size}, {mb:.1f} MB ({folder})", flush=True)
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="tokenmill-bench-img-") as tmp:
+        for n in (1, 2):
+            out, wall, peak = run_measured([sys.executable, "-m", "bench.image_build", "--loop", str(n),
+                                            *map(str, files)])
+            line = [l for l in out.splitlines() if l.startswith("BENCH ")][-1]
+            results[f"loop, {n} proc"] = {**json.loads(line[6:]), "wall_s": wall, "peak_rss": peak}
+            runner = ["--runner=FnApiRunner", f"--direct_num_workers={n}",
+                      f"--direct_running_mode={'multi_processing' if n > 1 else 'in_memory'}"]
+            target = Path(tmp) / f"tm{n}"
+            out, wall, peak = run_measured([sys.executable, "-m", "pipelines.build", "--input", str(folder / "*.jpg"),
+                                            "--output", str(target), "--tokenizer", f"patch:{PATCH}",
+                                            "--size", POLICY, "--overwrite", *runner])
+            m = json.loads((target / "_manifest.json").read_text())
+            results[f"tokenmill build patch:{PATCH}, {n} worker"] = {
+                "seconds": float(re.search(r"done in ([0-9.]+) s", out).group(1)), "tokens": m["tokens"],
+                "images": m["rows"], "errors": m["errors"], "wall_s": wall, "peak_rss": peak,
+                "output_mb": sum(s["bytes"] for s in m["shards"]) / 1e6}
+            shutil.rmtree(target, ignore_errors=True)
+            print(f"  done: {n}", flush=True)
+    print(f"\n{'':32s} {'seconds':>8s} {'images/s':>9s} {'wall s':>7s} {'peak RSS':>9s}")
+    for name, r in results.items():
+        print(f"{name:32s} {r['seconds']:8.2f} {r['images'] / r['seconds']:9.0f} {r['wall_s']:7.2f} "
+              f"{r['peak_rss'] / 2**20:6.0f} MiB")
+    print()
+    for n in (1, 2):
+        tm, loop = results[f"tokenmill build patch:{PATCH}, {n} worker"], results[f"loop, {n} proc"]
+        assert tm["tokens"] == loop["tokens"], (tm["tokens"], loop["tokens"])
+        ratio = loop["seconds"] / tm["seconds"]
+        print(f"tokenmill {n}w vs loop {n}p: {ratio:.2f}x (target >= 0.9x: {'met' if ratio >= 0.9 else 'MISSED'}); "
+              f"it also wrote {tm['output_mb']:.0f} MB of patches")
+    (REPO / "bench" / "data" / "image_build.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
