@@ -92,7 +92,7 @@ def decode_image(data: bytes, policy: SizePolicy = SizePolicy(), max_pixels: int
     if im.format == "JPEG" and policy.kind != "crop" and policy.size:
         im.draft("RGB", policy.target(w, h)[1])  # let libjpeg downscale by 1/2, 1/4, 1/8 while decoding
     im.load()
-    im = ImageOps.exif_transpose(im)  # orientation from EXIF; a no-op without it
+    ImageOps.exif_transpose(im, in_place=True)  # orientation from EXIF; a no-op without it
     info["orig_width"], info["orig_height"] = im.size  # as displayed, after the rotation
     im = _to_rgb(im)
     box, size = policy.target(*im.size)
