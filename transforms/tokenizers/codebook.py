@@ -1,0 +1,139 @@
+"""Tokenizers fitted on the user's own images, no neural weights: `vq:` codebooks and `pca:` latents.
+
+Both work on P x P x 3 patches (see patches.py), normalized to [-1, 1].
+- `vq:PATH_OR_URI`: hard tokens, the index of the nearest code (squared
+  Euclidean distance, ties to the lower index) in a (K, P*P*3) codebook.
+- `pca:PATH_OR_URI`: soft tokens through a linear bottleneck: d-dimensional
+  latents = (patch - mean) @ components.T; decoding is latents @ components + mean.
+
+Files are .npz archives written by `tokenmill fit` and read with
+allow_pickle=False: `kind`, `patch`, then `codes` (vq) or `mean` and
+`components` (pca). The fingerprint hashes the arrays, so a refit is a new tokenizer.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+from typing import Any
+
+import numpy as np
+
+from schemas.storage import read_bytes
+from transforms.tokenizers.base import ImageTokenizer, TokenizerSpecError
+from transforms.tokenizers.patches import NORMALIZATION, image_to_patches, patches_to_image
+
+
+def to_unit(patches: np.ndarray) -> np.ndarray:
+    """uint8 patches → float32 in [-1, 1]."""
+    return patches.astype(np.float32) * np.float32(NORMALIZATION["scale"]) + np.float32(NORMALIZATION["offset"])
+
+
+def to_pixels(values: np.ndarray) -> np.ndarray:
+    """[-1, 1] values → uint8 pixels, rounded and clipped."""
+    return np.clip(np.rint((values + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def nearest_codes(x: np.ndarray, codes: np.ndarray, code_norms: np.ndarray) -> np.ndarray:
+    """Index of the nearest code for each row of x: argmin ||c||^2 - 2 x.c, in chunks to bound memory."""
+    out = np.empty(len(x), np.int64)
+    for i in range(0, len(x), 4096):
+        out[i:i + 4096] = np.argmin(code_norms[None, :] - 2.0 * (x[i:i + 4096] @ codes.T), axis=1)
+    return out
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two uint8 images, in dB (inf when equal)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def save_npz(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _load_npz(uri: str, kind: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(io.BytesIO(read_bytes(uri)), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise TokenizerSpecError(f"cannot read {kind} file {uri}: {e}") from None
+    if str(arrays.get("kind")) != kind:
+        raise TokenizerSpecError(f"{uri} is not a {kind} file (kind={arrays.get('kind')})")
+    return arrays
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+class _PatchFitted(ImageTokenizer):
+    def __init__(self, spec: str, uri: str, kind: str):
+        self.spec, self.uri = spec, uri
+        self._arrays = _load_npz(uri, kind)
+        self.patch = int(self._arrays["patch"])
+        self.name = f"{kind}:{uri.rstrip('/').rsplit('/', 1)[-1]}"
+
+    def _geometry(self) -> dict[str, Any]:
+        return {"patch": [self.patch, self.patch], "channels": 3, "layout": "hwc",
+                "padding": "edge, bottom/right, to a multiple of the patch"}
+
+
+class VQTokenizer(_PatchFitted):
+    kind = "hard"
+
+    def __init__(self, spec: str, uri: str):
+        super().__init__(spec, uri, "vq")
+        self.codes = self._arrays["codes"].astype(np.float32)
+        if self.codes.ndim != 2 or self.codes.shape[1] != self.patch * self.patch * 3:
+            raise TokenizerSpecError(f"{uri}: codes must be (K, {self.patch * self.patch * 3})")
+        self._norms = (self.codes ** 2).sum(1)
+        self.vocab_size = len(self.codes)
+
+    def identity(self) -> dict[str, Any]:
+        return {"family": "vq", "version": 1, "patch": self.patch, "codes_sha256": _digest(self.codes)}
+
+    def metadata(self) -> dict[str, Any]:
+        return {"spec": self.spec, "name": self.name, "modality": self.modality, "kind": self.kind,
+                "vocab_size": self.vocab_size, "token_dtype": str(self.token_type),
+                "geometry": self._geometry(), "fingerprint": self.fingerprint()}
+
+    def encode_image(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        patches, grid = image_to_patches(image, self.patch)
+        return nearest_codes(to_unit(patches), self.codes, self._norms), grid
+
+    def decode_image(self, tokens: np.ndarray, grid: tuple[int, int], height: int, width: int) -> np.ndarray:
+        return patches_to_image(to_pixels(self.codes[np.asarray(tokens, np.int64)]), grid, self.patch, height, width)
+
+
+class PCATokenizer(_PatchFitted):
+    kind = "soft"
+
+    def __init__(self, spec: str, uri: str, latent_dtype: str = "float32"):
+        super().__init__(spec, uri, "pca")
+        self.mean = self._arrays["mean"].astype(np.float32)
+        self.components = self._arrays["components"].astype(np.float32)
+        self.dim = len(self.components)
+        self.latent_dtype = latent_dtype
+
+    def identity(self) -> dict[str, Any]:
+        return {"family": "pca", "version": 1, "patch": self.patch, "latent_dtype": self.latent_dtype,
+                "arrays_sha256": _digest(self.mean, self.components)}
+
+    def metadata(self) -> dict[str, Any]:
+        return {"spec": self.spec, "name": self.name, "modality": self.modality, "kind": self.kind,
+                "dim": self.dim, "latent_dtype": self.latent_dtype, "token_dtype": self.latent_dtype,
+                "geometry": self._geometry(), "fingerprint": self.fingerprint()}
+
+    def encode_image(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        patches, grid = image_to_patches(image, self.patch)
+        latents = (to_unit(patches) - self.mean) @ self.components.T
+        return latents.astype(self.latent_dtype), grid
+
+    def decode_image(self, tokens: np.ndarray, grid: tuple[int, int], height: int, width: int) -> np.ndarray:
+        values = np.asarray(tokens, np.float32).reshape(-1, self.dim) @ self.components + self.mean
+        return patches_to_image(to_pixels(values), grid, self.patch, height, width)
