@@ -49,3 +49,60 @@ def validate(argv: Sequence[str] | None = None) -> int:
     if not problems:
         print(f"tokenmill validate: {args.dir}: ok")
     return 1 if problems else 0
+
+
+def decode(argv: Sequence[str] | None = None) -> int:
+    """`tokenmill decode DIR --id ID --out FILE.png`: the image a row's tokens stand for."""
+    import numpy as np
+    from PIL import Image
+
+    from transforms.fs import open_binary
+    from schemas.manifest import read_manifest
+    from transforms.tokenizers.spec import load_image_tokenizer
+
+    with usage_errors("tokenmill decode"):
+        p = OneLineArgumentParser(prog="tokenmill decode",
+                                  description="Turn an image row's tokens (patches, vq codes, pca latents) "
+                                              "back into an image, to see what the tokens keep.")
+        p.add_argument("dir", metavar="DIR", help="dataset directory or URI")
+        p.add_argument("--id", required=True, help="row id")
+        p.add_argument("--out", required=True, metavar="FILE", help="image file to write (.png keeps it exact)")
+        args = p.parse_args(argv)
+        try:
+            manifest = read_manifest(args.dir)
+        except FileNotFoundError:
+            raise UsageError(f"{args.dir}: no _manifest.json") from None
+        if manifest.modality != "image":
+            raise UsageError(f"{args.dir} is a {manifest.modality} dataset; decode turns image rows into images")
+        try:
+            tok = load_image_tokenizer(manifest.tokenizer["spec"])
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if tok.fingerprint() != manifest.tokenizer["fingerprint"]:
+            raise UsageError(f"{manifest.tokenizer['spec']} no longer matches the dataset's fingerprint")
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from schemas.storage import join
+
+    for shard in manifest.files:
+        with open_binary(join(args.dir, shard)) as f:
+            table = pq.read_table(f, filters=pc.field("id") == args.id)
+        if table.num_rows:
+            row = table.to_pylist()[0]
+            break
+    else:
+        print(f"tokenmill decode: error: no row with id {args.id}", file=sys.stderr)
+        return 2
+    grid = tuple(row["grid"])
+    if "tokens" in row:
+        values = np.asarray(row["tokens"])
+    else:
+        from schemas.tables import LATENT_NUMPY
+
+        values = np.frombuffer(row["latents"], LATENT_NUMPY[manifest.tokenizer["latent_dtype"]]).reshape(
+            row["num_tokens"], -1)
+    image = tok.decode_image(values, grid, row["height"], row["width"])
+    Image.fromarray(image).save(args.out)
+    print(f"tokenmill decode: {args.id} ({row['source']} {row['locator']}, grid {grid}) -> {args.out}")
+    return 0

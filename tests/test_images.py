@@ -195,3 +195,17 @@ def test_image_cli_misuse_exits_2(tmp_path):
                           (["--tokenizer", "patch:16", "--size", "square"], "unknown size policy")]:
         proc = run_cli("pipelines.build", "--input", str(tmp_path / "a.png"), "--output", str(tmp_path / "o"), *args)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_decode_command_gives_back_the_tokenized_image(tmp_path):
+    from tests.conftest import run_cli
+
+    Image.fromarray(structured(37, 53, 2)).save(tmp_path / "a.png")
+    out = tmp_path / "ds"
+    assert run_build(["--input", str(tmp_path / "a.png"), "--output", str(out), "--tokenizer", "patch:16"]) == 0
+    row = read_rows(out).to_pylist()[0]
+    proc = run_cli("pipelines.cli", "decode", str(out), "--id", row["id"], "--out", str(tmp_path / "back.png"))
+    assert proc.returncode == 0, proc.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "back.png")), structured(37, 53, 2))
+    missing = run_cli("pipelines.cli", "decode", str(out), "--id", "nope", "--out", str(tmp_path / "x.png"))
+    assert missing.returncode == 2 and "no row with id nope" in missing.stderr
