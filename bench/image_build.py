@@ -1,14 +1,17 @@
-"""Image build benchmark: `tokenmill build --tokenizer patch:16` against a plain loop, same images.
+"""Image build benchmark: `tokenmill build` with patch:16 and vq: against a plain loop, same images.
 
     ./run_local.sh bench image_build [--images 1000] [--size 512]
 
 The images are generated here once (structured scenes: gradients, discs and
 bars, JPEG quality 90), then, each as a fresh process tree with its peak RSS:
-  loop, 1 proc     for each file: read, decode_image (same size policy), patchify
+  loop, 1 proc     for each file: read, decode_image (same size policy), patchify,
+                   and for vq the nearest codes (same numpy search as the tokenizer)
   loop, 2 proc     the same loop split over a multiprocessing.Pool of 2
   tokenmill        `tokenmill build` with 1 worker and with 2 workers; timed from
                    pipeline start to manifest written (the summary's figure)
-The loop writes nothing; tokenmill also writes every patch (uint8) to Parquet.
+The vq codebook (K=256 by default) is fitted once on the images with
+`tokenmill fit`. The loop writes nothing; tokenmill also writes every token to
+Parquet (for patch:16 that is 786 kB of uint8 pixels per 512x512 image).
 """
 from __future__ import annotations
 
@@ -52,23 +55,37 @@ def make_images(folder: Path, count: int, size: int) -> list[Path]:
     return files
 
 
+_CODEBOOK: str | None = None
+
+
 def _loop(paths: list[str]) -> int:
+    """Decode and tokenize each image; patches, or with a codebook the nearest codes."""
     from transforms.decoders.images import SizePolicy, decode_image
+    from transforms.tokenizers.codebook import nearest_codes, to_unit
     from transforms.tokenizers.patches import image_to_patches
 
+    codes = norms = None
+    if _CODEBOOK:
+        with np.load(_CODEBOOK, allow_pickle=False) as z:
+            codes = z["codes"].astype(np.float32)
+        norms = (codes ** 2).sum(1)
     policy, tokens = SizePolicy.parse(POLICY), 0
     for p in paths:
         with open(p, "rb") as f:
             image, _ = decode_image(f.read(), policy)
         patches, _ = image_to_patches(image, PATCH)
+        if codes is not None:
+            patches = nearest_codes(to_unit(patches), codes, norms)
         tokens += len(patches)
     return tokens
 
 
-def loop_main(processes: int, paths: list[str]) -> None:
+def loop_main(processes: int, paths: list[str], codebook: str | None) -> None:
+    global _CODEBOOK
     import transforms.decoders.images  # noqa: F401  (imports outside the timed part)
-    import transforms.tokenizers.patches  # noqa: F401
+    import transforms.tokenizers.codebook  # noqa: F401
 
+    _CODEBOOK = codebook
     start = time.perf_counter()
     if processes == 1:
         tokens = _loop(paths)
@@ -85,46 +102,61 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--loop", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--codebook", help=argparse.SUPPRESS)
+    ap.add_argument("--codes", type=int, default=256, help="vq codebook size for the vq runs (default 256)")
     ap.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.loop:
-        loop_main(args.loop, args.paths)
+        loop_main(args.loop, args.paths, args.codebook)
         return 0
     folder = REPO / "bench" / "data" / f"images-{args.size}"
     files = make_images(folder, args.images, args.size)
     mb = sum(f.stat().st_size for f in files) / 1e6
     print(f"images: {len(files)} JPEGs of {args.size}x{args.size}, {mb:.1f} MB ({folder})", flush=True)
+    codebook = folder / f"codebook-p{PATCH}-k{args.codes}.npz"
+    if not codebook.exists():  # fitted once on these images with tokenmill's own fit pipeline
+        run_measured([sys.executable, "-m", "pipelines.fit", "--kind", "vq", "--input", str(folder / "*.jpg"),
+                      "--output", str(codebook), "--patch", str(PATCH), "--codes", str(args.codes),
+                      "--samples-per-image", "32", "--max-samples", "20000", "--iterations", "10"])
     results: dict[str, dict] = {}
+    pairs = []
     with tempfile.TemporaryDirectory(prefix="tokenmill-bench-img-") as tmp:
-        for n in (1, 2):
-            out, wall, peak = run_measured([sys.executable, "-m", "bench.image_build", "--loop", str(n),
-                                            *map(str, files)])
-            line = [l for l in out.splitlines() if l.startswith("BENCH ")][-1]
-            results[f"loop, {n} proc"] = {**json.loads(line[6:]), "wall_s": wall, "peak_rss": peak}
-            runner = ["--runner=FnApiRunner", f"--direct_num_workers={n}",
-                      f"--direct_running_mode={'multi_processing' if n > 1 else 'in_memory'}"]
-            target = Path(tmp) / f"tm{n}"
-            out, wall, peak = run_measured([sys.executable, "-m", "pipelines.build", "--input", str(folder / "*.jpg"),
-                                            "--output", str(target), "--tokenizer", f"patch:{PATCH}",
-                                            "--size", POLICY, "--overwrite", *runner])
-            m = json.loads((target / "_manifest.json").read_text())
-            results[f"tokenmill build patch:{PATCH}, {n} worker"] = {
-                "seconds": float(re.search(r"done in ([0-9.]+) s", out).group(1)), "tokens": m["tokens"],
-                "images": m["rows"], "errors": m["errors"], "wall_s": wall, "peak_rss": peak,
-                "output_mb": sum(s["bytes"] for s in m["shards"]) / 1e6}
-            shutil.rmtree(target, ignore_errors=True)
-            print(f"  done: {n}", flush=True)
-    print(f"\n{'':32s} {'seconds':>8s} {'images/s':>9s} {'wall s':>7s} {'peak RSS':>9s}")
+        for spec, cb in [(f"patch:{PATCH}", None), (f"vq:{codebook}", str(codebook))]:
+            label = spec if cb is None else f"vq:K={args.codes}"
+            for n in (1, 2):
+                # Same rule as tokenmill's local workers: one BLAS thread per process when there are several.
+                blas = {v: "1" for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")} if n > 1 else {}
+                out, wall, peak = run_measured([sys.executable, "-m", "bench.image_build", "--loop", str(n),
+                                                *(["--codebook", cb] if cb else []), *map(str, files)], env=blas)
+                line = [l for l in out.splitlines() if l.startswith("BENCH ")][-1]
+                loop_name = f"loop {label}, {n} proc"
+                results[loop_name] = {**json.loads(line[6:]), "wall_s": wall, "peak_rss": peak}
+                runner = ["--runner=FnApiRunner", f"--direct_num_workers={n}",
+                          f"--direct_running_mode={'multi_processing' if n > 1 else 'in_memory'}"]
+                target = Path(tmp) / f"tm{n}"
+                out, wall, peak = run_measured([sys.executable, "-m", "pipelines.build", "--input",
+                                                str(folder / "*.jpg"), "--output", str(target), "--tokenizer", spec,
+                                                "--size", POLICY, "--overwrite", *runner])
+                m = json.loads((target / "_manifest.json").read_text())
+                tm_name = f"tokenmill {label}, {n} worker"
+                results[tm_name] = {
+                    "seconds": float(re.search(r"done in ([0-9.]+) s", out).group(1)), "tokens": m["tokens"],
+                    "images": m["rows"], "errors": m["errors"], "wall_s": wall, "peak_rss": peak,
+                    "output_mb": sum(s["bytes"] for s in m["shards"]) / 1e6}
+                pairs.append((tm_name, loop_name, n))
+                shutil.rmtree(target, ignore_errors=True)
+                print(f"  done: {tm_name}", flush=True)
+    print(f"\n{'':34s} {'seconds':>8s} {'images/s':>9s} {'wall s':>7s} {'peak RSS':>9s}")
     for name, r in results.items():
-        print(f"{name:32s} {r['seconds']:8.2f} {r['images'] / r['seconds']:9.0f} {r['wall_s']:7.2f} "
+        print(f"{name:34s} {r['seconds']:8.2f} {r['images'] / r['seconds']:9.0f} {r['wall_s']:7.2f} "
               f"{r['peak_rss'] / 2**20:6.0f} MiB")
     print()
-    for n in (1, 2):
-        tm, loop = results[f"tokenmill build patch:{PATCH}, {n} worker"], results[f"loop, {n} proc"]
+    for tm_name, loop_name, n in pairs:
+        tm, loop = results[tm_name], results[loop_name]
         assert tm["tokens"] == loop["tokens"], (tm["tokens"], loop["tokens"])
         ratio = loop["seconds"] / tm["seconds"]
-        print(f"tokenmill {n}w vs loop {n}p: {ratio:.2f}x (target >= 0.9x: {'met' if ratio >= 0.9 else 'MISSED'}); "
-              f"it also wrote {tm['output_mb']:.0f} MB of patches")
+        print(f"{tm_name} vs {loop_name}: {ratio:.2f}x (target >= 0.9x: {'met' if ratio >= 0.9 else 'MISSED'}); "
+              f"it also wrote {tm['output_mb']:.0f} MB")
     (REPO / "bench" / "data" / "image_build.json").write_text(json.dumps(results, indent=2))
     return 0
 

@@ -229,6 +229,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         args, beam_args = make_parser().parse_known_args(argv)
         beam_args, runner = runners.local_defaults(beam_args)
         options = runners.pipeline_options(beam_args)
+        runners.one_blas_thread_per_worker(options)
         args.modality = infer_modality(args)
         try:
             if args.modality == "image":

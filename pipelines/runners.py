@@ -56,6 +56,22 @@ def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
     return PipelineOptions(list(beam_args))
 
 
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def one_blas_thread_per_worker(options: PipelineOptions) -> None:
+    """With one local worker process per core, give each one BLAS thread.
+
+    numpy's matrix products (vq code search, pca) otherwise start a thread per
+    core in every worker, and N workers fight over N cores (measured: 2 workers
+    took 7.1 s where 1 took 4.8). Variables the user set are left alone.
+    """
+    direct = options.view_as(DirectOptions)
+    if direct.direct_running_mode == "multi_processing" and (direct.direct_num_workers or 0) > 1:
+        for name in BLAS_THREAD_VARIABLES:
+            os.environ.setdefault(name, "1")
+
+
 def make_runner(options: PipelineOptions):
     """A runner instance for `options`, or None to let Beam create it.
 
