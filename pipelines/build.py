@@ -65,7 +65,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR", help="dataset directory or URI to write")
     p.add_argument("--tokenizer", required=True, metavar="SPEC",
                    help="text: tiktoken:cl100k_base | tiktoken:o200k_base | tiktoken:PATH_OR_URI | bytes | "
-                        "hf:PATH_OR_URI; images: patch:P")
+                        "hf:PATH_OR_URI; images: patch:P | vq:PATH_OR_URI | pca:PATH_OR_URI | "
+                        "torchscript:PATH_OR_URI")
     p.add_argument("--engine", choices=engine_names(), default="tiktoken",
                    help="BPE engine for tiktoken vocabularies: tiktoken (the reference, default) or "
                         "bpe-openai (faster, extra tokenmill[fast]; verified against tiktoken before and "
@@ -94,6 +95,13 @@ def make_parser() -> argparse.ArgumentParser:
                         f"(decompression bombs; default {DEFAULT_MAX_PIXELS})")
     g.add_argument("--image-field", default="image", metavar="NAME",
                    help="Parquet column with the image bytes (default: image)")
+    t = p.add_argument_group("torchscript: encoders")
+    t.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    t.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="model input dtype (default: fp32)")
+    t.add_argument("--batch-size", type=int, default=8, help="images per model call (default: 8)")
+    t.add_argument("--pad-multiple", type=int, default=16,
+                   help="pad H and W (edge, bottom/right) to a multiple of this (default: 16)")
+    t.add_argument("--vocab-size", type=int, help="codes of a discrete encoder that does not declare them")
     return p
 
 
@@ -144,7 +152,7 @@ def _read_decode_tokenize(p: beam.Pipeline, args: argparse.Namespace):
     if args.modality == "image":
         read = p | "ReadImageShards" >> ReadImageShards(args.input, image_field=args.image_field)
         decoded, decode_failed = read["blocks"] | "DecodeImages" >> DecodeImages(args.size, args.max_pixels)
-        tokens, tokenize_failed = decoded | "TokenizeImages" >> TokenizeImages(args.tokenizer)
+        tokens, tokenize_failed = decoded | "TokenizeImages" >> TokenizeImages(args.tokenizer, image_options(args))
     else:
         read = p | "ReadTextShards" >> ReadTextShards(
             args.input, text_field=args.text_field, txt_per_line=args.txt_per_line,
@@ -182,6 +190,14 @@ def build_pipeline(args: argparse.Namespace, options: PipelineOptions, tokenizer
     _ = results | "CommitManifest" >> CommitManifest(
         args.output, read["files"], modality=args.modality, tokenizer=tokenizer_meta, options=options_record)
     return p
+
+
+def image_options(args: argparse.Namespace) -> tuple[tuple[str, Any], ...]:
+    """Options of neural image tokenizers, as a hashable tuple (empty for the others)."""
+    if not args.tokenizer.startswith("torchscript:"):
+        return ()
+    return (("batch_size", args.batch_size), ("device", args.device), ("dtype", args.dtype),
+            ("pad_multiple", args.pad_multiple), ("vocab_size", args.vocab_size))
 
 
 def infer_modality(args: argparse.Namespace) -> str:
@@ -234,7 +250,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         try:
             if args.modality == "image":
                 SizePolicy.parse(args.size)
-                tokenizer = shared_image_tokenizer(args.tokenizer)
+                tokenizer = shared_image_tokenizer(args.tokenizer, image_options(args))
             else:
                 tokenizer = shared_text_tokenizer(args.tokenizer, args.bos, args.eos, args.engine)
         except (TokenizerSpecError, ValueError) as e:

@@ -5,7 +5,7 @@ encoded in one call, straight into an Arrow list column.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import apache_beam as beam
 import numpy as np
@@ -98,14 +98,14 @@ def tokenize_image_block(tokenizer: ImageTokenizer, block: ImageBlock, schema: p
 
 
 class _TokenizeImageBlocks(beam.DoFn):
-    def __init__(self, spec: str):
-        self._spec = spec
+    def __init__(self, spec: str, options: tuple[tuple[str, Any], ...]):
+        self._spec, self._options = spec, options
         self._documents = Metrics.counter("tokenmill", "documents")
         self._tokens = Metrics.counter("tokenmill", "tokens")
         self._rejected = Metrics.counter("tokenmill", "tokenize_errors")
 
     def setup(self) -> None:
-        self._tokenizer = shared_image_tokenizer(self._spec)
+        self._tokenizer = shared_image_tokenizer(self._spec, self._options)
         self._schema = image_schema(self._tokenizer)
 
     def process(self, block: ImageBlock) -> Iterator[TokenBlock]:
@@ -125,10 +125,10 @@ def image_schema(tokenizer: ImageTokenizer) -> pa.Schema:
 class TokenizeImages(beam.PTransform):
     """ImageBlocks → TokenBlocks. Returns (blocks, failed)."""
 
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, options: tuple[tuple[str, Any], ...] = ()):
         super().__init__()
-        self._spec = spec
+        self._spec, self._options = spec, options
 
     def expand(self, image_blocks):
         return image_blocks | "EncodeImageBlocks" >> beam.ParDo(
-            _TokenizeImageBlocks(self._spec)).with_exception_handling()
+            _TokenizeImageBlocks(self._spec, self._options)).with_exception_handling()

@@ -194,6 +194,19 @@ class ImageTokenizer(Tokenizer):
     def decode_image(self, tokens: np.ndarray, grid: tuple[int, int], height: int, width: int) -> np.ndarray:
         """The RGB uint8 image (height, width, 3) the tokens stand for."""
 
+    def encode_images(self, images: Sequence[np.ndarray]) -> list[Any]:
+        """encode_image for each image, with an exception in place of a failed one.
+
+        Tokenizers that gain from batching (a neural encoder) override this.
+        """
+        results: list[Any] = []
+        for image in images:
+            try:
+                results.append(self.encode_image(image))
+            except Exception as e:  # one bad image must not sink the block
+                results.append(e)
+        return results
+
     @property
     def token_type(self) -> pa.DataType:
         if self.kind == "hard":
@@ -209,14 +222,13 @@ class ImageTokenizer(Tokenizer):
         parts: list[np.ndarray] = []
         grids: list[tuple[int, int]] = []
         failures: list[tuple[int, Exception]] = []
-        for i, image in enumerate(images):
-            try:
-                out, grid = self.encode_image(image)
-            except FatalTokenizerError:
-                raise
-            except Exception as e:
-                failures.append((i, e))
+        for i, result in enumerate(self.encode_images(images)):
+            if isinstance(result, FatalTokenizerError):
+                raise result
+            if isinstance(result, Exception):
+                failures.append((i, result))
                 continue
+            out, grid = result
             parts.append(out)
             grids.append(grid)
         numpy_type = np.dtype(self.token_type.to_pandas_dtype()).newbyteorder("<")

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from transforms.tokenizers.base import TextTokenizer, TokenizerSpecError
 
@@ -52,13 +53,20 @@ def shared_text_tokenizer(spec: str, bos: bool = False, eos: bool = False,
     return load_text_tokenizer(spec, bos=bos, eos=eos, engine=engine)
 
 
-IMAGE_SPECS = ("patch:P", "vq:PATH_OR_URI", "pca:PATH_OR_URI")
-IMAGE_FAMILIES = ("patch", "vq", "pca")
+IMAGE_SPECS = ("patch:P", "vq:PATH_OR_URI", "pca:PATH_OR_URI", "torchscript:PATH_OR_URI")
+IMAGE_FAMILIES = ("patch", "vq", "pca", "torchscript")
 
 
-def load_image_tokenizer(spec: str):
-    """Load an image tokenizer from its spec; raises TokenizerSpecError with a one-line reason."""
+def load_image_tokenizer(spec: str, **options):
+    """Load an image tokenizer from its spec; raises TokenizerSpecError with a one-line reason.
+
+    `options` (device, dtype, batch_size, pad_multiple, vocab_size) apply to torchscript: only.
+    """
     family, _, arg = spec.partition(":")
+    if family == "torchscript" and arg:
+        from transforms.tokenizers.torchscript import TorchScriptImageTokenizer
+
+        return TorchScriptImageTokenizer(spec, arg, **options)
     if family == "patch":
         if not arg.isdigit():
             raise TokenizerSpecError(f"patch spec needs a size: patch:16, not {spec!r}")
@@ -73,6 +81,6 @@ def load_image_tokenizer(spec: str):
 
 
 @functools.lru_cache(maxsize=8)
-def shared_image_tokenizer(spec: str):
-    """One image tokenizer per process and spec (see shared_text_tokenizer)."""
-    return load_image_tokenizer(spec)
+def shared_image_tokenizer(spec: str, options: tuple[tuple[str, Any], ...] = ()):
+    """One image tokenizer per process, spec and options (see shared_text_tokenizer)."""
+    return load_image_tokenizer(spec, **dict(options))
