@@ -85,7 +85,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
     g = p.add_argument_group("images")
     g.add_argument("--modality", choices=("auto", "text", "image"), default="auto",
-                   help="what the inputs hold; auto: from the tokenizer (patch:P is an image tokenizer)")
+                   help="what the inputs hold; auto: from the file names where they are unambiguous "
+                        "(Parquet is not), else from the tokenizer (patch:, vq:, pca:, torchscript: are image "
+                        "tokenizers)")
     g.add_argument("--size", default="native:1024", metavar="POLICY",
                    help="image size policy: native[:MAX] keeps the size, downscaling so the longer side is at "
                         "most MAX; crop:S center-crops a square and resizes to S; shorter:S resizes the "
@@ -105,9 +107,9 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_inputs(patterns: Sequence[str]) -> int:
-    """Fail fast on globs that match nothing; returns the number of files matched."""
-    total = 0
+def check_inputs(patterns: Sequence[str]) -> list[str]:
+    """Fail fast on globs that match nothing; returns the URIs matched."""
+    uris: list[str] = []
     for pattern in patterns:
         try:
             found = fs.match(pattern)
@@ -115,8 +117,23 @@ def check_inputs(patterns: Sequence[str]) -> int:
             raise UsageError(f"cannot list input {pattern!r}: {e}") from None
         if not found:
             raise UsageError(f"input {pattern!r} matches no files")
-        total += len(found)
-    return total
+        uris += [f.uri for f in found]
+    return uris
+
+
+def modality_of_files(uris: Sequence[str]) -> str | None:
+    """'image' or 'text' when the file names say so unambiguously, else None (Parquet fits both)."""
+    from transforms.sources.images import image_kind
+    from transforms.sources.text import detect_format
+
+    kinds = set()
+    for uri in uris:
+        image, text = image_kind(uri), detect_format(uri)
+        if image in ("image-files", "tar"):
+            kinds.add("image")
+        elif text is not None and text[0] != "parquet":
+            kinds.add("text")
+    return kinds.pop() if len(kinds) == 1 else None
 
 
 def prepare_output(root: str, overwrite: bool) -> None:
@@ -200,12 +217,20 @@ def image_options(args: argparse.Namespace) -> tuple[tuple[str, Any], ...]:
             ("pad_multiple", args.pad_multiple), ("vocab_size", args.vocab_size))
 
 
-def infer_modality(args: argparse.Namespace) -> str:
-    """--modality, or the tokenizer family (patch:, vq:, ... are image tokenizers)."""
+def infer_modality(args: argparse.Namespace, uris: Sequence[str]) -> str:
+    """--modality, else the file names where unambiguous, else the tokenizer family.
+
+    A tokenizer of the other modality than the files is a usage error.
+    """
+    family = args.tokenizer.partition(":")[0]
+    by_tokenizer = "image" if family in IMAGE_FAMILIES else "text"
     if args.modality != "auto":
         return args.modality
-    family = args.tokenizer.partition(":")[0]
-    return "image" if family in IMAGE_FAMILIES else "text"
+    by_files = modality_of_files(uris)
+    if by_files and by_files != by_tokenizer:
+        raise UsageError(f"the inputs are {by_files} files but --tokenizer {args.tokenizer} is a "
+                         f"{by_tokenizer} tokenizer (pass --modality to override)")
+    return by_files or by_tokenizer
 
 
 def _human(n: float, unit: str = "B") -> str:
@@ -246,7 +271,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         beam_args, runner = runners.local_defaults(beam_args)
         options = runners.pipeline_options(beam_args)
         runners.one_blas_thread_per_worker(options)
-        args.modality = infer_modality(args)
+        uris = check_inputs(args.input)
+        args.modality = infer_modality(args, uris)
         try:
             if args.modality == "image":
                 SizePolicy.parse(args.size)
@@ -256,7 +282,6 @@ def run(argv: Sequence[str] | None = None) -> int:
         except (TokenizerSpecError, ValueError) as e:
             raise UsageError(str(e)) from None
         args.input = list(args.input)
-        check_inputs(args.input)
         args.output = fs.canonical(args.output)
         prepare_output(args.output, args.overwrite)
         pipeline = build_pipeline(args, options, tokenizer.metadata())

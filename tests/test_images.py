@@ -192,6 +192,7 @@ def test_image_cli_misuse_exits_2(tmp_path):
 
     Image.fromarray(structured(8, 8)).save(tmp_path / "a.png")
     for args, message in [(["--tokenizer", "patch:x"], "patch spec needs a size"),
+                          (["--tokenizer", "bytes"], "the inputs are image files but --tokenizer bytes is a text"),
                           (["--tokenizer", "patch:16", "--size", "square"], "unknown size policy")]:
         proc = run_cli("pipelines.build", "--input", str(tmp_path / "a.png"), "--output", str(tmp_path / "o"), *args)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
