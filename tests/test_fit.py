@@ -91,7 +91,8 @@ def test_build_with_fitted_tokenizers_and_decode_back(tmp_path, scenes):
         assert run_build(["--input", str(scenes / "*.png"), "--output", str(out), "--tokenizer", spec]) == 0
         assert validate(str(out)) == []
         tok = load_image_tokenizer(spec)
-        for sample in list(TokenReader(str(out), shuffle=False))[:5]:
+        gains = []
+        for sample in list(TokenReader(str(out), shuffle=False))[:8]:
             assert sample["grid"] == (8, 8)
             payload = sample["tokens"] if "tokens" in sample else sample["latents"]
             if "tokens" in sample:
@@ -100,7 +101,10 @@ def test_build_with_fitted_tokenizers_and_decode_back(tmp_path, scenes):
                 assert payload.shape == (64, 24)
             name = next(p for p in scenes.glob("*.png") if sample["id"] == row_id(str(p), "file"))
             original = decode_image(name.read_bytes())[0]
-            assert psnr(tok.decode_image(payload, sample["grid"], 64, 64), original) > 18
+            flat = np.full_like(original, original.reshape(-1, 3).mean(0).astype(np.uint8))
+            gains.append(psnr(tok.decode_image(payload, sample["grid"], 64, 64), original) - psnr(flat, original))
+        # Decoding beats painting each image in its mean colour, on average (pca by far).
+        assert np.mean(gains) > (2 if spec.startswith("vq") else 8)
 
 
 def test_fit_gives_the_same_file_with_one_and_two_workers(tmp_path, scenes):
