@@ -28,14 +28,13 @@ import dataclasses
 import sys
 from typing import Any, Iterator
 
-import fsspec
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas.manifest import MANIFEST_NAME, Manifest
 from schemas.storage import join, read_bytes
 from schemas.tables import LATENT_NUMPY
+from transforms.fs import open_binary
 
 
 class DatasetMismatchError(ValueError):
@@ -51,19 +50,13 @@ class Unit:
     rows: int
 
 
-def _open(uri: str):
-    if "://" not in uri:
-        return open(uri, "rb")
-    return fsspec.open(uri, "rb").open()
-
-
 def list_units(root: str, manifest: Manifest) -> list[Unit]:
     units = []
     for shard in manifest.shards:
         uri = join(root, shard["path"])
         groups = shard.get("row_groups")
         if groups is None:  # older manifests: read the footer
-            with _open(uri) as f:
+            with open_binary(uri) as f:
                 md = pq.ParquetFile(f).metadata
                 groups = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
         units += [Unit(uri, i, n) for i, n in enumerate(groups)]
@@ -189,7 +182,7 @@ class TokenReader:
         return [int(u) for u in order[slot::slots]]
 
     def _lengths(self, unit: Unit) -> np.ndarray:
-        with _open(unit.path) as f:
+        with open_binary(unit.path) as f:
             t = pq.ParquetFile(f).read_row_group(unit.row_group, columns=["num_tokens"])
         return t.column(0).to_numpy()
 
@@ -317,7 +310,7 @@ class _RowCache:
         payload = "tokens" if kind == "hard" else "latents"
         columns = ([] if self.reader.seq_len else ["id"]) + [payload] + (
             ["grid"] if self.reader.manifest.modality != "text" else [])
-        with _open(unit.path) as f:
+        with open_binary(unit.path) as f:
             table = pq.ParquetFile(f).read_row_group(unit.row_group, columns=columns)
         col = table.column(payload).combine_chunks()
         out: dict[str, Any] = {"offsets": col.offsets.to_numpy()} if kind == "hard" else {}

@@ -9,7 +9,6 @@ Arguments tokenmill does not know are Beam pipeline options (--runner, ...).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Any, Sequence

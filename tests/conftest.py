@@ -1,7 +1,6 @@
 """Shared fixtures: input shards written by the tests, builds run on a real Beam runner."""
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os

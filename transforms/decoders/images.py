@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    from transforms.records import ImageBlock, RawBlock
 
 DEFAULT_MAX_PIXELS = 64_000_000
 

@@ -15,7 +15,6 @@ of work from the first step, which is what lets the build match raw tiktoken.
 from __future__ import annotations
 
 import gzip
-import io
 import math
 import zlib
 from typing import IO, Iterator
