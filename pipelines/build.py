@@ -286,12 +286,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         pipeline = build_pipeline(args, options, tokenizer.metadata())
     print(f"tokenmill build: runner {runner}", file=sys.stderr)
     start = time.perf_counter()
-    try:
-        result = pipeline.run()
-        result.wait_until_finish()
-    except Exception as e:  # the job failed: say why in one line; no manifest was written
-        reason = next((line for line in str(e).splitlines() if "Error" in line), str(e).splitlines()[0])
-        print(f"tokenmill build: failed: {reason.strip()[:500]}", file=sys.stderr)
+    result = runners.run_pipeline(pipeline, "tokenmill build")
+    if result is None:
         return 1
     seconds = time.perf_counter() - start
     print(_summary(args.output, seconds, runner, runners.counters(result)))

@@ -161,11 +161,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         pipeline = build_pipeline(args, options)
     print(f"tokenmill fit: runner {runner}", file=sys.stderr)
     start = time.perf_counter()
-    try:
-        pipeline.run().wait_until_finish()
-    except Exception as e:
-        reason = next((l for l in str(e).splitlines() if "Error" in l), str(e).splitlines()[0])
-        print(f"tokenmill fit: failed: {reason.strip()[:500]}", file=sys.stderr)
+    if runners.run_pipeline(pipeline, "tokenmill fit") is None:
         return 1
     from schemas.storage import read_bytes
 

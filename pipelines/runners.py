@@ -99,6 +99,21 @@ def _all_subclasses(cls: type) -> list[type]:
     return out
 
 
+def run_pipeline(pipeline, prog: str):
+    """Run to completion; the result, or None after one line on stderr if the job failed."""
+    import sys
+
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+        return result
+    except Exception as e:  # say why in one line; the job wrote no manifest
+        text = str(e) or type(e).__name__
+        reason = next((line for line in text.splitlines() if "Error" in line), text.splitlines()[0])
+        print(f"{prog}: failed: {reason.strip()[:500]}", file=sys.stderr)
+        return None
+
+
 def counters(result) -> dict[str, int]:
     """tokenmill's Beam counters from a finished pipeline, where the runner reports them."""
     try:
