@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.text_build import REPO, run_measured
+from bench.text_build import REPO, bench_result, run_measured
 
 POLICY = "native:1024"
 PATCH = 16
@@ -128,9 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                 blas = {v: "1" for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")} if n > 1 else {}
                 out, wall, peak = run_measured([sys.executable, "-m", "bench.image_build", "--loop", str(n),
                                                 *(["--codebook", cb] if cb else []), *map(str, files)], env=blas)
-                line = [l for l in out.splitlines() if l.startswith("BENCH ")][-1]
                 loop_name = f"loop {label}, {n} proc"
-                results[loop_name] = {**json.loads(line[6:]), "wall_s": wall, "peak_rss": peak}
+                results[loop_name] = {**bench_result(out), "wall_s": wall, "peak_rss": peak}
                 runner = ["--runner=FnApiRunner", f"--direct_num_workers={n}",
                           f"--direct_running_mode={'multi_processing' if n > 1 else 'in_memory'}"]
                 target = Path(tmp) / f"tm{n}"

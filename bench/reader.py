@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from bench.corpus import build_corpus
-from bench.text_build import REPO, run_measured
+from bench.text_build import REPO, bench_result, run_measured
 
 
 def _raw(root: str) -> dict:
@@ -100,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeat):
             out, wall, peak = run_measured([sys.executable, "-m", "bench.reader", "--mode", mode,
                                             "--dataset", str(args.dataset), "--seq-len", str(args.seq_len)])
-            line = [l for l in out.splitlines() if l.startswith("BENCH ")][-1]
-            r = {**json.loads(line[6:]), "wall_s": wall, "peak_rss": peak}
+            r = {**bench_result(out), "wall_s": wall, "peak_rss": peak}
             if mode not in results or r["seconds"] < results[mode]["seconds"]:
                 results[mode] = r
     print(f"dataset: {args.dataset} ({results['raw']['tokens']:,} tokens), packed seq_len={args.seq_len}, "

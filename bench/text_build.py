@@ -76,7 +76,8 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[str, float, i
     return out, wall, peak[0]
 
 
-def _timed(out: str) -> dict:
+def bench_result(out: str) -> dict:
+    """The `BENCH {json}` line a measured child process printed."""
     line = [l for l in out.splitlines() if l.startswith("BENCH ")][-1]
     return json.loads(line[len("BENCH "):])
 
@@ -84,14 +85,14 @@ def _timed(out: str) -> dict:
 def raw_tiktoken(files: list[Path], processes: int, pool: bool = False) -> dict:
     out, wall, peak = run_measured([sys.executable, "-m", "bench.raw_tiktoken", *(["--pool"] if pool else []),
                                     str(processes), *map(str, files)])
-    r = _timed(out)
+    r = bench_result(out)
     return {**r, "wall_s": wall, "peak_rss": peak}
 
 
 def hf_datasets(files: list[Path], processes: int, tmp: Path) -> dict:
     out, wall, peak = run_measured([sys.executable, "-m", "bench.hf_peer", str(processes), str(tmp),
                                     *map(str, files)], env={"HF_DATASETS_OFFLINE": "1"})
-    return {**_timed(out), "wall_s": wall, "peak_rss": peak}
+    return {**bench_result(out), "wall_s": wall, "peak_rss": peak}
 
 
 def tokenmill(files: list[Path], workers: int, out_dir: Path, engine: str = "tiktoken") -> dict:

@@ -41,23 +41,32 @@ def tokenize_block(tokenizer: TextTokenizer, block: TextBlock, schema: pa.Schema
     return TokenBlock(block.source, block.block, table, errors)
 
 
-class _TokenizeBlocks(beam.DoFn):
-    def __init__(self, spec: str, bos: bool, eos: bool, engine: str):
-        self._spec, self._bos, self._eos, self._engine = spec, bos, eos, engine
+class _CountingTokenizeDoFn(beam.DoFn):
+    """Counts what a tokenize step produced: rows, tokens and newly rejected records."""
+
+    def __init__(self):
         self._documents = Metrics.counter("tokenmill", "documents")
         self._tokens = Metrics.counter("tokenmill", "tokens")
         self._rejected = Metrics.counter("tokenmill", "tokenize_errors")
+
+    def _counted(self, out: TokenBlock, errors_before: int) -> TokenBlock:
+        self._documents.inc(out.table.num_rows)
+        self._tokens.inc(int(pc.sum(out.table.column("num_tokens")).as_py() or 0))
+        self._rejected.inc(len(out.errors) - errors_before)
+        return out
+
+
+class _TokenizeBlocks(_CountingTokenizeDoFn):
+    def __init__(self, spec: str, bos: bool, eos: bool, engine: str):
+        super().__init__()
+        self._spec, self._bos, self._eos, self._engine = spec, bos, eos, engine
 
     def setup(self) -> None:
         self._tokenizer = shared_text_tokenizer(self._spec, self._bos, self._eos, self._engine)
         self._schema = text_hard_schema(self._tokenizer.token_type, self._tokenizer.metadata())
 
     def process(self, block: TextBlock) -> Iterator[TokenBlock]:
-        out = tokenize_block(self._tokenizer, block, self._schema)
-        self._documents.inc(out.table.num_rows)
-        self._tokens.inc(int(pc.sum(out.table.column("num_tokens")).as_py() or 0))
-        self._rejected.inc(len(out.errors) - len(block.errors))
-        yield out
+        yield self._counted(tokenize_block(self._tokenizer, block, self._schema), len(block.errors))
 
 
 class TokenizeText(beam.PTransform):
@@ -97,23 +106,17 @@ def tokenize_image_block(tokenizer: ImageTokenizer, block: ImageBlock, schema: p
     return TokenBlock(block.source, block.block, table, errors)
 
 
-class _TokenizeImageBlocks(beam.DoFn):
+class _TokenizeImageBlocks(_CountingTokenizeDoFn):
     def __init__(self, spec: str, options: tuple[tuple[str, Any], ...]):
+        super().__init__()
         self._spec, self._options = spec, options
-        self._documents = Metrics.counter("tokenmill", "documents")
-        self._tokens = Metrics.counter("tokenmill", "tokens")
-        self._rejected = Metrics.counter("tokenmill", "tokenize_errors")
 
     def setup(self) -> None:
         self._tokenizer = shared_image_tokenizer(self._spec, self._options)
         self._schema = image_schema(self._tokenizer)
 
     def process(self, block: ImageBlock) -> Iterator[TokenBlock]:
-        out = tokenize_image_block(self._tokenizer, block, self._schema)
-        self._documents.inc(out.table.num_rows)
-        self._tokens.inc(int(pc.sum(out.table.column("num_tokens")).as_py() or 0))
-        self._rejected.inc(len(out.errors) - len(block.errors))
-        yield out
+        yield self._counted(tokenize_image_block(self._tokenizer, block, self._schema), len(block.errors))
 
 
 def image_schema(tokenizer: ImageTokenizer) -> pa.Schema:
