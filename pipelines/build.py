@@ -18,8 +18,10 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import runners
 from pipelines.cli_errors import OneLineArgumentParser, UsageError, usage_errors
-from schemas.manifest import DATA_DIR, ERRORS_DIR, MANIFEST_NAME, read_manifest
+from schemas.manifest import MANIFEST_NAME, read_manifest
 from schemas.storage import join
+from schemas.tables import SCHEMA_VERSION
+from schemas.versions import version_id
 from transforms import fs
 from transforms.decoders.images import DEFAULT_MAX_PIXELS, DecodeImages, SizePolicy
 from transforms.decoders.text import DecodeText
@@ -30,7 +32,8 @@ from transforms.tokenizers.base import TokenizerSpecError
 from transforms.tokenizers.engines import engine_names
 from transforms.tokenizers.spec import (IMAGE_FAMILIES, IMAGE_SPECS, TEXT_SPECS, shared_image_tokenizer,
                                         shared_text_tokenizer)
-from transforms.write import CommitManifest, WriteTokenShards, error_to_block, failed_to_block
+from transforms.incremental import Incremental
+from transforms.write import CarryOverShards, CommitManifest, WriteTokenShards, error_to_block, failed_to_block
 
 _SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 MAX_BYTES = 1 << 30  # keeps a block's token offsets within Arrow's 32-bit list offsets
@@ -81,7 +84,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="input bytes per work unit and output shard (default: 8MiB)")
     p.add_argument("--max-doc-bytes", type=byte_size, default=DEFAULT_MAX_DOC_BYTES, metavar="BYTES",
                    help="whole-file .txt documents larger than this become error rows (default: 64MiB)")
-    p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="tokenize every input again instead of reusing the rows of unchanged ones "
+                        "(the result is a new commit; older versions stay until `tokenmill gc`)")
     g = p.add_argument_group("images")
     g.add_argument("--modality", choices=("auto", "text", "image"), default="auto",
                    help="what the inputs hold; auto: from the file names where they are unambiguous "
@@ -135,76 +140,88 @@ def modality_of_files(uris: Sequence[str]) -> str | None:
     return kinds.pop() if len(kinds) == 1 else None
 
 
-def prepare_output(root: str, overwrite: bool) -> None:
-    """Make sure the output is writable and holds no dataset we would silently replace."""
+def prepare_output(root: str) -> None:
+    """Make sure the output is a writable folder (an existing dataset there is built upon)."""
     import fsspec
 
     try:
         fsys, path = fsspec.core.url_to_fs(root)
-        if fsys.exists(join(path, MANIFEST_NAME)) and not overwrite:
-            raise UsageError(f"{root} already holds a dataset; pass --overwrite to replace it")
         if fsys.exists(path) and not fsys.isdir(path):
             raise UsageError(f"output {root} exists and is not a directory")
         fsys.makedirs(path, exist_ok=True)
         probe = join(path, ".tokenmill-write-probe")
         fsys.pipe_file(probe, b"")
         fsys.rm(probe)
-        # A replaced or crashed build leaves shards behind; remove tokenmill's
-        # own files only (part-*.parquet and temp files), never anything else.
-        if fsys.exists(join(path, MANIFEST_NAME)):
-            fsys.rm(join(path, MANIFEST_NAME))
-        for sub in (DATA_DIR, ERRORS_DIR):
-            for pattern in ("part-*.parquet", ".part-*.tmp"):
-                for stale in fsys.glob(join(path, sub, pattern)):
-                    fsys.rm(stale)
     except UsageError:
         raise
     except Exception as e:
         raise UsageError(f"cannot write to output {root}: {e}") from None
 
 
-def _read_decode_tokenize(p: beam.Pipeline, args: argparse.Namespace):
+def _read_decode_tokenize(p: beam.Pipeline, args: argparse.Namespace, incremental: Incremental):
     """The modality-specific front of the graph: (read outputs, tokens, decode failures, tokenize failures)."""
     if args.modality == "image":
-        read = p | "ReadImageShards" >> ReadImageShards(args.input, image_field=args.image_field)
+        read = p | "ReadImageShards" >> ReadImageShards(args.input, image_field=args.image_field,
+                                                        incremental=incremental)
         decoded, decode_failed = read["blocks"] | "DecodeImages" >> DecodeImages(args.size, args.max_pixels)
         tokens, tokenize_failed = decoded | "TokenizeImages" >> TokenizeImages(args.tokenizer, image_options(args))
     else:
         read = p | "ReadTextShards" >> ReadTextShards(
             args.input, text_field=args.text_field, txt_per_line=args.txt_per_line,
-            block_bytes=args.block_size, max_doc_bytes=args.max_doc_bytes)
+            block_bytes=args.block_size, max_doc_bytes=args.max_doc_bytes, incremental=incremental)
         decoded, decode_failed = read["blocks"] | "DecodeText" >> DecodeText(args.text_field)
         tokens, tokenize_failed = decoded | "TokenizeText" >> TokenizeText(
             args.tokenizer, bos=args.bos, eos=args.eos, engine=args.engine)
     return read, tokens, decode_failed, tokenize_failed
 
 
-def build_pipeline(args: argparse.Namespace, options: PipelineOptions, tokenizer_meta: dict[str, Any],
-                   pipeline: beam.Pipeline | None = None) -> beam.Pipeline:
-    """The un-run Beam graph: read → decode → tokenize → write → commit, errors beside."""
-    p = pipeline or beam.Pipeline(runner=runners.make_runner(options), options=options)
-    read, tokens, decode_failed, tokenize_failed = _read_decode_tokenize(p, args)
-
-    # The error path gets its own writer: joining it to the main path before
-    # writing would keep Beam from fusing tokenize and write into one stage,
-    # and every token block would travel through the runner between them.
-    rejected = (
-        (read["failed"] | "ReadFailuresAsErrors" >> beam.Map(failed_to_block, "read")),
-        (decode_failed | "DecodeFailuresAsErrors" >> beam.Map(failed_to_block, "decode")),
-        (tokenize_failed | "TokenizeFailuresAsErrors" >> beam.Map(failed_to_block, "tokenize")),
-        (read["errors"] | "FileErrorsAsBlocks" >> beam.Map(error_to_block)),
-    ) | "JoinRejected" >> beam.Flatten()
+def options_record(args: argparse.Namespace) -> dict[str, Any]:
+    """The reader and size options that shape the rows (part of the version id)."""
     if args.modality == "image":
-        options_record = {"image_field": args.image_field, "size_policy": args.size, "max_pixels": args.max_pixels}
-    else:
-        options_record = {"text_field": args.text_field, "txt_per_line": args.txt_per_line,
-                          "block_bytes": args.block_size, "max_doc_bytes": args.max_doc_bytes}
-    results = (
-        (tokens | "WriteTokenShards" >> WriteTokenShards(args.output)),
-        (rejected | "WriteRejectedShards" >> WriteTokenShards(args.output)),
-    ) | "JoinShardResults" >> beam.Flatten()
-    _ = results | "CommitManifest" >> CommitManifest(
-        args.output, read["files"], modality=args.modality, tokenizer=tokenizer_meta, options=options_record)
+        return {"image_field": args.image_field, "size_policy": args.size, "max_pixels": args.max_pixels}
+    return {"text_field": args.text_field, "txt_per_line": args.txt_per_line, "max_doc_bytes": args.max_doc_bytes}
+
+
+class BuildDataset(beam.PTransform):
+    """One dataset: read → decode → tokenize → write, carry over unchanged inputs, commit.
+
+    Rejected records go beside the main path into error shards. Outputs the
+    commit's outcome (see CommitManifest).
+    """
+
+    def __init__(self, args: argparse.Namespace, tokenizer_meta: dict[str, Any], build_args: list[str]):
+        super().__init__()
+        self._args, self._meta, self._build_args = args, tokenizer_meta, build_args
+
+    def expand(self, pbegin):
+        args, options = self._args, options_record(self._args)
+        version = version_id(args.modality, self._meta["fingerprint"], options, SCHEMA_VERSION)
+        incremental = Incremental(args.output, version, rebuild=args.overwrite)
+        read, tokens, decode_failed, tokenize_failed = _read_decode_tokenize(pbegin, args, incremental)
+        # The error path gets its own writer: joining it to the main path before
+        # writing would keep Beam from fusing tokenize and write into one stage,
+        # and every token block would travel through the runner between them.
+        rejected = (
+            (read["failed"] | "ReadFailuresAsErrors" >> beam.Map(failed_to_block, "read")),
+            (decode_failed | "DecodeFailuresAsErrors" >> beam.Map(failed_to_block, "decode")),
+            (tokenize_failed | "TokenizeFailuresAsErrors" >> beam.Map(failed_to_block, "tokenize")),
+            (read["errors"] | "FileErrorsAsBlocks" >> beam.Map(error_to_block)),
+        ) | "JoinRejected" >> beam.Flatten()
+        results = (
+            (tokens | "WriteTokenShards" >> WriteTokenShards(args.output, read["plan"])),
+            (rejected | "WriteRejectedShards" >> WriteTokenShards(args.output, read["plan"])),
+            (read["plan"] | "CarryOverUnchanged" >> CarryOverShards(args.output, self._meta["fingerprint"])),
+        ) | "JoinShardResults" >> beam.Flatten()
+        return results | "CommitManifest" >> CommitManifest(
+            args.output, read["files"], read["plan"], modality=args.modality, tokenizer=self._meta,
+            options={**options, "block_bytes": args.block_size}, build_args=self._build_args)
+
+
+def build_pipeline(args: argparse.Namespace, options: PipelineOptions, tokenizer_meta: dict[str, Any],
+                   pipeline: beam.Pipeline | None = None, build_args: list[str] | None = None) -> beam.Pipeline:
+    """The un-run Beam graph of a one-source build."""
+    p = pipeline or beam.Pipeline(runner=runners.make_runner(options), options=options)
+    _ = p | "BuildDataset" >> BuildDataset(args, tokenizer_meta, build_args or [])
     return p
 
 
@@ -232,6 +249,27 @@ def infer_modality(args: argparse.Namespace, uris: Sequence[str]) -> str:
     return by_files or by_tokenizer
 
 
+def recorded_args(args: argparse.Namespace) -> list[str]:
+    """The tokenmill options of this build, as CLI arguments (for `tokenmill retokenize`).
+
+    Everything but --output and --overwrite, and only what differs from the defaults.
+    """
+    out: list[str] = []
+    for action in make_parser()._actions:
+        if not action.option_strings or action.dest in ("help", "output", "overwrite"):
+            continue
+        value = getattr(args, action.dest, None)
+        if value == action.default or value is None:
+            continue
+        flag = action.option_strings[-1]
+        if action.nargs == 0:
+            out.append(flag)
+        else:
+            for v in value if isinstance(value, list) else [value]:
+                out += [flag, str(v)]
+    return out
+
+
 def _human(n: float, unit: str = "B") -> str:
     for prefix in ("", "k", "M", "G", "T"):
         if abs(n) < 1000 or prefix == "T":
@@ -243,18 +281,22 @@ def _human(n: float, unit: str = "B") -> str:
 def _summary(root: str, seconds: float, runner: str, counters: dict[str, int]) -> str:
     m = read_manifest(root)
     in_bytes = sum(i["size"] for i in m.inputs)
+    up_to_date = counters.get("commits_unchanged", 0) > 0 and not counters.get("commits", 0)
     lines = [
-        f"tokenmill build: done in {seconds:.1f} s",
+        f"tokenmill build: {'up to date' if up_to_date else 'done'} in {seconds:.1f} s",
         f"  runner:     {runner}",
         f"  tokenizer:  {m.tokenizer['spec']} ({m.tokenizer['name']}, "
         + (f"vocab {m.tokenizer['vocab_size']}, " if "vocab_size" in m.tokenizer else
            f"dim {m.tokenizer.get('dim')} {m.tokenizer.get('latent_dtype')}, ")
         + (f"engine {m.tokenizer['engine']}, " if "engine" in m.tokenizer else "") + 
         f"{m.token_dtype}, fingerprint {m.tokenizer['fingerprint'][:12]})",
-        f"  inputs:     {len(m.inputs)} files, {_human(in_bytes)}",
+        f"  inputs:     {len(m.inputs)} files, {_human(in_bytes)}"
+        + (f"  ({counters.get('inputs_to_tokenize', 0)} tokenized, {counters.get('inputs_unchanged', 0)} "
+           "unchanged and carried over)" if "inputs_unchanged" in counters else ""),
+        f"  version:    {m.version} commit {m.commit} ({len(m.versions)} version(s) kept)",
         f"  rows:       {m.rows}",
         f"  tokens:     {m.tokens}",
-        f"  errors:     {m.errors}" + (f"  (rows in {join(root, ERRORS_DIR)}/)" if m.errors else ""),
+        f"  errors:     {m.errors}" + ("  (error rows: the manifest's error_files)" if m.errors else ""),
         f"  throughput: {_human(in_bytes / seconds, 'B/s')}, {_human(m.tokens / seconds, 'tokens/s')}",
         f"  output:     {root}  ({len(m.files)} data shards, manifest {MANIFEST_NAME})",
     ]
@@ -280,10 +322,10 @@ def run(argv: Sequence[str] | None = None) -> int:
                 tokenizer = shared_text_tokenizer(args.tokenizer, args.bos, args.eos, args.engine)
         except (TokenizerSpecError, ValueError) as e:
             raise UsageError(str(e)) from None
-        args.input = list(args.input)
+        args.input = [fs.canonical(i) for i in args.input]
         args.output = fs.canonical(args.output)
-        prepare_output(args.output, args.overwrite)
-        pipeline = build_pipeline(args, options, tokenizer.metadata())
+        prepare_output(args.output)
+        pipeline = build_pipeline(args, options, tokenizer.metadata(), build_args=recorded_args(args))
     print(f"tokenmill build: runner {runner}", file=sys.stderr)
     start = time.perf_counter()
     result = runners.run_pipeline(pipeline, "tokenmill build")

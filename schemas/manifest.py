@@ -2,6 +2,13 @@
 
 A dataset exists once its manifest exists. Shards not named by the manifest are
 not part of the dataset, so a crashed build never looks complete.
+
+Datasets are versioned (see schemas/versions.py): every version keeps its own
+shards under `versions/<id>/` and its latest manifest at
+`versions/<id>/_manifest.json`; the root `_manifest.json` is a copy of the
+current version's manifest plus the version history. Paths in `files`,
+`error_files` and `shards` are relative to the dataset root, so a reader of
+either manifest finds the same files.
 """
 from __future__ import annotations
 
@@ -58,6 +65,14 @@ class Manifest:
     schema_file: str = SCHEMA_NAME
     created_at: str = ""
     tokenmill_version: str = ""
+    # Versioning (schemas/versions.py). `version` names the rows (tokenizer,
+    # options, schema); `commit` names this exact set of files and inputs.
+    version: str = ""
+    commit: str = ""
+    parent: str = ""
+    versions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    error_shards: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    build_args: list[str] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -65,8 +80,19 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str) -> "Manifest":
         raw = json.loads(text)
+        if "datasets" in raw and "modality" not in raw:
+            raise MultiDatasetRoot(sorted(raw["datasets"]))
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+class MultiDatasetRoot(ValueError):
+    """The root of a `build --config` output: one dataset per source, below it."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        super().__init__(f"this is the root of a multi-source build; its datasets are the folders "
+                         f"{', '.join(names)}")
 
 
 def now_iso() -> str:
@@ -93,5 +119,7 @@ def write_schema_json(root: str, manifest: Manifest) -> str:
     return path
 
 
-def read_manifest(root: str) -> Manifest:
-    return Manifest.from_json(read_bytes(join(root, MANIFEST_NAME)).decode())
+def read_manifest(root: str, version: str | None = None) -> Manifest:
+    """The current manifest of the dataset at `root`, or that of an older `version`."""
+    path = join(root, MANIFEST_NAME) if not version else join(root, "versions", version, MANIFEST_NAME)
+    return Manifest.from_json(read_bytes(path).decode())

@@ -68,9 +68,9 @@ def run_build(argv: list[str], runner: list[str] | None = None) -> int:
     return build.run([*argv, *(ONE_WORKER if runner is None else runner)])
 
 
-def read_rows(root: Path) -> pa.Table:
-    """All data rows of a dataset, via its manifest, sorted by id."""
-    m = read_manifest(str(root))
+def read_rows(root: Path, version: str | None = None, manifest=None) -> pa.Table:
+    """All data rows of a dataset (its current commit, a `version`, or a `manifest`), sorted by id."""
+    m = manifest or read_manifest(str(root), version)
     tables = [pq.read_table(root / f) for f in m.files]
     if not tables:
         return pa.table({"id": pa.array([], pa.string())})

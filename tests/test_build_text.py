@@ -73,7 +73,8 @@ def test_build_writes_reference_ids_manifest_and_metadata(tmp_path, good_inputs,
         meta = read_metadata(pf.schema_arrow)
         assert meta["fingerprint"] == m.tokenizer["fingerprint"]
         assert str(pf.schema_arrow.field("tokens").type.value_type) == "uint32"
-    assert sorted(p.name for p in (out / "data").iterdir()) == sorted(Path(f).name for f in m.files)
+    written = sorted(str(p.relative_to(out)) for p in out.glob("versions/*/*/data/*.parquet"))
+    assert written == sorted(m.files)
 
 
 def test_bad_inputs_become_error_rows_and_the_run_goes_on(tmp_path, capsys):
@@ -184,15 +185,16 @@ def test_txt_per_line_and_nested_text_field(tmp_path):
     assert [e["error_type"] for e in read_errors(out2)] == ["MissingField"]
 
 
-def test_existing_dataset_needs_overwrite(tmp_path, good_inputs):
+def test_overwrite_tokenizes_everything_again_into_a_new_commit(tmp_path, good_inputs):
     out = tmp_path / "out"
     args = ["--input", str(good_inputs / "a.jsonl"), "--output", str(out), "--tokenizer", "bytes"]
     assert run_build(args) == 0
-    with pytest.raises(SystemExit) as e:
-        run_build(args)
-    assert e.value.code == 2
+    first = read_manifest(str(out))
     assert run_build(args + ["--overwrite"]) == 0
-    assert read_rows(out).num_rows == len(MULTILINGUAL)
+    again = read_manifest(str(out))
+    assert again.version == first.version and again.commit != first.commit
+    assert not set(again.files) & set(first.files)  # new shards, in the rerun's own folder
+    assert read_rows(out).equals(read_rows(out, manifest=first))
 
 
 @pytest.mark.parametrize("args,message", [

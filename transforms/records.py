@@ -126,6 +126,7 @@ class ShardResult:
     error_sha256: str
     fingerprint: str
     row_groups: tuple[int, ...] = ()
+    sources: tuple[str, ...] = ()  # every input with rows or errors in the shard(s)
 
 
 def source_key(uri: str) -> str:

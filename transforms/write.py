@@ -1,10 +1,12 @@
-"""Writing a token dataset: one Parquet data shard (and error shard) per block, then the manifest.
+"""Writing a token dataset: one Parquet data shard (and error shard) per block, then the commit.
 
-Shard names derive from the input URI and block number, so the same inputs
-give the same files whatever the number of workers, and a retried block
-overwrites its own shard instead of adding a duplicate. (Beam's
-WriteToParquetBatched names shards by bundle, which varies with the runner.)
-The manifest is written last, by a single step that waits for every shard.
+Shard names derive from the input URI and block number, inside the run's own
+folder (transforms/incremental.py), so the same inputs give the same files
+whatever the number of workers, and a retried block overwrites its own shard
+instead of adding a duplicate. (Beam's WriteToParquetBatched names shards by
+bundle, which varies with the runner.) Shards of unchanged inputs are carried
+over from the current commit. The manifest is committed last, by a single step
+that waits for every shard (schemas/versions.py).
 """
 from __future__ import annotations
 
@@ -17,10 +19,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
-from schemas.manifest import (DATA_DIR, ERRORS_DIR, Manifest, now_iso, tokenmill_version, write_manifest,
-                              write_schema_json)
-from schemas.storage import join, write_bytes_atomic
+from schemas.manifest import DATA_DIR, ERRORS_DIR, Manifest, now_iso, tokenmill_version
+from schemas.storage import join, read_bytes, write_bytes_atomic
 from schemas.tables import ERROR_SCHEMA, read_metadata
+from schemas.versions import commit
+from transforms.incremental import RunPlan, plan_run
 from transforms.tokenizers.base import FatalTokenizerError
 from transforms.records import (BlockTask, ErrorRecord, ImageBlock, InputFile, RawBlock, ShardResult,
                                 TextBlock, TokenBlock, shard_name)
@@ -50,30 +53,71 @@ def errors_table(errors: Iterable[ErrorRecord]) -> pa.Table:
         {name: [getattr(e, name) for e in errors] for name in ERROR_SCHEMA.names}, schema=ERROR_SCHEMA)
 
 
-def write_block(root: str, block: TokenBlock) -> ShardResult:
-    """Write one block's data and error shards; empty parts write no file."""
+def _under(prefix: str, sub: str, name: str) -> str:
+    return f"{prefix}/{sub}/{name}" if prefix else f"{sub}/{name}"
+
+
+def _row_groups(payload: pa.Buffer) -> tuple[int, ...]:
+    md = pq.ParquetFile(pa.BufferReader(payload)).metadata
+    return tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
+
+
+def write_block(root: str, block: TokenBlock, prefix: str = "") -> ShardResult:
+    """Write one block's data and error shards under ROOT/PREFIX; empty parts write no file."""
     name = shard_name(block.source, block.block)
+    sources = {e.source for e in block.errors}
     data_path = error_path = None
     rows = tokens = data_bytes = 0
     data_sha = error_sha = fingerprint = ""
     row_groups: tuple[int, ...] = ()
     if block.table is not None and block.table.num_rows:
         payload = parquet_bytes(block.table)
-        data_path = f"{DATA_DIR}/{name}"
+        data_path = _under(prefix, DATA_DIR, name)
         write_bytes_atomic(join(root, data_path), payload)
         rows = block.table.num_rows
         tokens = int(pc.sum(block.table.column("num_tokens")).as_py() or 0)
         data_bytes, data_sha = payload.size, hashlib.sha256(payload).hexdigest()
         fingerprint = read_metadata(block.table.schema).get("fingerprint", "")
-        md = pq.ParquetFile(pa.BufferReader(payload)).metadata
-        row_groups = tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
+        row_groups = _row_groups(payload)
+        sources |= set(pc.unique(block.table.column("source")).to_pylist())
     if block.errors:
         payload = parquet_bytes(errors_table(block.errors))
-        error_path = f"{ERRORS_DIR}/{name}"
+        error_path = _under(prefix, ERRORS_DIR, name)
         write_bytes_atomic(join(root, error_path), payload)
         error_sha = hashlib.sha256(payload).hexdigest()
     return ShardResult(block.source, block.block, data_path, error_path, rows, tokens,
-                       len(block.errors), data_bytes, data_sha, error_sha, fingerprint, row_groups)
+                       len(block.errors), data_bytes, data_sha, error_sha, fingerprint, row_groups,
+                       tuple(sorted(sources)))
+
+
+def carried_result(entry: dict[str, Any], fingerprint: str) -> ShardResult:
+    """A shard of the current commit that the new commit references as it is."""
+    sources = tuple(entry.get("sources") or [entry["source"]])
+    if "errors" in entry:  # an error shard entry
+        return ShardResult(entry["source"], entry["block"], None, entry["path"], 0, 0, entry["errors"], 0, "",
+                           entry["sha256"], fingerprint, (), sources)
+    return ShardResult(entry["source"], entry["block"], entry["path"], None, entry["rows"], entry["tokens"], 0,
+                       entry["bytes"], entry["sha256"], "", fingerprint, tuple(entry.get("row_groups") or ()),
+                       sources)
+
+
+def rewrite_shard(root: str, entry: dict[str, Any], staying: list[str], prefix: str,
+                  fingerprint: str) -> ShardResult:
+    """Copy a shard without the rows of changed or removed inputs (no tokenizing)."""
+    table = pq.read_table(pa.BufferReader(read_bytes(join(root, entry["path"]))))
+    table = table.filter(pc.is_in(table.column("source"), pa.array(staying, pa.string())))
+    is_errors = "errors" in entry
+    name = "carry-" + entry["path"].rsplit("/", 1)[-1]
+    path = _under(prefix, ERRORS_DIR if is_errors else DATA_DIR, name)
+    payload = parquet_bytes(table)
+    write_bytes_atomic(join(root, path), payload)
+    sha, sources = hashlib.sha256(payload).hexdigest(), tuple(sorted(staying))
+    if is_errors:
+        return ShardResult(entry["source"], entry["block"], None, path, 0, 0, table.num_rows, 0, "", sha,
+                           fingerprint, (), sources)
+    tokens = int(pc.sum(table.column("num_tokens")).as_py() or 0)
+    return ShardResult(entry["source"], entry["block"], path, None, table.num_rows, tokens, 0, payload.size,
+                       sha, "", fingerprint, _row_groups(payload), sources)
 
 
 def failed_to_block(failed: tuple[Any, tuple[type, str, list[str]]], stage: str) -> TokenBlock:
@@ -111,71 +155,136 @@ class _WriteShards(beam.DoFn):
         self._rows = Metrics.counter("tokenmill", "rows_written")
         self._errors = Metrics.counter("tokenmill", "errors")
 
-    def process(self, block: TokenBlock) -> Iterator[ShardResult]:
-        result = write_block(self._root, block)
+    def process(self, block: TokenBlock, plan: RunPlan) -> Iterator[ShardResult]:
+        result = write_block(self._root, block, plan.run_dir)
         self._rows.inc(result.rows)
         self._errors.inc(result.errors)
         yield result
 
 
 class WriteTokenShards(beam.PTransform):
-    """TokenBlocks → Parquet shards under ROOT/data and ROOT/_errors; outputs ShardResults."""
+    """TokenBlocks → Parquet shards in the run's folder (PLAN.run_dir/data, /_errors); outputs ShardResults."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, plan):
         super().__init__()
-        self._root = root
+        self._root, self._plan = root, plan
 
     def expand(self, blocks):
-        return blocks | "WriteShards" >> beam.ParDo(_WriteShards(self._root))
+        return blocks | "WriteShards" >> beam.ParDo(_WriteShards(self._root),
+                                                    plan=beam.pvalue.AsSingleton(self._plan))
 
 
-def build_manifest(results: list[ShardResult], files: list[InputFile], *, modality: str,
-                   tokenizer: dict[str, Any], options: dict[str, Any]) -> Manifest:
-    """The manifest of a finished build. Refuses shards made by another tokenizer."""
-    results = sorted(results, key=lambda r: (r.source, r.block))
+def _carry_tasks(plan: RunPlan) -> Iterator[tuple[str, dict[str, Any], list[str] | None, str]]:
+    for entry in plan.keep:
+        yield "keep", entry, None, plan.run_dir
+    for entry, staying in plan.rewrite:
+        yield "rewrite", entry, staying, plan.run_dir
+
+
+class _CarryOver(beam.DoFn):
+    def __init__(self, root: str, fingerprint: str):
+        self._root, self._fingerprint = root, fingerprint
+        self._kept = Metrics.counter("tokenmill", "shards_carried_over")
+        self._rewritten = Metrics.counter("tokenmill", "shards_rewritten")
+
+    def process(self, task: tuple[str, dict[str, Any], list[str] | None, str]) -> Iterator[ShardResult]:
+        how, entry, staying, prefix = task
+        if how == "keep":
+            self._kept.inc()
+            yield carried_result(entry, self._fingerprint)
+        else:
+            self._rewritten.inc()
+            yield rewrite_shard(self._root, entry, staying or [], prefix, self._fingerprint)
+
+
+class CarryOverShards(beam.PTransform):
+    """The RunPlan → ShardResults for the rows of unchanged inputs, without tokenizing them."""
+
+    def __init__(self, root: str, fingerprint: str):
+        super().__init__()
+        self._root, self._fingerprint = root, fingerprint
+
+    def expand(self, plan):
+        return (plan
+                | "ShardsToCarry" >> beam.FlatMap(_carry_tasks)
+                | "CarryShards" >> beam.ParDo(_CarryOver(self._root, self._fingerprint)))
+
+
+def build_manifest(results: list[ShardResult], files: list[InputFile], plan: RunPlan | None = None, *,
+                   modality: str, tokenizer: dict[str, Any], options: dict[str, Any],
+                   build_args: list[str] | None = None) -> Manifest:
+    """The manifest of a finished run (outside a build, `plan` may be left out).
+
+    Refuses shards made by another tokenizer.
+    """
+    plan = plan or plan_run(None, files, None)
+    results = sorted(results, key=lambda r: (r.source, r.block, r.data_path or "", r.error_path or ""))
     stray = {r.fingerprint for r in results if r.data_path} - {tokenizer["fingerprint"]}
     if stray:
         raise RuntimeError(f"shards were tokenized with fingerprint(s) {sorted(stray)}, "
                            f"expected {tokenizer['fingerprint']}")
     data = [r for r in results if r.data_path]
+    failed = [r for r in results if r.error_path]
+
+    def input_entry(f: InputFile) -> dict[str, Any]:
+        run = plan.unchanged[f.uri].get("run", "") if f.uri in plan.unchanged else plan.run_dir
+        return {"uri": f.uri, "size": f.size, "change_token": f.change_token, "version": plan.version,
+                "run": run}
+
     return Manifest(
         modality=modality,
         tokenizer=tokenizer,
         token_dtype=tokenizer["token_dtype"],
         files=[r.data_path for r in data],
-        error_files=[r.error_path for r in results if r.error_path],
+        error_files=[r.error_path for r in failed],
         rows=sum(r.rows for r in results),
         tokens=sum(r.tokens for r in results),
         errors=sum(r.errors for r in results),
-        inputs=[{"uri": f.uri, "size": f.size, "change_token": f.change_token}
-                for f in sorted(files, key=lambda f: f.uri)],
+        inputs=[input_entry(f) for f in sorted(files, key=lambda f: f.uri)],
         shards=[{"path": r.data_path, "rows": r.rows, "tokens": r.tokens, "bytes": r.data_bytes,
                  "sha256": r.data_sha256, "source": r.source, "block": r.block,
-                 "row_groups": list(r.row_groups)} for r in data],
+                 "row_groups": list(r.row_groups), "sources": list(r.sources)} for r in data],
+        error_shards=[{"path": r.error_path, "errors": r.errors, "sha256": r.error_sha256, "source": r.source,
+                       "block": r.block, "sources": list(r.sources)} for r in failed],
         options=options,
         created_at=now_iso(),
         tokenmill_version=tokenmill_version(),
+        version=plan.version,
+        build_args=list(build_args or []),
     )
 
 
-class CommitManifest(beam.PTransform):
-    """Waits for every ShardResult, then writes ROOT/_manifest.json atomically."""
+class _Commit(beam.DoFn):
+    def __init__(self, root: str, kwargs: dict[str, Any]):
+        self._root, self._kwargs = root, kwargs
+        self._committed = Metrics.counter("tokenmill", "commits")
+        self._unchanged = Metrics.counter("tokenmill", "commits_unchanged")
 
-    def __init__(self, root: str, files, *, modality: str, tokenizer: dict[str, Any],
-                 options: dict[str, Any]):
+    def process(self, results: list[ShardResult], files: list[InputFile], plan: RunPlan) -> Iterator[dict]:
+        manifest = build_manifest(results, files, plan, **self._kwargs)
+        outcome = commit(self._root, manifest, plan.base_commit)
+        (self._committed if outcome == "committed" else self._unchanged).inc()
+        yield {"root": self._root, "outcome": outcome, "version": manifest.version, "commit": manifest.commit,
+               "rows": manifest.rows, "tokens": manifest.tokens, "errors": manifest.errors}
+
+
+class CommitManifest(beam.PTransform):
+    """Waits for every ShardResult, then commits the run (schemas/versions.py).
+
+    Outputs one dict: root, outcome ("committed" or "unchanged"), version, commit and counts.
+    """
+
+    def __init__(self, root: str, files, plan, *, modality: str, tokenizer: dict[str, Any],
+                 options: dict[str, Any], build_args: list[str] | None = None):
         super().__init__()
-        self._root, self._files = root, files
-        self._kwargs = {"modality": modality, "tokenizer": tokenizer, "options": options}
+        self._root, self._files, self._plan = root, files, plan
+        self._kwargs = {"modality": modality, "tokenizer": tokenizer, "options": options,
+                        "build_args": build_args}
 
     def expand(self, results):
         all_files = self._files | "GatherInputs" >> beam.combiners.ToList()
         return (results
                 | "GatherShardResults" >> beam.combiners.ToList()
-                | "WriteManifest" >> beam.Map(_commit, root=self._root,
-                                              files=beam.pvalue.AsSingleton(all_files), **self._kwargs))
-
-
-def _commit(results: list[ShardResult], root: str, files: list[InputFile], **kwargs: Any) -> str:
-    manifest = build_manifest(results, files, **kwargs)
-    write_schema_json(root, manifest)
-    return write_manifest(root, manifest)
+                | "Commit" >> beam.ParDo(_Commit(self._root, self._kwargs),
+                                         files=beam.pvalue.AsSingleton(all_files),
+                                         plan=beam.pvalue.AsSingleton(self._plan)))

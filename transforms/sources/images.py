@@ -20,7 +20,8 @@ from apache_beam.metrics import Metrics
 
 from transforms import fs
 from transforms.records import BlockTask, ErrorRecord, InputFile, RawBlock
-from transforms.sources.common import SpreadOverWorkers, list_files
+from transforms.incremental import Incremental, ListInputs, RunPlan
+from transforms.sources.common import SpreadOverWorkers
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 SIDECAR_EXTENSIONS = (".json", ".txt")
@@ -184,15 +185,12 @@ def read_image_task(task: BlockTask, field: str, images_per_block: int) -> Itera
             yield from read_image_parquet(f, task, field, images_per_block)
 
 
-class _ListAndPlanImages(beam.DoFn):
+class _PlanImageTasks(beam.DoFn):
     def __init__(self, files_per_block: int):
         self._files_per_block = files_per_block
 
-    def process(self, patterns: list[str]):
-        files = list_files(patterns)
-        for f in files:
-            yield beam.pvalue.TaggedOutput("files", f)
-        tasks, errors = plan_image_tasks(files, self._files_per_block)
+    def process(self, plan: RunPlan):
+        tasks, errors = plan_image_tasks(plan.todo, self._files_per_block)
         for e in errors:
             yield beam.pvalue.TaggedOutput("errors", e)
         yield from sorted(tasks, key=lambda t: (-t.size, t.source, t.block))
@@ -215,18 +213,20 @@ class ReadImageShards(beam.PTransform):
     """Globs → image read tasks → RawBlocks of encoded images. Same outputs as ReadTextShards."""
 
     def __init__(self, patterns: list[str], *, image_field: str = "image",
-                 files_per_block: int = DEFAULT_FILES_PER_BLOCK, images_per_block: int = DEFAULT_TAR_BLOCK):
+                 files_per_block: int = DEFAULT_FILES_PER_BLOCK, images_per_block: int = DEFAULT_TAR_BLOCK,
+                 incremental: Incremental | None = None):
         super().__init__()
-        self._patterns, self._field = list(patterns), image_field
+        self._patterns, self._field, self._incremental = list(patterns), image_field, incremental
         self._files_per_block, self._per_block = files_per_block, images_per_block
 
     def expand(self, pbegin):
-        planned = (pbegin
-                   | "InputGlobs" >> beam.Create([self._patterns])
-                   | "ListAndPlanInputs" >> beam.ParDo(_ListAndPlanImages(self._files_per_block))
-                   .with_outputs("files", "errors", main="tasks"))
+        listed = pbegin | "ListInputs" >> ListInputs(self._patterns, self._incremental)
+        planned = (listed["plan"]
+                   | "PlanReadTasks" >> beam.ParDo(_PlanImageTasks(self._files_per_block))
+                   .with_outputs("errors", main="tasks"))
         tasks = planned.tasks | "SpreadOverWorkers" >> SpreadOverWorkers()
         blocks, failed = (tasks
                           | "ReadBlocks" >> beam.ParDo(_ReadImageBlocks(self._field, self._per_block))
                           .with_exception_handling(partial=True))
-        return {"files": planned.files, "blocks": blocks, "errors": planned.errors, "failed": failed}
+        return {"files": listed["files"], "plan": listed["plan"], "blocks": blocks, "errors": planned.errors,
+                "failed": failed}

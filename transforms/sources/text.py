@@ -24,7 +24,8 @@ from apache_beam.metrics import Metrics
 
 from transforms import fs
 from transforms.records import BlockTask, ErrorRecord, InputFile, RawBlock
-from transforms.sources.common import SpreadOverWorkers, list_files
+from transforms.incremental import Incremental, ListInputs, RunPlan
+from transforms.sources.common import SpreadOverWorkers
 
 DEFAULT_BLOCK_BYTES = 8 << 20
 DEFAULT_MAX_DOC_BYTES = 64 << 20
@@ -211,8 +212,8 @@ def read_task(task: BlockTask, text_field: str, block_bytes: int, max_doc_bytes:
             yield read_line_range(f, task)
 
 
-class _ListAndPlan(beam.DoFn):
-    """Lists every input and plans its read tasks in one step.
+class _PlanTextTasks(beam.DoFn):
+    """Plans the read tasks of the inputs a run must tokenize.
 
     Tasks leave largest first: Beam's local runner deals a stage's input out to
     its workers round-robin, and largest-first keeps their shares even.
@@ -222,10 +223,9 @@ class _ListAndPlan(beam.DoFn):
         self._block_bytes = block_bytes
         self._txt_per_line = txt_per_line
 
-    def process(self, patterns: list[str]) -> Iterator[BlockTask | beam.pvalue.TaggedOutput]:
+    def process(self, plan: RunPlan) -> Iterator[BlockTask | beam.pvalue.TaggedOutput]:
         tasks: list[BlockTask] = []
-        for f in list_files(patterns):
-            yield beam.pvalue.TaggedOutput("files", f)
+        for f in plan.todo:
             planned = plan_blocks(f, self._block_bytes, self._txt_per_line)
             if isinstance(planned, ErrorRecord):
                 yield beam.pvalue.TaggedOutput("errors", planned)
@@ -252,29 +252,33 @@ class _ReadBlocks(beam.DoFn):
 class ReadTextShards(beam.PTransform):
     """Globs → matched files → read tasks → RawBlocks.
 
-    Outputs a dict: 'files' (InputFile, for the manifest), 'blocks' (RawBlock),
-    'errors' (ErrorRecord for files that cannot be read at all) and
+    Outputs a dict: 'files' (InputFile, for the manifest), 'plan' (the RunPlan:
+    with `incremental`, only new and changed inputs are read), 'blocks'
+    (RawBlock), 'errors' (ErrorRecord for files that cannot be read at all) and
     'failed' (read tasks that raised: (BlockTask, exception info)).
     Listing happens inside the pipeline, so building it reads no data.
     """
 
     def __init__(self, patterns: list[str], *, text_field: str = "text", txt_per_line: bool = False,
-                 block_bytes: int = DEFAULT_BLOCK_BYTES, max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES):
+                 block_bytes: int = DEFAULT_BLOCK_BYTES, max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
+                 incremental: Incremental | None = None):
         super().__init__()
         self._patterns = list(patterns)
+        self._incremental = incremental
         self._text_field = text_field
         self._txt_per_line = txt_per_line
         self._block_bytes = block_bytes
         self._max_doc_bytes = max_doc_bytes
 
     def expand(self, pbegin):
-        planned = (pbegin
-                   | "InputGlobs" >> beam.Create([self._patterns])
-                   | "ListAndPlanInputs" >> beam.ParDo(_ListAndPlan(self._block_bytes, self._txt_per_line))
-                   .with_outputs("files", "errors", main="tasks"))
+        listed = pbegin | "ListInputs" >> ListInputs(self._patterns, self._incremental)
+        planned = (listed["plan"]
+                   | "PlanReadTasks" >> beam.ParDo(_PlanTextTasks(self._block_bytes, self._txt_per_line))
+                   .with_outputs("errors", main="tasks"))
         tasks = planned.tasks | "SpreadOverWorkers" >> SpreadOverWorkers()
         blocks, failed = (tasks
                           | "ReadBlocks" >> beam.ParDo(
                               _ReadBlocks(self._text_field, self._block_bytes, self._max_doc_bytes))
                           .with_exception_handling(partial=True))
-        return {"files": planned.files, "blocks": blocks, "errors": planned.errors, "failed": failed}
+        return {"files": listed["files"], "plan": listed["plan"], "blocks": blocks, "errors": planned.errors,
+                "failed": failed}

@@ -1,0 +1,236 @@
+"""Versions and commits of a dataset: how a build becomes visible, safely.
+
+Layout of a dataset root:
+
+    _manifest.json                  the current version's manifest + history (the pointer)
+    _schema.json                    the current version's schema
+    versions/<version>/_manifest.json   the latest commit of each version
+    versions/<version>/<run>/data/part-*.parquet, .../_errors/part-*.parquet
+
+* A **version** is the fingerprint of everything that changes the rows: the
+  modality, the tokenizer fingerprint, the reader and size options and the
+  schema version. A new tokenizer means a new version beside the old one.
+* A **commit** is one exact set of shards and inputs of a version. An
+  incremental run makes a new commit of the same version, reusing the shards of
+  unchanged inputs. Its id is a hash of that content, so two runs that produce
+  the same dataset produce the same commit.
+* A **run** writes its new shards into its own folder, named from the version,
+  the commit it builds on and the inputs it processes. Files that the current
+  commit names are never rewritten, so a run killed at any point leaves the
+  current commit intact, and its rerun writes the same files again.
+* Committing is compare-and-swap under a short lease: the root manifest is
+  replaced only if it still names the commit this run started from; otherwise
+  the run is a no-op (it made the same commit) or fails without writing.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import socket
+import time
+from typing import Any, Iterator
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from schemas.manifest import MANIFEST_NAME, Manifest, read_manifest, write_manifest, write_schema_json
+from schemas.storage import join
+
+VERSIONS_DIR = "versions"
+LEASE_NAME = "_commit.lease"
+LEASE_STALE_SECONDS = 600  # a commit takes well under a second; older leases are from dead runs
+LEASE_WAIT_SECONDS = 60
+
+
+class ConcurrentCommitError(RuntimeError):
+    """Another run committed to the dataset after this run started; nothing was written."""
+
+
+def version_id(modality: str, tokenizer_fingerprint: str, options: dict[str, Any], schema_version: int) -> str:
+    """The id of the rows a build makes (16 hex digits)."""
+    key = json.dumps([modality, tokenizer_fingerprint, options, schema_version], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def version_dir(version: str) -> str:
+    return f"{VERSIONS_DIR}/{version}"
+
+
+def commit_id(manifest: Manifest) -> str:
+    """Hash of what a reader sees: the version, its files and the inputs they came from."""
+    key = json.dumps([manifest.version, manifest.files, manifest.error_files, manifest.inputs],
+                     sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def read_current(root: str) -> Manifest | None:
+    """The current manifest, or None where there is no dataset yet."""
+    try:
+        return read_manifest(root)
+    except FileNotFoundError:
+        return None
+
+
+def history(previous: Manifest | None, manifest: Manifest) -> list[dict[str, Any]]:
+    """The version list after committing `manifest`: one entry per version, latest last."""
+    entries = [v for v in (previous.versions if previous else []) if v["version"] != manifest.version]
+    entries.append({"version": manifest.version, "commit": manifest.commit, "created_at": manifest.created_at,
+                    "tokenizer": manifest.tokenizer.get("spec"),
+                    "fingerprint": manifest.tokenizer.get("fingerprint"),
+                    "rows": manifest.rows, "tokens": manifest.tokens, "errors": manifest.errors,
+                    "inputs": len(manifest.inputs),
+                    "manifest": f"{version_dir(manifest.version)}/{MANIFEST_NAME}"})
+    return entries
+
+
+@contextlib.contextmanager
+def lease(root: str, wait: float = LEASE_WAIT_SECONDS) -> Iterator[None]:
+    """Hold ROOT/_commit.lease while committing: created exclusively, removed after.
+
+    Local disks create it with O_EXCL; object stores with fsspec's exclusive
+    mode where the store offers a conditional put (GCS generation match, S3
+    If-None-Match). A lease older than LEASE_STALE_SECONDS is from a dead run
+    and is broken.
+    """
+    fs, path = fsspec.core.url_to_fs(join(root, LEASE_NAME))
+    body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}).encode()
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            _create_exclusive(fs, path, body)
+            break
+        except FileExistsError:
+            try:
+                held = json.loads(fs.cat_file(path))
+                if time.time() - float(held.get("time", 0)) > LEASE_STALE_SECONDS:
+                    fs.rm(path)
+                    continue
+            except (FileNotFoundError, ValueError):
+                continue  # released (or half-written) between our two calls
+            if time.monotonic() > deadline:
+                raise ConcurrentCommitError(f"{root}: another run holds the commit lease "
+                                            f"({held.get('host')}, pid {held.get('pid')})") from None
+            time.sleep(0.2)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(path)
+
+
+def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, body: bytes) -> None:
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+        return
+    try:
+        with fs.open(path, "xb") as f:
+            f.write(body)
+    except (ValueError, NotImplementedError):
+        # The store has no conditional create: check, then write. Two commits
+        # racing inside this window is the remaining risk on such stores.
+        if fs.exists(path):
+            raise FileExistsError(path) from None
+        fs.pipe_file(path, body)
+
+
+def commit(root: str, manifest: Manifest, base_commit: str) -> str:
+    """Make `manifest` the dataset's current commit; returns "committed" or "unchanged".
+
+    `base_commit` is the commit the run started from ("" for none). If the root
+    now names another commit, the run is a no-op when it would commit the same
+    content, and otherwise raises ConcurrentCommitError without writing.
+    """
+    manifest.commit = commit_id(manifest)
+    with lease(root):
+        current = read_current(root)
+        current_commit = current.commit if current else ""
+        if current is not None and current_commit == manifest.commit:
+            return "unchanged"
+        if current_commit != base_commit:
+            raise ConcurrentCommitError(
+                f"{root}: another run committed {current_commit or 'a dataset'} after this run started "
+                f"from {base_commit or 'an empty output'}; nothing was committed (run again to build on it)")
+        manifest.parent = current_commit
+        manifest.versions = history(current, manifest)
+        vdir = join(root, version_dir(manifest.version))
+        write_schema_json(vdir, manifest)
+        write_manifest(vdir, manifest)
+        write_schema_json(root, manifest)
+        write_manifest(root, manifest)  # the single atomic step that publishes the commit
+    return "committed"
+
+
+@dataclasses.dataclass
+class GcReport:
+    kept: list[str]
+    removed_versions: list[str]
+    removed_files: list[str]
+
+
+def referenced(manifest: Manifest) -> set[str]:
+    return set(manifest.files) | set(manifest.error_files) | {
+        f"{version_dir(manifest.version)}/{name}" for name in (MANIFEST_NAME, manifest.schema_file)}
+
+
+def gc(root: str, keep: int, grace_seconds: float = 3600.0, dry_run: bool = False) -> GcReport:
+    """Remove all but the `keep` latest versions, and files no kept commit names.
+
+    Unreferenced files younger than `grace_seconds` are left alone: they may
+    belong to a run still in progress.
+    """
+    if keep < 1:
+        raise ValueError("keep must be at least 1 (the current version)")
+    current = read_manifest(root)
+    entries = current.versions or [{"version": current.version}]
+    kept = [e["version"] for e in entries[-keep:]]
+    if current.version not in kept:
+        kept.append(current.version)
+    keep_files: set[str] = set()
+    for v in kept:
+        keep_files |= referenced(current if v == current.version else read_manifest(root, v))
+    fs, base = fsspec.core.url_to_fs(root)
+    base = base.rstrip("/")
+    now = time.time()
+    removed_files: list[str] = []
+    removed_versions = sorted({e["version"] for e in entries} - set(kept))
+    found = fs.find(join(base, VERSIONS_DIR), detail=True) if fs.exists(join(base, VERSIONS_DIR)) else {}
+    for path, info in sorted(found.items()):
+        rel = path[len(base) + 1:]
+        if rel in keep_files:
+            continue
+        version = rel.split("/")[1] if rel.count("/") >= 2 else ""
+        if version not in removed_versions and now - _mtime(info) < grace_seconds:
+            continue  # maybe a run in progress (a version or run folder not committed yet)
+        removed_files.append(rel)
+        if not dry_run:
+            fs.rm(path)
+    if not dry_run and removed_versions:
+        with lease(root):  # history no longer lists what was removed
+            latest = read_manifest(root)
+            latest.versions = [e for e in latest.versions if e["version"] not in removed_versions]
+            write_manifest(root, latest)
+    return GcReport(kept, removed_versions, removed_files)
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    for key in ("mtime", "LastModified", "updated", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)):
+            return float(value)
+        if hasattr(value, "timestamp"):
+            return value.timestamp()
+        try:
+            import datetime as _dt
+
+            return _dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            continue
+    return 0.0
