@@ -92,6 +92,10 @@ class TokenReader:
         ((num_tokens, dim) array; bfloat16 as uint16 bits), plus "grid" for
         image and video.
 
+    The current commit is read unless `version` names an older version that
+    `tokenmill gc` has not removed yet. Either way the reader sees one
+    complete commit: the manifest it opens names every file it reads.
+
     expect_fingerprint / expect_vocab_size / expect_tokenizer (a spec) make the
     reader refuse a dataset built with another tokenizer. With `normalize` (the
     default), latents stored as uint8 with a recorded normalization (patch:P)
@@ -102,12 +106,15 @@ class TokenReader:
                  shuffle_buffer: int = 1024, remainder: str = "drop", pad_id: int | None = None,
                  eos_id: int | str | None = "auto", rank: int | None = None, world_size: int | None = None,
                  expect_fingerprint: str | None = None, expect_vocab_size: int | None = None,
-                 expect_tokenizer: str | None = None, epoch: int = 0, normalize: bool = True):
+                 expect_tokenizer: str | None = None, epoch: int = 0, normalize: bool = True,
+                 version: str | None = None):
         self.root = root.rstrip("/")
+        path = join(self.root, MANIFEST_NAME) if not version else join(self.root, "versions", version, MANIFEST_NAME)
         try:
-            self.manifest = Manifest.from_json(read_bytes(join(self.root, MANIFEST_NAME)).decode())
+            self.manifest = Manifest.from_json(read_bytes(path).decode())
         except FileNotFoundError:
-            raise DatasetMismatchError(f"{root}: no {MANIFEST_NAME}; not a finished tokenmill dataset") from None
+            raise DatasetMismatchError(f"{root}: no {MANIFEST_NAME}" + (f" for version {version}" if version else "")
+                                       + "; not a finished tokenmill dataset") from None
         tok = self.manifest.tokenizer
         self.kind = tok.get("kind", "hard")
         self._check(tok, expect_fingerprint, expect_vocab_size, expect_tokenizer)

@@ -100,9 +100,18 @@ def _all_subclasses(cls: type) -> list[type]:
 
 
 def run_pipeline(pipeline, prog: str):
-    """Run to completion; the result, or None after one line on stderr if the job failed."""
+    """Run to completion; the result, or None after one line on stderr if the job failed.
+
+    Set TOKENMILL_DEBUG=1 to see Beam's traceback of a failed step as well.
+    """
+    import logging
+    import os
     import sys
 
+    if not os.environ.get("TOKENMILL_DEBUG"):
+        # The failure is reported below in one line; Beam's own traceback of the
+        # failing DoFn (logged in-process by local runners) is for debugging.
+        logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
     try:
         result = pipeline.run()
         result.wait_until_finish()

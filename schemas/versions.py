@@ -210,6 +210,10 @@ def gc(root: str, keep: int, grace_seconds: float = 3600.0, dry_run: bool = Fals
         removed_files.append(rel)
         if not dry_run:
             fs.rm(path)
+    if not dry_run and isinstance(fs, LocalFileSystem):
+        for folder, _dirs, _files in sorted(os.walk(join(base, VERSIONS_DIR)), reverse=True):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only empty folders go
     if not dry_run and removed_versions:
         with lease(root):  # history no longer lists what was removed
             latest = read_manifest(root)
