@@ -18,6 +18,7 @@ setup(
         "orjson>=3.10",
         "pillow>=10",
         "zstandard>=0.22",
+        "pyyaml>=6",
     ],
     extras_require={
         "hf": ["tokenizers>=0.20"],

@@ -62,6 +62,9 @@ def make_parser() -> argparse.ArgumentParser:
         epilog="Tokenizer specs: text: " + ", ".join(TEXT_SPECS) + "; images: " + ", ".join(IMAGE_SPECS)
                + ". Default runner: Beam's FnApiRunner "
                "(local, offline), multi_processing with one worker per CPU core.")
+    p.add_argument("--config", metavar="BUILD.yaml",
+                   help="build every source declared in a YAML build spec instead (see README: Build specs); "
+                        "then only --overwrite and Beam options may be given beside it")
     p.add_argument("--input", action="append", required=True, metavar="GLOB",
                    help="input shard path, glob or URI (repeatable); a folder means all files under it")
     p.add_argument("--output", required=True, metavar="DIR", help="dataset directory or URI to write")
@@ -256,7 +259,7 @@ def recorded_args(args: argparse.Namespace) -> list[str]:
     """
     out: list[str] = []
     for action in make_parser()._actions:
-        if not action.option_strings or action.dest in ("help", "output", "overwrite"):
+        if not action.option_strings or action.dest in ("help", "output", "overwrite", "config"):
             continue
         value = getattr(args, action.dest, None)
         if value == action.default or value is None:
@@ -305,27 +308,41 @@ def _summary(root: str, seconds: float, runner: str, counters: dict[str, int]) -
     return "\n".join(lines)
 
 
+def prepare_source(args: argparse.Namespace) -> dict[str, Any]:
+    """Check one source's inputs, tokenizer and output on the launcher; returns the tokenizer's metadata.
+
+    Fills in args.modality and canonical args.input / args.output. Raises UsageError.
+    """
+    uris = check_inputs(args.input)
+    args.modality = infer_modality(args, uris)
+    try:
+        if args.modality == "image":
+            SizePolicy.parse(args.size)
+            tokenizer = shared_image_tokenizer(args.tokenizer, image_options(args))
+        else:
+            tokenizer = shared_text_tokenizer(args.tokenizer, args.bos, args.eos, args.engine)
+    except (TokenizerSpecError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    args.input = [fs.canonical(i) for i in args.input]
+    args.output = fs.canonical(args.output)
+    prepare_output(args.output)
+    return tokenizer.metadata()
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse, check, build and run; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        from pipelines.build_spec import run_config
+
+        return run_config(argv)
     with usage_errors("tokenmill build"):
         args, beam_args = make_parser().parse_known_args(argv)
         beam_args, runner = runners.local_defaults(beam_args)
         options = runners.pipeline_options(beam_args)
         runners.one_blas_thread_per_worker(options)
-        uris = check_inputs(args.input)
-        args.modality = infer_modality(args, uris)
-        try:
-            if args.modality == "image":
-                SizePolicy.parse(args.size)
-                tokenizer = shared_image_tokenizer(args.tokenizer, image_options(args))
-            else:
-                tokenizer = shared_text_tokenizer(args.tokenizer, args.bos, args.eos, args.engine)
-        except (TokenizerSpecError, ValueError) as e:
-            raise UsageError(str(e)) from None
-        args.input = [fs.canonical(i) for i in args.input]
-        args.output = fs.canonical(args.output)
-        prepare_output(args.output)
-        pipeline = build_pipeline(args, options, tokenizer.metadata(), build_args=recorded_args(args))
+        meta = prepare_source(args)
+        pipeline = build_pipeline(args, options, meta, build_args=recorded_args(args))
     print(f"tokenmill build: runner {runner}", file=sys.stderr)
     start = time.perf_counter()
     result = runners.run_pipeline(pipeline, "tokenmill build")

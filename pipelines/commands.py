@@ -106,3 +106,35 @@ def decode(argv: Sequence[str] | None = None) -> int:
     Image.fromarray(image).save(args.out)
     print(f"tokenmill decode: {args.id} ({row['source']} {row['locator']}, grid {grid}) -> {args.out}")
     return 0
+
+
+def gc(argv: Sequence[str] | None = None) -> int:
+    """`tokenmill gc DIR --keep N`: remove old versions and files no kept commit names."""
+    from schemas.manifest import MultiDatasetRoot
+    from schemas.versions import gc as collect
+
+    with usage_errors("tokenmill gc"):
+        p = OneLineArgumentParser(prog="tokenmill gc",
+                                  description="Remove all but the N latest versions of a dataset, and files "
+                                              "that no kept version names (leftovers of replaced or dead runs).")
+        p.add_argument("dir", metavar="DIR", help="dataset directory or URI")
+        p.add_argument("--keep", type=int, required=True, metavar="N", help="versions to keep (at least 1)")
+        p.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
+                       help="leave unreferenced files younger than this: a run may still be writing them "
+                            "(default: 3600)")
+        p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+        args = p.parse_args(argv)
+        if args.keep < 1:
+            raise UsageError("--keep must be at least 1")
+        try:
+            report = collect(args.dir, args.keep, args.grace, args.dry_run)
+        except FileNotFoundError:
+            raise UsageError(f"{args.dir}: no _manifest.json (not a tokenmill dataset)") from None
+        except MultiDatasetRoot as e:
+            raise UsageError(f"{args.dir}: {e}; run gc on each") from None
+    verb = "would remove" if args.dry_run else "removed"
+    for path in report.removed_files:
+        print(f"  {verb} {path}")
+    print(f"tokenmill gc: kept {len(report.kept)} version(s) ({', '.join(report.kept)}); {verb} "
+          f"{len(report.removed_versions)} version(s) and {len(report.removed_files)} file(s)")
+    return 0

@@ -222,3 +222,42 @@ def test_two_concurrent_runs_leave_a_valid_dataset(tmp_path):
     winner = "eos_id" if results[0][2] == 0 else "bos_id"
     assert m.tokenizer["special_token_policy"][winner] is not None
     assert validate(str(out)) == [] and read_rows(out).num_rows == 6000
+
+
+def test_retokenize_builds_a_new_version_from_the_recorded_sources(tmp_path, capsys):
+    from pipelines import retokenize
+
+    from tests.conftest import ONE_WORKER
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_shards(src, 2)
+    assert build(capsys, src, out, "--eos")[0] == 0
+    old = read_manifest(str(out))
+    assert old.build_args == ["--input", str(src), "--tokenizer", "bytes", "--eos", "--modality", "text"]
+    make_shards(src, 1, start=2)  # arrived since: a retokenize lists the inputs again
+    assert retokenize.run([str(out), "--tokenizer", "tiktoken:cl100k_base", *ONE_WORKER]) == 0
+    new = read_manifest(str(out))
+    assert new.version != old.version and new.tokenizer["spec"] == "tiktoken:cl100k_base"
+    assert new.tokenizer["special_token_policy"]["eos_id"] == 100257 and new.rows == 60
+    assert read_manifest(str(out), old.version).rows == 40  # the old version, still there
+    # options given after DIR replace the recorded ones
+    assert retokenize.run([str(out), "--tokenizer", "bytes", "--text-field", "nope", *ONE_WORKER]) == 0
+    assert read_manifest(str(out)).rows == 0 and read_manifest(str(out)).errors == 60
+
+
+def test_gc_command_and_its_misuse(tmp_path, capsys):
+    from tests.conftest import run_cli
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    make_shards(src, 1)
+    for spec in ("bytes", "tiktoken:cl100k_base"):
+        assert build(capsys, src, out, tokenizer=spec)[0] == 0
+    dry = run_cli("pipelines.cli", "gc", str(out), "--keep", "1", "--dry-run")
+    assert dry.returncode == 0 and "would remove 1 version(s)" in dry.stdout
+    assert len(read_manifest(str(out)).versions) == 2
+    done = run_cli("pipelines.cli", "gc", str(out), "--keep", "1")
+    assert done.returncode == 0 and "removed 1 version(s)" in done.stdout
+    assert len(read_manifest(str(out)).versions) == 1 and validate(str(out)) == []
+    for bad in (["gc", str(out), "--keep", "0"], ["gc", str(tmp_path / "nothing"), "--keep", "2"]):
+        r = run_cli("pipelines.cli", *bad)
+        assert r.returncode == 2 and len([x for x in r.stderr.splitlines() if "tokenmill" in x]) == 1
