@@ -18,6 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import runners
 from pipelines.cli_errors import OneLineArgumentParser, UsageError, usage_errors
+from pipelines.progress import MODES as PROGRESS_MODES, BuildProgress, human
 from schemas.manifest import DATA_DIR, ERRORS_DIR, MANIFEST_NAME, read_manifest
 from schemas.storage import join
 from transforms import fs
@@ -82,6 +83,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-doc-bytes", type=byte_size, default=DEFAULT_MAX_DOC_BYTES, metavar="BYTES",
                    help="whole-file .txt documents larger than this become error rows (default: 64MiB)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
+    p.add_argument("--progress", choices=PROGRESS_MODES, default="auto",
+                   help="live progress on stderr: a bar, periodic log lines, or none (default auto: a bar on "
+                        "a terminal, else log lines)")
+    p.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds between progress log lines (default: 10)")
     g = p.add_argument_group("images")
     g.add_argument("--modality", choices=("auto", "text", "image"), default="auto",
                    help="what the inputs hold; auto: from the file names where they are unambiguous "
@@ -106,8 +112,8 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_inputs(patterns: Sequence[str]) -> list[str]:
-    """Fail fast on globs that match nothing; returns the URIs matched."""
+def check_inputs(patterns: Sequence[str], sizes: dict[str, int] | None = None) -> list[str]:
+    """Fail fast on globs that match nothing; returns the URIs matched (and fills `sizes` by URI)."""
     uris: list[str] = []
     for pattern in patterns:
         try:
@@ -117,6 +123,8 @@ def check_inputs(patterns: Sequence[str]) -> list[str]:
         if not found:
             raise UsageError(f"input {pattern!r} matches no files")
         uris += [f.uri for f in found]
+        if sizes is not None:
+            sizes.update((f.uri, f.size) for f in found)
     return uris
 
 
@@ -204,7 +212,8 @@ def build_pipeline(args: argparse.Namespace, options: PipelineOptions, tokenizer
         (rejected | "WriteRejectedShards" >> WriteTokenShards(args.output)),
     ) | "JoinShardResults" >> beam.Flatten()
     _ = results | "CommitManifest" >> CommitManifest(
-        args.output, read["files"], modality=args.modality, tokenizer=tokenizer_meta, options=options_record)
+        args.output, read["files"], modality=args.modality, tokenizer=tokenizer_meta, options=options_record,
+        started_at=round(time.time(), 3))
     return p
 
 
@@ -232,14 +241,6 @@ def infer_modality(args: argparse.Namespace, uris: Sequence[str]) -> str:
     return by_files or by_tokenizer
 
 
-def _human(n: float, unit: str = "B") -> str:
-    for prefix in ("", "k", "M", "G", "T"):
-        if abs(n) < 1000 or prefix == "T":
-            return f"{n:.1f} {prefix}{unit}" if prefix else f"{n:.0f} {unit}"
-        n /= 1000
-    return f"{n} {unit}"
-
-
 def _summary(root: str, seconds: float, runner: str, counters: dict[str, int]) -> str:
     m = read_manifest(root)
     in_bytes = sum(i["size"] for i in m.inputs)
@@ -251,11 +252,11 @@ def _summary(root: str, seconds: float, runner: str, counters: dict[str, int]) -
            f"dim {m.tokenizer.get('dim')} {m.tokenizer.get('latent_dtype')}, ")
         + (f"engine {m.tokenizer['engine']}, " if "engine" in m.tokenizer else "") + 
         f"{m.token_dtype}, fingerprint {m.tokenizer['fingerprint'][:12]})",
-        f"  inputs:     {len(m.inputs)} files, {_human(in_bytes)}",
+        f"  inputs:     {len(m.inputs)} files, {human(in_bytes)}",
         f"  rows:       {m.rows}",
         f"  tokens:     {m.tokens}",
         f"  errors:     {m.errors}" + (f"  (rows in {join(root, ERRORS_DIR)}/)" if m.errors else ""),
-        f"  throughput: {_human(in_bytes / seconds, 'B/s')}, {_human(m.tokens / seconds, 'tokens/s')}",
+        f"  throughput: {human(in_bytes / seconds, 'B/s')}, {human(m.tokens / seconds, 'tokens/s')}",
         f"  output:     {root}  ({len(m.files)} data shards, manifest {MANIFEST_NAME})",
     ]
     if counters:
@@ -267,10 +268,13 @@ def run(argv: Sequence[str] | None = None) -> int:
     """Parse, check, build and run; returns the process exit code."""
     with usage_errors("tokenmill build"):
         args, beam_args = make_parser().parse_known_args(argv)
+        if not args.progress_every > 0:
+            raise UsageError(f"--progress-every must be a positive number of seconds, not {args.progress_every}")
         beam_args, runner = runners.local_defaults(beam_args)
         options = runners.pipeline_options(beam_args)
         runners.one_blas_thread_per_worker(options)
-        uris = check_inputs(args.input)
+        sizes: dict[str, int] = {}
+        uris = check_inputs(args.input, sizes)
         args.modality = infer_modality(args, uris)
         try:
             if args.modality == "image":
@@ -286,7 +290,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         pipeline = build_pipeline(args, options, tokenizer.metadata())
     print(f"tokenmill build: runner {runner}", file=sys.stderr)
     start = time.perf_counter()
-    result = runners.run_pipeline(pipeline, "tokenmill build")
+    with BuildProgress(args.output, sizes, mode=args.progress, every=args.progress_every) as progress:
+        result = runners.run_pipeline(pipeline, "tokenmill build")
+        progress.succeeded = result is not None
     if result is None:
         return 1
     seconds = time.perf_counter() - start

@@ -58,6 +58,8 @@ class Manifest:
     schema_file: str = SCHEMA_NAME
     created_at: str = ""
     tokenmill_version: str = ""
+    # started_at, finished_at and when each block was written (see transforms/write.py run_timing)
+    timing: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
