@@ -8,6 +8,8 @@ COMMANDS = {
     "build": ("pipelines.build:run", "tokenize raw shards into a Parquet token dataset"),
     "decode": ("pipelines.commands:decode", "turn an image row's tokens back into an image"),
     "fit": ("pipelines.fit:run", "fit a vq codebook or a pca bottleneck on your images"),
+    "inspect": ("pipelines.commands:inspect", "show a dataset's schema, counts and sample rows, tokens marked"),
+    "report": ("pipelines.commands:report", "write an HTML report with plots on what the tokens are"),
     "schema": ("pipelines.commands:schema", "print a dataset schema definition (JSON or Arrow)"),
     "validate": ("pipelines.commands:validate", "check a dataset against its manifest and schema"),
 }

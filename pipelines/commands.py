@@ -1,4 +1,4 @@
-"""Commands that are not Beam graphs: thin faces over schemas/."""
+"""Commands that are not Beam graphs: thin faces over schemas/ and reports/."""
 from __future__ import annotations
 
 import json
@@ -105,4 +105,55 @@ def decode(argv: Sequence[str] | None = None) -> int:
     image = tok.decode_image(values, grid, row["height"], row["width"])
     Image.fromarray(image).save(args.out)
     print(f"tokenmill decode: {args.id} ({row['source']} {row['locator']}, grid {grid}) -> {args.out}")
+    return 0
+
+
+def inspect(argv: Sequence[str] | None = None) -> int:
+    """`tokenmill inspect DIR`: schema, metadata, versions, counts and sample rows."""
+    import tempfile
+
+    from reports.inspect import format_inspection, inspect_dataset
+
+    with usage_errors("tokenmill inspect"):
+        p = OneLineArgumentParser(prog="tokenmill inspect",
+                                  description="Show a dataset's schema, metadata, version history and counts, "
+                                              "and sample rows as a person reads them: text with token "
+                                              "boundaries, IDs and lengths; images and videos with their grid, "
+                                              "codes and a PNG reconstruction.")
+        p.add_argument("dir", metavar="DIR", help="dataset directory or URI")
+        p.add_argument("--rows", type=int, default=3, help="sample rows to show (default: 3)")
+        p.add_argument("--id", help="show this row instead of the first ones")
+        p.add_argument("--out", metavar="DIR", help="where reconstructions are written (default: a new temp dir)")
+        p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+        args = p.parse_args(argv)
+        if args.rows < 0:
+            raise UsageError(f"--rows must be 0 or more, not {args.rows}")
+        out_dir = args.out or tempfile.mkdtemp(prefix="tokenmill-inspect-")
+        try:
+            result = inspect_dataset(args.dir, rows=args.rows, row_id=args.id, out_dir=out_dir)
+        except FileNotFoundError:
+            raise UsageError(f"{args.dir}: no _manifest.json") from None
+        except KeyError:
+            raise UsageError(f"no row with id {args.id} in {args.dir}") from None
+    print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else format_inspection(result))
+    return 0
+
+
+def report(argv: Sequence[str] | None = None) -> int:
+    """`tokenmill report DIR --out report/`: a self-contained HTML page with plots."""
+    from reports.html import write_report
+
+    with usage_errors("tokenmill report"):
+        p = OneLineArgumentParser(prog="tokenmill report",
+                                  description="Write a self-contained HTML report (PNG plots embedded, no "
+                                              "network needed) on what a dataset's tokens are.")
+        p.add_argument("dir", metavar="DIR", help="dataset directory or URI")
+        p.add_argument("--out", required=True, metavar="DIR", help="folder to write index.html into")
+        p.add_argument("--samples", type=int, default=8, help="images to reconstruct (default: 8)")
+        args = p.parse_args(argv)
+        try:
+            path = write_report(args.dir, args.out, samples=args.samples)
+        except FileNotFoundError:
+            raise UsageError(f"{args.dir}: no _manifest.json") from None
+    print(f"tokenmill report: {args.dir} -> {path}")
     return 0
