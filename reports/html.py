@@ -73,12 +73,18 @@ def _bars(hist: dict[int, int], xlabel: str, title: str, mark: float | None = No
 
 
 def _text_section(view: DatasetView) -> str:
-    g = token_granularity(_token_counts(view), view.tokenizer.token_bytes)
+    counts = _token_counts(view)
+    # BOS/EOS are markers, not text: they would count as long tokens (<|endoftext|> is 13 characters).
+    special = [i for i in (view.manifest.tokenizer.get("special_tokens") or {}).values() if i < len(counts)]
+    markers = int(counts[special].sum())
+    counts[special] = 0
+    g = token_granularity(counts, view.tokenizer.token_bytes)
     longest = [[t["id"], _Raw(f"<code>{html.escape(visible(t['text']))}</code>"), t["chars"], t["bytes"], t["count"]]
                for t in g["longest"]]
     return "".join([
         "<h2>Granularity: characters and bytes per token</h2>",
-        f"<p>{g['tokens']} tokens used, {g['distinct_tokens']} distinct. On average a token packs "
+        f"<p>{g['tokens']} text tokens used, {g['distinct_tokens']} distinct"
+        f"{f' ({markers} special tokens such as BOS/EOS left out)' if markers else ''}. On average a token packs "
         f"<b>{g['chars_per_token']:.2f} characters</b> ({g['bytes_per_token']:.2f} bytes); "
         f"<b>{g['share_long']:.1%}</b> of tokens pack {LONG_TOKEN_CHARS} or more characters, "
         "which a model must spell out from one ID.</p>",
@@ -121,7 +127,7 @@ def _reconstruction_section(view: DatasetView, samples: int) -> str:
             scores.append(score)
         label = "" if score is None else ("lossless" if np.isinf(score) else f"PSNR {score:.1f} dB")
         pairs.append(f"<div class=pair>{first}{_img(png_bytes(recon), 'reconstruction')}<br>"
-                     f"{html.escape(row['locator'])} {label}</div>")
+                     f"{html.escape(_where(row))} {label}</div>")
     finite = [s for s in scores if np.isfinite(s)]
     parts = ["<h2>Reconstructions</h2>",
              "<p>Each pair: the image as tokenized (left) and decoded from its tokens (right).</p>", *pairs]
@@ -135,6 +141,12 @@ def _reconstruction_section(view: DatasetView, samples: int) -> str:
     elif scores:
         parts.append(f"<p>All {len(scores)} samples reconstruct exactly (PSNR infinite).</p>")
     return "".join(parts)
+
+
+def _where(row: dict[str, Any]) -> str:
+    """The source file's name, and the locator within it where that says more."""
+    name = row["source"].rstrip("/").rsplit("/", 1)[-1]
+    return name if row["locator"] == "file" else f"{name} {row['locator']}"
 
 
 def _errors_section(view: DatasetView) -> str:
