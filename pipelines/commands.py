@@ -9,6 +9,13 @@ from pipelines.cli_errors import OneLineArgumentParser, UsageError, usage_errors
 from schemas.tables import DEFINED, KINDS, LATENT_STORAGE, MODALITIES, dataset_schema, describe
 
 
+def dataset_parser(prog: str, description: str) -> OneLineArgumentParser:
+    """A parser for a command on one dataset, with its DIR argument."""
+    p = OneLineArgumentParser(prog=prog, description=description)
+    p.add_argument("dir", metavar="DIR", help="dataset directory or URI")
+    return p
+
+
 def schema(argv: Sequence[str] | None = None) -> int:
     """`tokenmill schema`: print a schema definition (JSON for any language, or Arrow)."""
     with usage_errors("tokenmill schema"):
@@ -39,9 +46,7 @@ def validate(argv: Sequence[str] | None = None) -> int:
     from schemas.validate import validate as check
 
     with usage_errors("tokenmill validate"):
-        p = OneLineArgumentParser(prog="tokenmill validate",
-                                  description="Check every shard of a dataset against its manifest and schema.")
-        p.add_argument("dir", metavar="DIR", help="dataset directory or URI")
+        p = dataset_parser("tokenmill validate", "Check every shard of a dataset against its manifest and schema.")
         args = p.parse_args(argv)
     problems = check(args.dir)
     for line in problems:
@@ -61,10 +66,8 @@ def decode(argv: Sequence[str] | None = None) -> int:
     from transforms.tokenizers.spec import load_image_tokenizer
 
     with usage_errors("tokenmill decode"):
-        p = OneLineArgumentParser(prog="tokenmill decode",
-                                  description="Turn an image row's tokens (patches, vq codes, pca latents) "
-                                              "back into an image, to see what the tokens keep.")
-        p.add_argument("dir", metavar="DIR", help="dataset directory or URI")
+        p = dataset_parser("tokenmill decode", "Turn an image row's tokens (patches, vq codes, pca latents) "
+                                               "back into an image, to see what the tokens keep.")
         p.add_argument("--id", required=True, help="row id")
         p.add_argument("--out", required=True, metavar="FILE", help="image file to write (.png keeps it exact)")
         args = p.parse_args(argv)
@@ -115,12 +118,10 @@ def inspect(argv: Sequence[str] | None = None) -> int:
     from reports.inspect import format_inspection, inspect_dataset
 
     with usage_errors("tokenmill inspect"):
-        p = OneLineArgumentParser(prog="tokenmill inspect",
-                                  description="Show a dataset's schema, metadata, version history and counts, "
-                                              "and sample rows as a person reads them: text with token "
-                                              "boundaries, IDs and lengths; images and videos with their grid, "
-                                              "codes and a PNG reconstruction.")
-        p.add_argument("dir", metavar="DIR", help="dataset directory or URI")
+        p = dataset_parser("tokenmill inspect", "Show a dataset's schema, metadata, version history and counts, "
+                                                "and sample rows as a person reads them: text with token "
+                                                "boundaries, IDs and lengths; images and videos with their grid, "
+                                                "codes and a PNG reconstruction.")
         p.add_argument("--rows", type=int, default=3, help="sample rows to show (default: 3)")
         p.add_argument("--id", help="show this row instead of the first ones")
         p.add_argument("--out", metavar="DIR", help="where reconstructions are written (default: a new temp dir)")
@@ -144,13 +145,13 @@ def report(argv: Sequence[str] | None = None) -> int:
     from reports.html import write_report
 
     with usage_errors("tokenmill report"):
-        p = OneLineArgumentParser(prog="tokenmill report",
-                                  description="Write a self-contained HTML report (PNG plots embedded, no "
-                                              "network needed) on what a dataset's tokens are.")
-        p.add_argument("dir", metavar="DIR", help="dataset directory or URI")
+        p = dataset_parser("tokenmill report", "Write a self-contained HTML report (PNG plots embedded, no "
+                                               "network needed) on what a dataset's tokens are.")
         p.add_argument("--out", required=True, metavar="DIR", help="folder to write index.html into")
         p.add_argument("--samples", type=int, default=8, help="images to reconstruct (default: 8)")
         args = p.parse_args(argv)
+        if args.samples < 0:
+            raise UsageError(f"--samples must be 0 or more, not {args.samples}")
         try:
             path = write_report(args.dir, args.out, samples=args.samples)
         except FileNotFoundError:
