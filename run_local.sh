@@ -12,7 +12,7 @@ if [ -z "$PYTHON" ]; then
   if command -v python3.11 >/dev/null 2>&1; then PYTHON=python3.11; else PYTHON=python3; fi
 fi
 VENV=.venv
-EXTRAS="hf,fast,fit,torch,test,bench"
+EXTRAS="hf,fast,fit,torch,test,bench,report"
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "run_local.sh: creating $VENV with $($PYTHON --version 2>&1)" >&2
@@ -32,6 +32,13 @@ mode=${1:-build}
 case "$mode" in
   test)
     shift
+    # The report test renders pages in a real browser: Debian's chromium, installed
+    # here when missing and we may (root, apt); elsewhere that test skips and says why.
+    if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "run_local.sh: installing chromium (apt) for the report's browser test" >&2
+      apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+        || echo "run_local.sh: could not install chromium; the browser test will skip" >&2
+    fi
     exec "$VENV/bin/python" -m pytest -q tests "$@"
     ;;
   bench)

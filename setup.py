@@ -7,7 +7,7 @@ setup(
     description="Apache Beam pipelines that turn raw text, image and video shards into Parquet token datasets",
     python_requires=">=3.10",
     packages=find_packages(include=["pipelines", "pipelines.*", "transforms", "transforms.*",
-                                    "schemas", "schemas.*", "loaders", "loaders.*"]),
+                                    "schemas", "schemas.*", "loaders", "loaders.*", "reports", "reports.*"]),
     install_requires=[
         "apache-beam>=2.77,<3",
         "pyarrow>=17",
@@ -27,6 +27,7 @@ setup(
         "torch": ["torch>=2.1", "torchdata>=0.10"],
         "test": ["pytest>=8", "hypothesis>=6", "tokenizers>=0.20", "duckdb>=1.0", "datasets>=3"],
         "bench": ["datasets>=3", "psutil>=5"],
+        "report": ["matplotlib>=3.8"],
     },
     package_data={"transforms.tokenizers": ["data/*.tiktoken.gz"]},
     entry_points={"console_scripts": ["tokenmill=pipelines.cli:main"]},

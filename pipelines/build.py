@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import uuid
 from typing import Any, Sequence
 
 import apache_beam as beam
@@ -18,6 +19,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import runners
 from pipelines.cli_errors import OneLineArgumentParser, UsageError, usage_errors
+from pipelines.progress import MODES as PROGRESS_MODES, BuildProgress, human
 from schemas.manifest import MANIFEST_NAME, read_manifest
 from schemas.storage import join
 from schemas.tables import SCHEMA_VERSION
@@ -90,6 +92,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="tokenize every input again instead of reusing the rows of unchanged ones "
                         "(the result is a new commit; older versions stay until `tokenmill gc`)")
+    p.add_argument("--progress", choices=PROGRESS_MODES, default="auto",
+                   help="live progress on stderr: a bar, periodic log lines, or none (default auto: a bar on "
+                        "a terminal, else log lines)")
+    p.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds between progress log lines (default: 10)")
     g = p.add_argument_group("images")
     g.add_argument("--modality", choices=("auto", "text", "image"), default="auto",
                    help="what the inputs hold; auto: from the file names where they are unambiguous "
@@ -114,8 +121,8 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_inputs(patterns: Sequence[str]) -> list[str]:
-    """Fail fast on globs that match nothing; returns the URIs matched."""
+def check_inputs(patterns: Sequence[str], sizes: dict[str, int] | None = None) -> list[str]:
+    """Fail fast on globs that match nothing; returns the URIs matched (and fills `sizes` by URI)."""
     uris: list[str] = []
     for pattern in patterns:
         try:
@@ -125,6 +132,8 @@ def check_inputs(patterns: Sequence[str]) -> list[str]:
         if not found:
             raise UsageError(f"input {pattern!r} matches no files")
         uris += [f.uri for f in found]
+        if sizes is not None:
+            sizes.update((f.uri, f.size) for f in found)
     return uris
 
 
@@ -152,7 +161,7 @@ def prepare_output(root: str) -> None:
         if fsys.exists(path) and not fsys.isdir(path):
             raise UsageError(f"output {root} exists and is not a directory")
         fsys.makedirs(path, exist_ok=True)
-        probe = join(path, ".tokenmill-write-probe")
+        probe = join(path, f".tokenmill-write-probe-{uuid.uuid4().hex}")  # unique: runs may start at once
         fsys.pipe_file(probe, b"")
         fsys.rm(probe)
     except UsageError:
@@ -185,6 +194,29 @@ def options_record(args: argparse.Namespace) -> dict[str, Any]:
     return {"text_field": args.text_field, "txt_per_line": args.txt_per_line, "max_doc_bytes": args.max_doc_bytes}
 
 
+def dataset_version(args: argparse.Namespace, tokenizer_meta: dict[str, Any]) -> str:
+    return version_id(args.modality, tokenizer_meta["fingerprint"], options_record(args), SCHEMA_VERSION)
+
+
+def to_tokenize(args: argparse.Namespace, tokenizer_meta: dict[str, Any], sizes: dict[str, int]) -> dict[str, int]:
+    """The inputs (URI -> bytes) this run will tokenize, for the progress display.
+
+    The pipeline decides this itself (transforms/incremental.py); the launcher
+    repeats the same pure planning on what it listed, to show a true total.
+    """
+    from schemas.versions import read_current
+    from transforms.incremental import plan_run
+    from transforms.sources.common import list_files
+
+    try:
+        previous = read_current(args.output)
+    except ValueError:
+        return sizes
+    files = list_files(args.input)
+    plan = plan_run(previous, files, Incremental(args.output, dataset_version(args, tokenizer_meta), args.overwrite))
+    return {f.uri: f.size for f in plan.todo}
+
+
 class BuildDataset(beam.PTransform):
     """One dataset: read → decode → tokenize → write, carry over unchanged inputs, commit.
 
@@ -198,7 +230,7 @@ class BuildDataset(beam.PTransform):
 
     def expand(self, pbegin):
         args, options = self._args, options_record(self._args)
-        version = version_id(args.modality, self._meta["fingerprint"], options, SCHEMA_VERSION)
+        version = dataset_version(args, self._meta)
         incremental = Incremental(args.output, version, rebuild=args.overwrite)
         read, tokens, decode_failed, tokenize_failed = _read_decode_tokenize(pbegin, args, incremental)
         # The error path gets its own writer: joining it to the main path before
@@ -217,7 +249,8 @@ class BuildDataset(beam.PTransform):
         ) | "JoinShardResults" >> beam.Flatten()
         return results | "CommitManifest" >> CommitManifest(
             args.output, read["files"], read["plan"], modality=args.modality, tokenizer=self._meta,
-            options={**options, "block_bytes": args.block_size}, build_args=self._build_args)
+            options={**options, "block_bytes": args.block_size}, build_args=self._build_args,
+            started_at=round(time.time(), 3))
 
 
 def build_pipeline(args: argparse.Namespace, options: PipelineOptions, tokenizer_meta: dict[str, Any],
@@ -273,14 +306,6 @@ def recorded_args(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def _human(n: float, unit: str = "B") -> str:
-    for prefix in ("", "k", "M", "G", "T"):
-        if abs(n) < 1000 or prefix == "T":
-            return f"{n:.1f} {prefix}{unit}" if prefix else f"{n:.0f} {unit}"
-        n /= 1000
-    return f"{n} {unit}"
-
-
 def _summary(root: str, seconds: float, runner: str, counters: dict[str, int]) -> str:
     m = read_manifest(root)
     in_bytes = sum(i["size"] for i in m.inputs)
@@ -293,14 +318,14 @@ def _summary(root: str, seconds: float, runner: str, counters: dict[str, int]) -
            f"dim {m.tokenizer.get('dim')} {m.tokenizer.get('latent_dtype')}, ")
         + (f"engine {m.tokenizer['engine']}, " if "engine" in m.tokenizer else "") + 
         f"{m.token_dtype}, fingerprint {m.tokenizer['fingerprint'][:12]})",
-        f"  inputs:     {len(m.inputs)} files, {_human(in_bytes)}"
+        f"  inputs:     {len(m.inputs)} files, {human(in_bytes)}"
         + (f"  ({counters.get('inputs_to_tokenize', 0)} tokenized, {counters.get('inputs_unchanged', 0)} "
            "unchanged and carried over)" if "inputs_unchanged" in counters else ""),
         f"  version:    {m.version} commit {m.commit} ({len(m.versions)} version(s) kept)",
         f"  rows:       {m.rows}",
         f"  tokens:     {m.tokens}",
         f"  errors:     {m.errors}" + ("  (error rows: the manifest's error_files)" if m.errors else ""),
-        f"  throughput: {_human(in_bytes / seconds, 'B/s')}, {_human(m.tokens / seconds, 'tokens/s')}",
+        f"  throughput: {human(in_bytes / seconds, 'B/s')}, {human(m.tokens / seconds, 'tokens/s')}",
         f"  output:     {root}  ({len(m.files)} data shards, manifest {MANIFEST_NAME})",
     ]
     if counters:
@@ -308,12 +333,13 @@ def _summary(root: str, seconds: float, runner: str, counters: dict[str, int]) -
     return "\n".join(lines)
 
 
-def prepare_source(args: argparse.Namespace) -> dict[str, Any]:
+def prepare_source(args: argparse.Namespace, sizes: dict[str, int] | None = None) -> dict[str, Any]:
     """Check one source's inputs, tokenizer and output on the launcher; returns the tokenizer's metadata.
 
-    Fills in args.modality and canonical args.input / args.output. Raises UsageError.
+    Fills in args.modality and canonical args.input / args.output, and `sizes`
+    (input URI -> bytes). Raises UsageError.
     """
-    uris = check_inputs(args.input)
+    uris = check_inputs(args.input, sizes)
     args.modality = infer_modality(args, uris)
     try:
         if args.modality == "image":
@@ -338,14 +364,20 @@ def run(argv: Sequence[str] | None = None) -> int:
         return run_config(argv)
     with usage_errors("tokenmill build"):
         args, beam_args = make_parser().parse_known_args(argv)
+        if not args.progress_every > 0:
+            raise UsageError(f"--progress-every must be a positive number of seconds, not {args.progress_every}")
         beam_args, runner = runners.local_defaults(beam_args)
         options = runners.pipeline_options(beam_args)
         runners.one_blas_thread_per_worker(options)
-        meta = prepare_source(args)
+        sizes: dict[str, int] = {}
+        meta = prepare_source(args, sizes)
+        sizes = to_tokenize(args, meta, sizes)
         pipeline = build_pipeline(args, options, meta, build_args=recorded_args(args))
     print(f"tokenmill build: runner {runner}", file=sys.stderr)
     start = time.perf_counter()
-    result = runners.run_pipeline(pipeline, "tokenmill build")
+    with BuildProgress(args.output, sizes, mode=args.progress, every=args.progress_every) as progress:
+        result = runners.run_pipeline(pipeline, "tokenmill build")
+        progress.succeeded = result is not None
     if result is None:
         return 1
     seconds = time.perf_counter() - start

@@ -10,6 +10,8 @@ COMMANDS = {
     "fit": ("pipelines.fit:run", "fit a vq codebook or a pca bottleneck on your images"),
     "gc": ("pipelines.commands:gc", "remove old versions and unreferenced files of a dataset"),
     "retokenize": ("pipelines.retokenize:run", "build a new version of a dataset with another tokenizer"),
+    "inspect": ("pipelines.commands:inspect", "show a dataset's schema, counts and sample rows, tokens marked"),
+    "report": ("pipelines.commands:report", "write an HTML report with plots on what the tokens are"),
     "schema": ("pipelines.commands:schema", "print a dataset schema definition (JSON or Arrow)"),
     "validate": ("pipelines.commands:validate", "check a dataset against its manifest and schema"),
 }

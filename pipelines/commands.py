@@ -1,4 +1,4 @@
-"""Commands that are not Beam graphs: thin faces over schemas/."""
+"""Commands that are not Beam graphs: thin faces over schemas/ and reports/."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,13 @@ from typing import Sequence
 
 from pipelines.cli_errors import OneLineArgumentParser, UsageError, usage_errors
 from schemas.tables import DEFINED, KINDS, LATENT_STORAGE, MODALITIES, dataset_schema, describe
+
+
+def dataset_parser(prog: str, description: str) -> OneLineArgumentParser:
+    """A parser for a command on one dataset, with its DIR argument."""
+    p = OneLineArgumentParser(prog=prog, description=description)
+    p.add_argument("dir", metavar="DIR", help="dataset directory or URI")
+    return p
 
 
 def schema(argv: Sequence[str] | None = None) -> int:
@@ -39,9 +46,7 @@ def validate(argv: Sequence[str] | None = None) -> int:
     from schemas.validate import validate as check
 
     with usage_errors("tokenmill validate"):
-        p = OneLineArgumentParser(prog="tokenmill validate",
-                                  description="Check every shard of a dataset against its manifest and schema.")
-        p.add_argument("dir", metavar="DIR", help="dataset directory or URI")
+        p = dataset_parser("tokenmill validate", "Check every shard of a dataset against its manifest and schema.")
         args = p.parse_args(argv)
     problems = check(args.dir)
     for line in problems:
@@ -61,10 +66,8 @@ def decode(argv: Sequence[str] | None = None) -> int:
     from transforms.tokenizers.spec import load_image_tokenizer
 
     with usage_errors("tokenmill decode"):
-        p = OneLineArgumentParser(prog="tokenmill decode",
-                                  description="Turn an image row's tokens (patches, vq codes, pca latents) "
-                                              "back into an image, to see what the tokens keep.")
-        p.add_argument("dir", metavar="DIR", help="dataset directory or URI")
+        p = dataset_parser("tokenmill decode", "Turn an image row's tokens (patches, vq codes, pca latents) "
+                                               "back into an image, to see what the tokens keep.")
         p.add_argument("--id", required=True, help="row id")
         p.add_argument("--out", required=True, metavar="FILE", help="image file to write (.png keeps it exact)")
         args = p.parse_args(argv)
@@ -137,4 +140,53 @@ def gc(argv: Sequence[str] | None = None) -> int:
         print(f"  {verb} {path}")
     print(f"tokenmill gc: kept {len(report.kept)} version(s) ({', '.join(report.kept)}); {verb} "
           f"{len(report.removed_versions)} version(s) and {len(report.removed_files)} file(s)")
+    return 0
+
+
+def inspect(argv: Sequence[str] | None = None) -> int:
+    """`tokenmill inspect DIR`: schema, metadata, versions, counts and sample rows."""
+    import tempfile
+
+    from reports.inspect import format_inspection, inspect_dataset
+
+    with usage_errors("tokenmill inspect"):
+        p = dataset_parser("tokenmill inspect", "Show a dataset's schema, metadata, version history and counts, "
+                                                "and sample rows as a person reads them: text with token "
+                                                "boundaries, IDs and lengths; images and videos with their grid, "
+                                                "codes and a PNG reconstruction.")
+        p.add_argument("--rows", type=int, default=3, help="sample rows to show (default: 3)")
+        p.add_argument("--id", help="show this row instead of the first ones")
+        p.add_argument("--out", metavar="DIR", help="where reconstructions are written (default: a new temp dir)")
+        p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+        args = p.parse_args(argv)
+        if args.rows < 0:
+            raise UsageError(f"--rows must be 0 or more, not {args.rows}")
+        out_dir = args.out or tempfile.mkdtemp(prefix="tokenmill-inspect-")
+        try:
+            result = inspect_dataset(args.dir, rows=args.rows, row_id=args.id, out_dir=out_dir)
+        except FileNotFoundError:
+            raise UsageError(f"{args.dir}: no _manifest.json") from None
+        except KeyError:
+            raise UsageError(f"no row with id {args.id} in {args.dir}") from None
+    print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else format_inspection(result))
+    return 0
+
+
+def report(argv: Sequence[str] | None = None) -> int:
+    """`tokenmill report DIR --out report/`: a self-contained HTML page with plots."""
+    from reports.html import write_report
+
+    with usage_errors("tokenmill report"):
+        p = dataset_parser("tokenmill report", "Write a self-contained HTML report (PNG plots embedded, no "
+                                               "network needed) on what a dataset's tokens are.")
+        p.add_argument("--out", required=True, metavar="DIR", help="folder to write index.html into")
+        p.add_argument("--samples", type=int, default=8, help="images to reconstruct (default: 8)")
+        args = p.parse_args(argv)
+        if args.samples < 0:
+            raise UsageError(f"--samples must be 0 or more, not {args.samples}")
+        try:
+            path = write_report(args.dir, args.out, samples=args.samples)
+        except FileNotFoundError:
+            raise UsageError(f"{args.dir}: no _manifest.json") from None
+    print(f"tokenmill report: {args.dir} -> {path}")
     return 0

@@ -73,6 +73,8 @@ class Manifest:
     versions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     error_shards: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     build_args: list[str] = dataclasses.field(default_factory=list)
+    # started_at, finished_at and when each block was written (see transforms/write.py run_timing)
+    timing: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"

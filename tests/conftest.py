@@ -123,3 +123,94 @@ def cl100k():
     from transforms.tokenizers.spec import load_text_tokenizer
 
     return load_text_tokenizer("tiktoken:cl100k_base")
+
+
+# -- finished datasets for inspect and report -------------------------------
+
+@pytest.fixture(scope="session")
+def text_dataset(tmp_path_factory) -> Path:
+    """MULTILINGUAL (one record per line) plus one line that is not JSON, cl100k with EOS."""
+    folder = tmp_path_factory.mktemp("text-ds")
+    write_jsonl(folder / "docs.jsonl", [{"text": t} for t in MULTILINGUAL] + ["{not json"])
+    out = folder / "ds"
+    assert run_build(["--input", str(folder / "docs.jsonl"), "--output", str(out),
+                      "--tokenizer", "tiktoken:cl100k_base", "--eos", "--progress", "none"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def image_datasets(tmp_path_factory) -> dict[str, Any]:
+    """Structured 64 x 48 PNGs (and one corrupt file) built with patch:16 and with a 32-code vq codebook."""
+    import numpy as np
+    from PIL import Image
+
+    from pipelines import fit
+
+    folder = tmp_path_factory.mktemp("image-ds")
+    images = folder / "images"
+    images.mkdir()
+    rng = np.random.default_rng(7)
+    for i in range(12):
+        y, x = np.mgrid[0:48, 0:64]
+        img = np.stack([x * 4, y * 5, np.full_like(x, 20 * i)], -1) + rng.normal(0, 4, (48, 64, 3))
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(images / f"im{i:02d}.png")
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    codebook = folder / "vq.npz"
+    assert fit.run(["--kind", "vq", "--input", str(images / "im*.png"), "--output", str(codebook), "--patch", "8",
+                    "--codes", "32", *ONE_WORKER]) == 0
+    out = {"images": images, "vq_file": codebook}
+    for name, spec in (("patch", "patch:16"), ("vq", f"vq:{codebook}")):
+        out[name] = folder / name
+        assert run_build(["--input", str(images / "*.png"), "--output", str(out[name]), "--tokenizer", spec,
+                          "--progress", "none"]) == 0
+    return out
+
+
+VIDEO_TUBE, VIDEO_PATCH = 2, 8  # spacetime patches of 2 frames x 8 x 8 pixels
+
+
+def video_frames_fixture() -> "Any":
+    """Five 20 x 28 RGB frames, each its own gradient (the clip tokenized below)."""
+    import numpy as np
+
+    y, x = np.mgrid[0:20, 0:28]
+    return np.stack([np.stack([x * 9, y * 12, np.full_like(x, 50 * f)], -1) for f in range(5)]).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def video_dataset(tmp_path_factory) -> Path:
+    """A one-clip soft video dataset written directly with pyarrow in the schemas.tables layout.
+
+    Tokens are spacetime patches, T x P x P x 3 uint8 in (t, y, x, c) order on a
+    row-major (t, h, w) grid, edge-padded in time and space, as the patch
+    family would tokenize a clip.
+    """
+    import numpy as np
+
+    from schemas.manifest import Manifest, write_manifest
+    from schemas.tables import dataset_schema, table_from_columns
+
+    frames = video_frames_fixture()
+    T, P = VIDEO_TUBE, VIDEO_PATCH
+    F, H, W = frames.shape[:3]
+    t, h, w = -(-F // T), -(-H // P), -(-W // P)
+    padded = np.pad(frames, ((0, t * T - F), (0, h * P - H), (0, w * P - W), (0, 0)), mode="edge")
+    tokens = padded.reshape(t, T, h, P, w, P, 3).transpose(0, 2, 4, 1, 3, 5, 6).reshape(t * h * w, -1)
+    meta = {"spec": f"patch:{P}", "name": f"patch{P}", "modality": "video", "kind": "soft", "dim": T * P * P * 3,
+            "latent_dtype": "uint8", "token_dtype": "uint8", "fingerprint": "video-fixture",
+            "geometry": {"patch": [T, P, P], "channels": 3, "layout": "thwc"}}
+    schema = dataset_schema("video", "soft", latent_dtype="uint8", dim=T * P * P * 3, metadata=meta)
+    table = table_from_columns(schema, {
+        "id": ["clip0"], "source": ["/videos/a.mp4"], "locator": ["clip:0"], "modality": ["video"],
+        "latents": [tokens.tobytes()], "num_tokens": [t * h * w], "grid": [[t, h, w]],
+        "height": [H], "width": [W], "orig_height": [H], "orig_width": [W],
+        "clip_start": [0.0], "clip_end": [F / 10], "fps": [10.0], "frame_indices": [list(range(0, 2 * F, 2))],
+    }, 1)
+    root = tmp_path_factory.mktemp("video-ds")
+    (root / "data").mkdir()
+    pq.write_table(table, root / "data" / "part-0.parquet")
+    write_manifest(str(root), Manifest(
+        modality="video", tokenizer=meta, token_dtype="uint8", files=["data/part-0.parquet"], error_files=[],
+        rows=1, tokens=t * h * w, errors=0, inputs=[{"uri": "/videos/a.mp4", "size": 1, "change_token": ""}],
+        shards=[], options={}))
+    return root

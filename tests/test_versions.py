@@ -216,8 +216,8 @@ def test_two_concurrent_runs_leave_a_valid_dataset(tmp_path):
     results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
     assert sorted(r[2] for r in results) == [0, 1], results
     loser = next(r for r in results if r[2] == 1)
-    lines = [x for x in loser[1].splitlines() if x.startswith("tokenmill build:")]
-    assert "another run committed" in lines[-1] and "Traceback" not in loser[1]
+    lines = [x for x in loser[1].splitlines() if x.startswith("tokenmill build: failed")]
+    assert len(lines) == 1 and "another run committed" in lines[0] and "Traceback" not in loser[1]
     m = read_manifest(str(out))
     winner = "eos_id" if results[0][2] == 0 else "bos_id"
     assert m.tokenizer["special_token_policy"][winner] is not None

@@ -108,6 +108,7 @@ class TokenBlock:
     block: int
     table: pa.Table | None
     errors: list[ErrorRecord]
+    nbytes: int = 0  # input bytes the block covers, as read (decompressed): for progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +128,7 @@ class ShardResult:
     fingerprint: str
     row_groups: tuple[int, ...] = ()
     sources: tuple[str, ...] = ()  # every input with rows or errors in the shard(s)
+    written_at: float = 0.0  # unix time the shard was written: throughput over the run
 
 
 def source_key(uri: str) -> str:

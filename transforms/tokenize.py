@@ -38,7 +38,7 @@ def tokenize_block(tokenizer: TextTokenizer, block: TextBlock, schema: pa.Schema
          column,
          pa.array(lengths, pa.int32())],
         schema=schema)
-    return TokenBlock(block.source, block.block, table, errors)
+    return TokenBlock(block.source, block.block, table, errors, block.nbytes)
 
 
 class _CountingTokenizeDoFn(beam.DoFn):
@@ -103,7 +103,7 @@ def tokenize_image_block(tokenizer: ImageTokenizer, block: ImageBlock, schema: p
         "height": [block.images[i].shape[0] for i in keep], "width": [block.images[i].shape[1] for i in keep],
         "meta": [block.metas[i] for i in keep],
     }, len(keep))
-    return TokenBlock(block.source, block.block, table, errors)
+    return TokenBlock(block.source, block.block, table, errors, block.nbytes)
 
 
 class _TokenizeImageBlocks(_CountingTokenizeDoFn):

@@ -1,0 +1,161 @@
+"""A finished dataset, read through its manifest: schema, rows, errors, its tokenizer, and originals."""
+from __future__ import annotations
+
+import functools
+import io
+import json
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from schemas.manifest import MANIFEST_NAME, read_manifest
+from schemas.storage import join, read_bytes
+from schemas.tables import ERROR_SCHEMA, LATENT_NUMPY, read_metadata, schema_for_manifest
+from transforms.fs import open_binary
+
+
+class DatasetView:
+    """Read-only access to the dataset at `root`. Raises FileNotFoundError without a manifest."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.manifest = read_manifest(root)
+        self.raw_manifest: dict[str, Any] = json.loads(read_bytes(join(root, MANIFEST_NAME)))
+
+    @property
+    def modality(self) -> str:
+        return self.manifest.modality
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.tokenizer.get("kind", "hard")
+
+    def _open(self, relative: str):
+        return open_binary(join(self.root, relative))
+
+    def schema(self) -> pa.Schema:
+        """The schema of the first data shard (with its metadata), else the one the manifest implies."""
+        if self.manifest.files:
+            with self._open(self.manifest.files[0]) as f:
+                return pq.read_schema(f)
+        return schema_for_manifest(self.manifest)
+
+    def metadata(self) -> dict[str, Any]:
+        return read_metadata(self.schema()) or dict(self.manifest.tokenizer)
+
+    def versions(self) -> list[dict[str, Any]]:
+        """The manifest's version history where it keeps one, else the current build as the only entry."""
+        if isinstance(self.raw_manifest.get("versions"), list) and self.raw_manifest["versions"]:
+            return list(self.raw_manifest["versions"])
+        m = self.manifest
+        return [{"version": self.raw_manifest.get("version", "current"), "created_at": m.created_at,
+                 "tokenmill_version": m.tokenmill_version, "fingerprint": m.tokenizer.get("fingerprint"),
+                 "rows": m.rows, "tokens": m.tokens, "errors": m.errors}]
+
+    def tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """Each data shard in manifest order (only `columns`, if given)."""
+        for shard in self.manifest.files:
+            with self._open(shard) as f:
+                yield pq.read_table(f, columns=columns)
+
+    def column(self, name: str) -> np.ndarray:
+        """One numeric column of every row, as a numpy array."""
+        parts = [t.column(name).to_numpy() for t in self.tables([name])]
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def rows(self, n: int) -> list[dict[str, Any]]:
+        """The first n rows, in manifest order."""
+        out: list[dict[str, Any]] = []
+        for shard in self.manifest.files:
+            if len(out) >= n:
+                break
+            with self._open(shard) as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=n - len(out)):
+                    out += batch.to_pylist()
+                    break
+        return out
+
+    def row(self, row_id: str) -> dict[str, Any] | None:
+        for shard in self.manifest.files:
+            with self._open(shard) as f:
+                table = pq.read_table(f, filters=pc.field("id") == row_id)
+            if table.num_rows:
+                return table.to_pylist()[0]
+        return None
+
+    def errors(self) -> pa.Table:
+        tables = []
+        for shard in self.manifest.error_files:
+            with self._open(shard) as f:
+                tables.append(pq.read_table(f))
+        return pa.concat_tables(tables) if tables else ERROR_SCHEMA.empty_table()
+
+    def latents(self, row: dict[str, Any]) -> np.ndarray:
+        """A soft row's latents as (num_tokens, dim)."""
+        dtype = LATENT_NUMPY[self.manifest.tokenizer["latent_dtype"]]
+        return np.frombuffer(row["latents"], dtype).reshape(row["num_tokens"], -1)
+
+    def payload(self, row: dict[str, Any]) -> np.ndarray:
+        """Token IDs (hard) or latents (soft) of a row."""
+        return np.asarray(row["tokens"]) if "tokens" in row else self.latents(row)
+
+    @functools.cached_property
+    def tokenizer(self):
+        """The tokenizer the dataset records, loaded from its spec; ValueError if it cannot be, or
+        if it no longer has the dataset's fingerprint (a vq file refitted in place, say)."""
+        tok_meta = self.manifest.tokenizer
+        spec = tok_meta["spec"]
+        if self.modality == "text":
+            from transforms.tokenizers.spec import load_text_tokenizer
+
+            policy = tok_meta.get("special_token_policy") or {}
+            tok = load_text_tokenizer(spec, bos=policy.get("bos") is not None, eos=policy.get("eos") is not None)
+        else:
+            from transforms.tokenizers.spec import load_image_tokenizer
+
+            tok = load_image_tokenizer(spec)
+        if tok.fingerprint() != tok_meta.get("fingerprint") and self.modality != "video":
+            raise ValueError(f"{spec} no longer matches the dataset's tokenizer fingerprint")
+        return tok
+
+    def original_image(self, row: dict[str, Any]) -> np.ndarray:
+        """The source image of a row, decoded with the build's size policy (what was tokenized).
+
+        Reads image files ('file'), tar members ('member:NAME') and Parquet rows ('row:N').
+        """
+        from transforms.decoders.images import DEFAULT_MAX_PIXELS, SizePolicy, decode_image
+
+        options = self.manifest.options
+        source, locator = row["source"], row["locator"]
+        if locator == "file":
+            data = read_bytes(source)
+        elif locator.startswith("member:"):
+            import tarfile
+
+            with open_binary(source) as f, tarfile.open(fileobj=f, mode="r:*") as tar:
+                member = tar.extractfile(locator.removeprefix("member:"))
+                if member is None:
+                    raise ValueError(f"{source}: {locator} is not a file")
+                data = member.read()
+        elif locator.startswith("row:"):
+            field = options.get("image_field", "image")
+            with open_binary(source) as f:
+                table = pq.read_table(f, columns=[field])
+            value = table.column(field)[int(locator.removeprefix("row:"))].as_py()
+            data = value.get("bytes") if isinstance(value, dict) else value
+        else:
+            raise ValueError(f"cannot locate {locator!r} in {source}")
+        policy = SizePolicy.parse(options.get("size_policy", "native:1024"))
+        return decode_image(data, policy, options.get("max_pixels", DEFAULT_MAX_PIXELS))[0]
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """An RGB uint8 array as PNG bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, "PNG")
+    return buf.getvalue()

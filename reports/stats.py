@@ -1,0 +1,85 @@
+"""Statistics behind the report: pure functions over numpy arrays and Arrow tables."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+
+LONG_TOKEN_CHARS = 8  # "packs >= 8 characters": where spelling a word from its token gets hard
+
+
+def token_granularity(counts: np.ndarray, token_bytes: Callable[[int], bytes], top: int = 20) -> dict[str, Any]:
+    """How much text each token used packs, weighted by how often it is used.
+
+    counts[i] is how often ID i occurs. A token's characters are the whole
+    characters its bytes decode to (a token holding part of a multi-byte
+    character counts only the characters it completes).
+    """
+    used = np.flatnonzero(counts)
+    weights = counts[used].astype(np.float64)
+    raw = [token_bytes(int(i)) for i in used]
+    nbytes = np.array([len(b) for b in raw], np.int64)
+    text = [b.decode("utf-8", errors="ignore") for b in raw]
+    chars = np.array([len(t) for t in text], np.int64)
+    total = weights.sum() or 1.0
+    order = sorted(range(len(used)), key=lambda k: (-chars[k], -weights[k], int(used[k])))[:top]
+    return {
+        "distinct_tokens": int(len(used)),
+        "tokens": int(weights.sum()),
+        "chars_per_token": float((chars * weights).sum() / total),
+        "bytes_per_token": float((nbytes * weights).sum() / total),
+        "share_long": float(weights[chars >= LONG_TOKEN_CHARS].sum() / total),
+        "chars_hist": _weighted_hist(chars, weights),
+        "bytes_hist": _weighted_hist(nbytes, weights),
+        "longest": [{"id": int(used[k]), "text": text[k], "chars": int(chars[k]), "bytes": int(nbytes[k]),
+                     "count": int(weights[k])} for k in order],
+    }
+
+
+def _weighted_hist(values: np.ndarray, weights: np.ndarray) -> dict[int, int]:
+    """{value: total weight}, for small non-negative integer values."""
+    if not len(values):
+        return {}
+    sums = np.bincount(values, weights=weights)
+    return {int(v): int(sums[v]) for v in np.flatnonzero(sums)}
+
+
+def codebook_usage(counts: np.ndarray, vocab_size: int) -> dict[str, Any]:
+    """Which codes a hard visual tokenizer uses: perplexity exp(H) of the usage and the dead codes.
+
+    Perplexity is the effective number of codes: vocab_size when all are used
+    equally, 1 when one code does everything.
+    """
+    counts = np.pad(np.asarray(counts, np.int64), (0, max(0, vocab_size - len(counts))))[:vocab_size]
+    total = counts.sum()
+    p = counts[counts > 0] / total if total else np.zeros(0)
+    dead = np.flatnonzero(counts == 0)
+    return {"vocab_size": int(vocab_size), "used": int((counts > 0).sum()), "dead": int(len(dead)),
+            "dead_codes": [int(c) for c in dead[:64]], "perplexity": float(np.exp(-(p * np.log(p)).sum())),
+            "counts": counts}
+
+
+def error_summary(errors: pa.Table, examples: int = 3) -> list[dict[str, Any]]:
+    """Error rows grouped by (stage, error_type), most frequent first, with a few examples each."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for e in errors.to_pylist():
+        groups.setdefault((e["stage"], e["error_type"]), []).append(e)
+    out = [{"stage": s, "error_type": t, "count": len(rows),
+            "examples": [{k: r[k] for k in ("source", "locator", "message")} for r in rows[:examples]]}
+           for (s, t), rows in groups.items()]
+    return sorted(out, key=lambda g: (-g["count"], g["stage"], g["error_type"]))
+
+
+def throughput(timing: dict[str, Any]) -> dict[str, np.ndarray] | None:
+    """Seconds since the start, and cumulative rows and tokens, at each written block; None if not recorded."""
+    blocks = timing.get("blocks") if timing else None
+    if not blocks or not timing.get("started_at"):
+        return None
+    fields = timing.get("block_fields", ["written_at", "rows", "tokens", "errors"])
+    arr = np.array(blocks, np.float64)
+    col = {name: arr[:, i] for i, name in enumerate(fields)}
+    return {"seconds": np.concatenate([[0.0], col["written_at"] - timing["started_at"]]),
+            "rows": np.concatenate([[0], np.cumsum(col["rows"])]),
+            "tokens": np.concatenate([[0], np.cumsum(col["tokens"])]),
+            "total_seconds": float(timing.get("finished_at", col["written_at"][-1]) - timing["started_at"])}
