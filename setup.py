@@ -26,6 +26,7 @@ setup(
         "torch": ["torch>=2.1", "torchdata>=0.10"],
         "test": ["pytest>=8", "hypothesis>=6", "tokenizers>=0.20", "duckdb>=1.0", "datasets>=3"],
         "bench": ["datasets>=3", "psutil>=5"],
+        "video": ["decord>=0.6", "av>=12"],
     },
     package_data={"transforms.tokenizers": ["data/*.tiktoken.gz"]},
     entry_points={"console_scripts": ["tokenmill=pipelines.cli:main"]},

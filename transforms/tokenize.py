@@ -1,4 +1,4 @@
-"""TokenizeText and TokenizeImages: blocks → TokenBlocks (Arrow tables in the dataset schema).
+"""TokenizeText, TokenizeImages and TokenizeVideos: blocks → TokenBlocks (Arrow tables in the dataset schema).
 
 The tokenizer is loaded once per worker in setup(); each block of documents is
 encoded in one call, straight into an Arrow list column.
@@ -14,9 +14,9 @@ import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 
 from schemas.tables import dataset_schema, table_from_columns, text_hard_schema
-from transforms.records import ErrorRecord, ImageBlock, TextBlock, TokenBlock, row_id, row_ids
-from transforms.tokenizers.base import ImageTokenizer, TextTokenizer
-from transforms.tokenizers.spec import shared_image_tokenizer, shared_text_tokenizer
+from transforms.records import ErrorRecord, ImageBlock, TextBlock, TokenBlock, VideoBlock, row_id, row_ids
+from transforms.tokenizers.base import ImageTokenizer, TextTokenizer, VideoTokenizer
+from transforms.tokenizers.spec import shared_image_tokenizer, shared_text_tokenizer, shared_video_tokenizer
 
 
 def tokenize_block(tokenizer: TextTokenizer, block: TextBlock, schema: pa.Schema) -> TokenBlock:
@@ -81,16 +81,19 @@ class TokenizeText(beam.PTransform):
             _TokenizeBlocks(self._spec, self._bos, self._eos, self._engine)).with_exception_handling()
 
 
+def _survivors(block: ImageBlock | VideoBlock, count: int, failures: list[tuple[int, Exception]]
+               ) -> tuple[list[int], list[ErrorRecord]]:
+    """Indices of the items that encoded, and the block's errors plus one per item that did not."""
+    failed = {i for i, _ in failures}
+    errors = list(block.errors) + [ErrorRecord(block.sources[i], block.locators[i], "tokenize", type(e).__name__,
+                                               str(e)) for i, e in failures]
+    return [i for i in range(count) if i not in failed], errors
+
+
 def tokenize_image_block(tokenizer: ImageTokenizer, block: ImageBlock, schema: pa.Schema) -> TokenBlock:
     """Encode one block of images; images the tokenizer rejects become error records."""
     column, grids, failures = tokenizer.encode_batch(block.images)
-    errors = list(block.errors)
-    keep = list(range(len(block.images)))
-    if failures:
-        failed = {i for i, _ in failures}
-        errors += [ErrorRecord(block.sources[i], block.locators[i], "tokenize", type(e).__name__, str(e))
-                   for i, e in failures]
-        keep = [i for i in keep if i not in failed]
+    keep, errors = _survivors(block, len(block.images), failures)
     sources = [block.sources[i] for i in keep]
     locators = [block.locators[i] for i in keep]
     infos = [block.infos[i] for i in keep]
@@ -119,8 +122,8 @@ class _TokenizeImageBlocks(_CountingTokenizeDoFn):
         yield self._counted(tokenize_image_block(self._tokenizer, block, self._schema), len(block.errors))
 
 
-def image_schema(tokenizer: ImageTokenizer) -> pa.Schema:
-    return dataset_schema("image", tokenizer.kind, token_dtype=str(tokenizer.token_type)
+def image_schema(tokenizer: ImageTokenizer | VideoTokenizer) -> pa.Schema:
+    return dataset_schema(tokenizer.modality, tokenizer.kind, token_dtype=str(tokenizer.token_type)
                           if tokenizer.kind == "hard" else None, latent_dtype=tokenizer.latent_dtype,
                           dim=tokenizer.dim or None, metadata=tokenizer.metadata())
 
@@ -135,3 +138,50 @@ class TokenizeImages(beam.PTransform):
     def expand(self, image_blocks):
         return image_blocks | "EncodeImageBlocks" >> beam.ParDo(
             _TokenizeImageBlocks(self._spec, self._options)).with_exception_handling()
+
+
+def tokenize_video_block(tokenizer: VideoTokenizer, block: VideoBlock, schema: pa.Schema) -> TokenBlock:
+    """Encode one block of clips; each row carries its grid, clip timing, frame indices and padding."""
+    column, grids, failures = tokenizer.encode_batch(block.clips)
+    keep, errors = _survivors(block, len(block.clips), failures)
+    sources = [block.sources[i] for i in keep]
+    locators = [block.locators[i] for i in keep]
+    infos = [block.infos[i] for i in keep]
+    shapes = [block.clips[i].shape[:3] for i in keep]
+    payload = "tokens" if tokenizer.kind == "hard" else "latents"
+    table = table_from_columns(schema, {
+        "id": [row_id(s, l) for s, l in zip(sources, locators)],
+        "source": sources, "locator": locators, "modality": ["video"] * len(keep),
+        payload: column, "num_tokens": [t * h * w for t, h, w in grids], "grid": [list(g) for g in grids],
+        "orig_height": [i["orig_height"] for i in infos], "orig_width": [i["orig_width"] for i in infos],
+        "height": [s[1] for s in shapes], "width": [s[2] for s in shapes],
+        "meta": [block.metas[i] for i in keep],
+        **{k: [i[k] for i in infos] for k in ("clip_start", "clip_end", "fps", "frame_indices")},
+        "padding": [list(tokenizer.padding(*s)) for s in shapes],
+    }, len(keep))
+    return TokenBlock(block.source, block.block, table, errors)
+
+
+class _TokenizeVideoBlocks(_CountingTokenizeDoFn):
+    def __init__(self, spec: str, options: tuple[tuple[str, Any], ...]):
+        super().__init__()
+        self._spec, self._options = spec, options
+
+    def setup(self) -> None:
+        self._tokenizer = shared_video_tokenizer(self._spec, self._options)
+        self._schema = image_schema(self._tokenizer)
+
+    def process(self, block: VideoBlock) -> Iterator[TokenBlock]:
+        yield self._counted(tokenize_video_block(self._tokenizer, block, self._schema), len(block.errors))
+
+
+class TokenizeVideos(beam.PTransform):
+    """VideoBlocks → TokenBlocks, one row per clip. Returns (blocks, failed)."""
+
+    def __init__(self, spec: str, options: tuple[tuple[str, Any], ...] = ()):
+        super().__init__()
+        self._spec, self._options = spec, options
+
+    def expand(self, video_blocks):
+        return video_blocks | "EncodeClipBlocks" >> beam.ParDo(
+            _TokenizeVideoBlocks(self._spec, self._options)).with_exception_handling()
