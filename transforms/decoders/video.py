@@ -189,7 +189,12 @@ class DecordReader(VideoReader):
             raise VideoDecodeError("no video frames")
         self.height, self.width = probe[0].shape[:2]
         self._w, self._h, self._box = target_size(policy, self.width, self.height)
-        self._ts = probe.get_frame_timestamp(range(self.num_frames))
+        ts = np.asarray(probe.get_frame_timestamp(range(self.num_frames)), np.float64)
+        if not (np.isfinite(ts).all() and ts.max() < 1e9 and (np.diff(ts[:, 0]) >= 0).all()):
+            # decord reports FFmpeg's "no timestamp" (2^63 us) for some short Matroska files: go by the rate
+            rate = float(probe.get_avg_fps()) or 25.0
+            ts = np.stack([np.arange(self.num_frames), np.arange(1, self.num_frames + 1)], 1) / rate
+        self._ts = ts
         del probe
         self._reader = None
 
@@ -256,8 +261,27 @@ class PyAVReader(VideoReader):
     def _restart(self) -> None:
         self.close()
         self._container = self._av.open(self._path)
-        self._frames = self._container.decode(self._container.streams.video[0])
+        self._frames = self._decoded(self._container)
         self._next = 0
+
+    def _decoded(self, container) -> Iterator[Any]:
+        """Frames in order. A damaged packet is skipped (a cut file's last one is), so the frames
+        before the damage still come out, flushed at the end."""
+        demuxed = container.demux(container.streams.video[0])
+        while True:
+            try:
+                packet = next(demuxed)
+            except StopIteration:
+                return
+            except self._av.error.FFmpegError:
+                packet = None  # the container breaks off: flush what the decoder holds
+            try:
+                yield from (packet.decode() if packet is not None else
+                            container.streams.video[0].codec_context.decode(None))
+            except self._av.error.FFmpegError:
+                pass
+            if packet is None:
+                return
 
     def get_batch(self, indices: Sequence[int]) -> np.ndarray:
         if self._frames is None or any(i < self._next and i not in self._held for i in indices):
