@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from schemas.manifest import read_manifest
-from tests.conftest import REPO, TWO_PROCESSES, read_errors, read_rows, run_build
+from tests.conftest import ONE_WORKER, REPO, TWO_PROCESSES, read_errors, read_rows, run_build
 from transforms.decoders.images import SizePolicy
 from transforms.decoders.video import ClipSpec, decode_video_task, iter_clips, plan_clips
 from transforms.records import VideoTask, row_id
@@ -429,3 +429,28 @@ def test_build_usage_errors_are_one_line(tmp_path, capsys):
         run_build(["--input", str(tmp_path / "a.mp4"), "--output", str(tmp_path / "o"), "--tokenizer",
                    "patch:16"])
     assert e.value.code == 2
+
+
+def test_fit_a_spacetime_codebook_then_build_with_it(tmp_path):
+    from pipelines import fit
+
+    videos = tmp_path / "in"
+    videos.mkdir()
+    for i in range(3):
+        make_video(videos / f"v{i}.mp4", n=8 + 4 * i, w=32, h=32)
+    book = tmp_path / "vq.npz"
+    assert fit.run(["--kind", "vq", "--input", str(videos), "--output", str(book), "--patch", "8", "--frames", "2",
+                    "--clip-frames", "4", "--codes", "4", "--samples-per-image", "8", "--holdout", "0.3",
+                    "--iterations", "3", *ONE_WORKER]) == 0
+    report = json.loads((tmp_path / "vq.npz.json").read_text())
+    assert report["frames"] == 2 and report["train_patches"] > 0
+    tok = load_video_tokenizer(f"vq:{book}")
+    assert tok.frames == 2 and tok.vocab_size == 4 and tok.metadata()["geometry"]["patch"] == [2, 8, 8]
+    out = tmp_path / "out"
+    assert run_build(["--input", str(videos), "--output", str(out), "--tokenizer", f"vq:{book}",
+                      "--clip-frames", "4"]) == 0
+    rows = read_rows(out).to_pylist()
+    assert len(rows) == 2 + 3 + 4 and all(r["grid"] == [2, 4, 4] and r["num_tokens"] == 32 for r in rows)
+    row = next(r for r in rows if r["source"].endswith("v0.mp4") and r["locator"] == "clip:1")
+    clip = list(iter_clips(str(videos / "v0.mp4"), ClipSpec(frames=4), NATIVE))[1]
+    assert row["tokens"] == tok.encode_clip(clip.frames)[0].tolist()
