@@ -195,8 +195,8 @@ class DecordReader(VideoReader):
             rate = float(probe.get_avg_fps()) or 25.0
             ts = np.stack([np.arange(self.num_frames), np.arange(1, self.num_frames + 1)], 1) / rate
         self._ts = ts
-        del probe
-        self._reader = None
+        # The probe serves the first clips when frames keep their size; else one opened to decode resized.
+        self._reader = probe if (self._w, self._h) == (self.width, self.height) else None
 
     def _open(self):
         same = (self._w, self._h) == (self.width, self.height)
