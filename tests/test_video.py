@@ -342,6 +342,16 @@ def test_every_bad_input_ends_as_rows_or_an_error(bad_videos, decoder):
     assert got["vfr"] == ([list(range(8))], [])
     clips, errors = got["overreported"]
     assert 1 <= len(clips) < 60 // 8  # what the stream really holds, not what the header claims
+    blocks = list(decode_video_task(task(bad_videos["overreported"]), spec, NATIVE, decoder=decoder))
+    assert {i["decoder"] for b in blocks for i in b.infos} == {"pyav"}  # decord cannot: PyAV stands in
+
+
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+@pytest.mark.parametrize("policy,shape", [("crop:16", (16, 16)), ("shorter:24", (24, 32)), ("native:32", (24, 32))])
+def test_size_policy_applies_to_frames(tmp_path, decoder, policy, shape):
+    path = make_video(tmp_path / "v.mp4", n=4)
+    clip = next(iter_clips(str(path), ClipSpec(frames=4), SizePolicy.parse(policy), decoder=decoder))
+    assert clip.frames.shape == (4, *shape, 3) and (clip.orig_height, clip.orig_width) == (48, 64)
 
 
 def test_odd_dimensions_and_vfr_timing_are_kept(bad_videos):
