@@ -109,17 +109,21 @@ def tokenize_image_block(tokenizer: ImageTokenizer, block: ImageBlock, schema: p
     return TokenBlock(block.source, block.block, table, errors)
 
 
-class _TokenizeImageBlocks(_CountingTokenizeDoFn):
-    def __init__(self, spec: str, options: tuple[tuple[str, Any], ...]):
+class _TokenizeArrayBlocks(_CountingTokenizeDoFn):
+    """Image or video blocks through their tokenizer, loaded once per worker."""
+
+    def __init__(self, modality: str, spec: str, options: tuple[tuple[str, Any], ...]):
         super().__init__()
-        self._spec, self._options = spec, options
+        self._modality, self._spec, self._options = modality, spec, options
 
     def setup(self) -> None:
-        self._tokenizer = shared_image_tokenizer(self._spec, self._options)
+        load, self._encode = ((shared_video_tokenizer, tokenize_video_block) if self._modality == "video" else
+                              (shared_image_tokenizer, tokenize_image_block))
+        self._tokenizer = load(self._spec, self._options)
         self._schema = image_schema(self._tokenizer)
 
-    def process(self, block: ImageBlock) -> Iterator[TokenBlock]:
-        yield self._counted(tokenize_image_block(self._tokenizer, block, self._schema), len(block.errors))
+    def process(self, block: ImageBlock | VideoBlock) -> Iterator[TokenBlock]:
+        yield self._counted(self._encode(self._tokenizer, block, self._schema), len(block.errors))
 
 
 def image_schema(tokenizer: ImageTokenizer | VideoTokenizer) -> pa.Schema:
@@ -131,13 +135,21 @@ def image_schema(tokenizer: ImageTokenizer | VideoTokenizer) -> pa.Schema:
 class TokenizeImages(beam.PTransform):
     """ImageBlocks → TokenBlocks. Returns (blocks, failed)."""
 
+    modality = "image"
+
     def __init__(self, spec: str, options: tuple[tuple[str, Any], ...] = ()):
         super().__init__()
         self._spec, self._options = spec, options
 
-    def expand(self, image_blocks):
-        return image_blocks | "EncodeImageBlocks" >> beam.ParDo(
-            _TokenizeImageBlocks(self._spec, self._options)).with_exception_handling()
+    def expand(self, blocks):
+        return blocks | f"Encode{self.modality.capitalize()}Blocks" >> beam.ParDo(
+            _TokenizeArrayBlocks(self.modality, self._spec, self._options)).with_exception_handling()
+
+
+class TokenizeVideos(TokenizeImages):
+    """VideoBlocks → TokenBlocks, one row per clip. Returns (blocks, failed)."""
+
+    modality = "video"
 
 
 def tokenize_video_block(tokenizer: VideoTokenizer, block: VideoBlock, schema: pa.Schema) -> TokenBlock:
@@ -160,28 +172,3 @@ def tokenize_video_block(tokenizer: VideoTokenizer, block: VideoBlock, schema: p
         "padding": [list(tokenizer.padding(*s)) for s in shapes],
     }, len(keep))
     return TokenBlock(block.source, block.block, table, errors)
-
-
-class _TokenizeVideoBlocks(_CountingTokenizeDoFn):
-    def __init__(self, spec: str, options: tuple[tuple[str, Any], ...]):
-        super().__init__()
-        self._spec, self._options = spec, options
-
-    def setup(self) -> None:
-        self._tokenizer = shared_video_tokenizer(self._spec, self._options)
-        self._schema = image_schema(self._tokenizer)
-
-    def process(self, block: VideoBlock) -> Iterator[TokenBlock]:
-        yield self._counted(tokenize_video_block(self._tokenizer, block, self._schema), len(block.errors))
-
-
-class TokenizeVideos(beam.PTransform):
-    """VideoBlocks → TokenBlocks, one row per clip. Returns (blocks, failed)."""
-
-    def __init__(self, spec: str, options: tuple[tuple[str, Any], ...] = ()):
-        super().__init__()
-        self._spec, self._options = spec, options
-
-    def expand(self, video_blocks):
-        return video_blocks | "EncodeClipBlocks" >> beam.ParDo(
-            _TokenizeVideoBlocks(self._spec, self._options)).with_exception_handling()

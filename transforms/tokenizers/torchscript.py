@@ -34,7 +34,7 @@ class _LoadedModel:
     """A TorchScript encoder, its dtype and device, and what its probe said it returns (hard or soft)."""
 
     def __init__(self, uri: str, device: str, dtype: str, pad_multiple: int, vocab_size: int | None,
-                 probe: np.ndarray, run: Callable[["_LoadedModel", np.ndarray], Any], rank: int):
+                 probe: np.ndarray, order: tuple[int, ...]):
         try:
             import torch
         except ImportError:
@@ -46,7 +46,7 @@ class _LoadedModel:
             self.model = torch.jit.load(io.BytesIO(data), map_location=device).eval()
         except Exception as e:
             raise TokenizerSpecError(f"cannot load TorchScript model {uri}: {e}") from None
-        self.device, self.rank = device, rank
+        self.device, self.order, self.rank = device, order, len(order)
         self.torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         self.dtype, self.pad_multiple = dtype, pad_multiple
         self.sha256 = hashlib.sha256(data).hexdigest()
@@ -55,7 +55,7 @@ class _LoadedModel:
             self.model = self.model.to(torch.bfloat16)  # weights and input in the same dtype
         self.dim, self.latent_dtype, self.vocab_size = 0, None, None
         try:
-            out = run(self, probe)
+            out = self.call(probe)
         except Exception as e:
             shape = "x".join(str(d) for d in (probe.shape[0], 3, *probe.shape[1:-1]))
             raise TokenizerSpecError(f"{uri} failed on a blank {shape} input: "
@@ -71,11 +71,11 @@ class _LoadedModel:
                 raise TokenizerSpecError(f"{uri} returns codes but declares no vocab_size; pass --vocab-size")
             self.vocab_size = size
 
-    def call(self, batch: np.ndarray, order: tuple[int, ...]):
-        """uint8 channels-last batch → [-1, 1] channels-first input → the model's token tensor."""
+    def call(self, batch: np.ndarray):
+        """uint8 channels-last batch (already padded) → [-1, 1] channels-first input → the model's token tensor."""
         import torch
 
-        x = torch.from_numpy(batch).to(self.device).permute(*order).to(self.torch_dtype) / 127.5 - 1.0
+        x = torch.from_numpy(batch).to(self.device).permute(*self.order).to(self.torch_dtype) / 127.5 - 1.0
         with torch.inference_mode():
             out = self.model(x)
         if isinstance(out, (tuple, list)):
@@ -122,8 +122,7 @@ class _LoadedModel:
                 results.append((vec.cpu().numpy(), grid))
         return results
 
-    def encode_bucketed(self, padded: Sequence[np.ndarray], batch_size: int,
-                        run: Callable[["_LoadedModel", np.ndarray], Any]) -> list[Any]:
+    def encode_bucketed(self, padded: Sequence[np.ndarray], batch_size: int) -> list[Any]:
         """One model call per bucket of up to batch_size inputs of the same padded shape."""
         results: list[Any] = [None] * len(padded)
         buckets: dict[tuple[int, ...], list[int]] = {}
@@ -133,7 +132,7 @@ class _LoadedModel:
             for s in range(0, len(members), batch_size):
                 chunk = members[s:s + batch_size]
                 try:
-                    for i, r in zip(chunk, self.tokens(run(self, np.stack([padded[i] for i in chunk])))):
+                    for i, r in zip(chunk, self.tokens(self.call(np.stack([padded[i] for i in chunk])))):
                         results[i] = r
                 except Exception as e:  # a failing batch fails its inputs, not the block
                     for i in chunk:
@@ -141,21 +140,40 @@ class _LoadedModel:
         return results
 
 
-class TorchScriptImageTokenizer(ImageTokenizer):
-    def __init__(self, spec: str, uri: str, *, device: str = "cpu", dtype: str = "fp32", batch_size: int = 8,
-                 pad_multiple: int = 16, vocab_size: int | None = None):
-        self._model = _LoadedModel(uri, device, dtype, pad_multiple, vocab_size,
-                                   np.zeros((1, pad_multiple, pad_multiple, 3), np.uint8), self._run, rank=4)
-        self.spec, self.uri = spec, uri
-        self.batch_size = max(1, batch_size)
-        self.model = self._model.model
+class _TorchScriptTokenizer:
+    """What the image and video tokenizers share: the loaded model, its metadata, batched encoding."""
+
+    spec: str
+    modality: str
+    fingerprint: Callable[[], str]
+
+    def _load(self, spec: str, uri: str, batch_size: int, probe_shape: tuple[int, ...], order: tuple[int, ...],
+              device: str, dtype: str, pad_multiple: int, vocab_size: int | None) -> None:
+        self._model = _LoadedModel(uri, device, dtype, pad_multiple, vocab_size, np.zeros(probe_shape, np.uint8),
+                                   order)
+        self.spec, self.uri, self.batch_size, self.model = spec, uri, max(1, batch_size), self._model.model
         for k in ("device", "dtype", "pad_multiple", "name", "kind", "dim", "latent_dtype", "vocab_size"):
             setattr(self, k, getattr(self._model, k))
 
+    def metadata(self) -> dict[str, Any]:
+        return self._model.metadata(self.spec, self.modality, self.batch_size, self.fingerprint())
+
+    def _encode_padded(self, padded: list[np.ndarray]) -> list[Any]:
+        """Batched by padded shape: one model call per bucket of up to batch_size inputs."""
+        return self._model.encode_bucketed(padded, self.batch_size)
+
     @staticmethod
-    def _run(model: _LoadedModel, batch: np.ndarray):
-        """uint8 B x H x W x 3 (already padded) → the model's token tensor."""
-        return model.call(batch, (0, 3, 1, 2))
+    def _only(results: list[Any]) -> Any:
+        if isinstance(results[0], Exception):
+            raise results[0]
+        return results[0]
+
+
+class TorchScriptImageTokenizer(_TorchScriptTokenizer, ImageTokenizer):
+    def __init__(self, spec: str, uri: str, *, device: str = "cpu", dtype: str = "fp32", batch_size: int = 8,
+                 pad_multiple: int = 16, vocab_size: int | None = None):
+        self._load(spec, uri, batch_size, (1, pad_multiple, pad_multiple, 3), (0, 3, 1, 2), device, dtype,
+                   pad_multiple, vocab_size)
 
     def _pad(self, image: np.ndarray) -> np.ndarray:
         m = self.pad_multiple
@@ -165,24 +183,17 @@ class TorchScriptImageTokenizer(ImageTokenizer):
     def identity(self) -> dict[str, Any]:
         return {**self._model.identity(), "input": "B x 3 x H x W in [-1, 1], edge-padded bottom/right"}
 
-    def metadata(self) -> dict[str, Any]:
-        return self._model.metadata(self.spec, self.modality, self.batch_size, self.fingerprint())
-
     def encode_images(self, images: Sequence[np.ndarray]) -> list[Any]:
-        """Batched by padded size: one model call per bucket of up to batch_size images."""
-        return self._model.encode_bucketed([self._pad(i) for i in images], self.batch_size, self._run)
+        return self._encode_padded([self._pad(i) for i in images])
 
     def encode_image(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
-        result = self.encode_images([image])[0]
-        if isinstance(result, Exception):
-            raise result
-        return result
+        return self._only(self.encode_images([image]))
 
     def decode_image(self, tokens: np.ndarray, grid: tuple[int, int], height: int, width: int) -> np.ndarray:
         raise NotImplementedError("decoding needs the model's decoder, which torchscript: does not load")
 
 
-class TorchScriptVideoTokenizer(VideoTokenizer):
+class TorchScriptVideoTokenizer(_TorchScriptTokenizer, VideoTokenizer):
     """`torchscript:` on clips, the Cosmos Tokenizer video interface.
 
     Input B x 3 x T x H x W in [-1, 1]. T is edge-padded (the last frame repeated)
@@ -196,19 +207,8 @@ class TorchScriptVideoTokenizer(VideoTokenizer):
     def __init__(self, spec: str, uri: str, *, device: str = "cpu", dtype: str = "fp32", batch_size: int = 8,
                  pad_multiple: int = 16, temporal_factor: int = 8, vocab_size: int | None = None):
         self.temporal_factor = max(1, temporal_factor)
-        self._model = _LoadedModel(uri, device, dtype, pad_multiple, vocab_size,
-                                   np.zeros((1, 1 + self.temporal_factor, pad_multiple, pad_multiple, 3), np.uint8),
-                                   self._run, rank=5)
-        self.spec, self.uri = spec, uri
-        self.batch_size = max(1, batch_size)
-        self.model = self._model.model
-        for k in ("device", "dtype", "pad_multiple", "name", "kind", "dim", "latent_dtype", "vocab_size"):
-            setattr(self, k, getattr(self._model, k))
-
-    @staticmethod
-    def _run(model: _LoadedModel, batch: np.ndarray):
-        """uint8 B x T x H x W x 3 (already padded) → the model's token tensor."""
-        return model.call(batch, (0, 4, 1, 2, 3))
+        self._load(spec, uri, batch_size, (1, 1 + self.temporal_factor, pad_multiple, pad_multiple, 3),
+                   (0, 4, 1, 2, 3), device, dtype, pad_multiple, vocab_size)
 
     def padding(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         m = self.pad_multiple
@@ -224,17 +224,14 @@ class TorchScriptVideoTokenizer(VideoTokenizer):
                          "of the clip and bottom/right"}
 
     def metadata(self) -> dict[str, Any]:
-        meta = self._model.metadata(self.spec, self.modality, self.batch_size, self.fingerprint())
+        meta = super().metadata()
         meta["geometry"].update(temporal_factor=self.temporal_factor,
                                 padding="edge: last frame repeated to T = 1 + k x temporal_factor; "
                                         "bottom/right to the pad multiple; per row in the padding column")
         return meta
 
     def encode_clips(self, clips: Sequence[np.ndarray]) -> list[Any]:
-        return self._model.encode_bucketed([self._pad(c) for c in clips], self.batch_size, self._run)
+        return self._encode_padded([self._pad(c) for c in clips])
 
     def encode_clip(self, clip: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
-        result = self.encode_clips([clip])[0]
-        if isinstance(result, Exception):
-            raise result
-        return result
+        return self._only(self.encode_clips([clip]))
