@@ -81,32 +81,46 @@ class TokenizeText(beam.PTransform):
             _TokenizeBlocks(self._spec, self._bos, self._eos, self._engine)).with_exception_handling()
 
 
-def _survivors(block: ImageBlock | VideoBlock, count: int, failures: list[tuple[int, Exception]]
-               ) -> tuple[list[int], list[ErrorRecord]]:
-    """Indices of the items that encoded, and the block's errors plus one per item that did not."""
+def _array_rows(tokenizer: ImageTokenizer | VideoTokenizer, block: ImageBlock | VideoBlock, items: list[Any],
+                schema: pa.Schema, extra: Any = None) -> TokenBlock:
+    """Encode a block's images or clips into rows; items the tokenizer rejects become error records.
+
+    `extra(keep, shapes)` gives modality-specific columns for the kept items.
+    """
+    column, grids, failures = tokenizer.encode_batch(items)
     failed = {i for i, _ in failures}
     errors = list(block.errors) + [ErrorRecord(block.sources[i], block.locators[i], "tokenize", type(e).__name__,
                                                str(e)) for i, e in failures]
-    return [i for i in range(count) if i not in failed], errors
+    keep = [i for i in range(len(items)) if i not in failed]
+    sources = [block.sources[i] for i in keep]
+    locators = [block.locators[i] for i in keep]
+    infos = [block.infos[i] for i in keep]
+    shapes = [items[i].shape[:-1] for i in keep]  # (H, W) or (T, H, W)
+    payload = "tokens" if tokenizer.kind == "hard" else "latents"
+    table = table_from_columns(schema, {
+        "id": [row_id(s, l) for s, l in zip(sources, locators)],
+        "source": sources, "locator": locators, "modality": [tokenizer.modality] * len(keep),
+        payload: column, "num_tokens": [int(np.prod(g)) for g in grids], "grid": [list(g) for g in grids],
+        "orig_height": [i["orig_height"] for i in infos], "orig_width": [i["orig_width"] for i in infos],
+        "height": [s[-2] for s in shapes], "width": [s[-1] for s in shapes],
+        "meta": [block.metas[i] for i in keep],
+        **(extra(infos, shapes) if extra else {}),
+    }, len(keep))
+    return TokenBlock(block.source, block.block, table, errors)
 
 
 def tokenize_image_block(tokenizer: ImageTokenizer, block: ImageBlock, schema: pa.Schema) -> TokenBlock:
     """Encode one block of images; images the tokenizer rejects become error records."""
-    column, grids, failures = tokenizer.encode_batch(block.images)
-    keep, errors = _survivors(block, len(block.images), failures)
-    sources = [block.sources[i] for i in keep]
-    locators = [block.locators[i] for i in keep]
-    infos = [block.infos[i] for i in keep]
-    payload = "tokens" if tokenizer.kind == "hard" else "latents"
-    table = table_from_columns(schema, {
-        "id": [row_id(s, l) for s, l in zip(sources, locators)],
-        "source": sources, "locator": locators, "modality": ["image"] * len(keep),
-        payload: column, "num_tokens": [h * w for h, w in grids], "grid": [list(g) for g in grids],
-        "orig_height": [i["orig_height"] for i in infos], "orig_width": [i["orig_width"] for i in infos],
-        "height": [block.images[i].shape[0] for i in keep], "width": [block.images[i].shape[1] for i in keep],
-        "meta": [block.metas[i] for i in keep],
-    }, len(keep))
-    return TokenBlock(block.source, block.block, table, errors)
+    return _array_rows(tokenizer, block, block.images, schema)
+
+
+def tokenize_video_block(tokenizer: VideoTokenizer, block: VideoBlock, schema: pa.Schema) -> TokenBlock:
+    """Encode one block of clips; each row carries its grid, clip timing, frame indices and padding."""
+    def timing(infos: list[dict[str, Any]], shapes: list[tuple[int, ...]]) -> dict[str, Any]:
+        return {**{k: [i[k] for i in infos] for k in ("clip_start", "clip_end", "fps", "frame_indices")},
+                "padding": [list(tokenizer.padding(*s)) for s in shapes]}
+
+    return _array_rows(tokenizer, block, block.clips, schema, timing)
 
 
 class _TokenizeArrayBlocks(_CountingTokenizeDoFn):
@@ -150,25 +164,3 @@ class TokenizeVideos(TokenizeImages):
     """VideoBlocks → TokenBlocks, one row per clip. Returns (blocks, failed)."""
 
     modality = "video"
-
-
-def tokenize_video_block(tokenizer: VideoTokenizer, block: VideoBlock, schema: pa.Schema) -> TokenBlock:
-    """Encode one block of clips; each row carries its grid, clip timing, frame indices and padding."""
-    column, grids, failures = tokenizer.encode_batch(block.clips)
-    keep, errors = _survivors(block, len(block.clips), failures)
-    sources = [block.sources[i] for i in keep]
-    locators = [block.locators[i] for i in keep]
-    infos = [block.infos[i] for i in keep]
-    shapes = [block.clips[i].shape[:3] for i in keep]
-    payload = "tokens" if tokenizer.kind == "hard" else "latents"
-    table = table_from_columns(schema, {
-        "id": [row_id(s, l) for s, l in zip(sources, locators)],
-        "source": sources, "locator": locators, "modality": ["video"] * len(keep),
-        payload: column, "num_tokens": [t * h * w for t, h, w in grids], "grid": [list(g) for g in grids],
-        "orig_height": [i["orig_height"] for i in infos], "orig_width": [i["orig_width"] for i in infos],
-        "height": [s[1] for s in shapes], "width": [s[2] for s in shapes],
-        "meta": [block.metas[i] for i in keep],
-        **{k: [i[k] for i in infos] for k in ("clip_start", "clip_end", "fps", "frame_indices")},
-        "padding": [list(tokenizer.padding(*s)) for s in shapes],
-    }, len(keep))
-    return TokenBlock(block.source, block.block, table, errors)

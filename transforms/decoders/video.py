@@ -372,7 +372,7 @@ def iter_clips(path: str, spec: ClipSpec, policy: SizePolicy, *, decoder: str = 
     clip (its own count of frames, from the packets, replaces a container's
     over-reported one); when the stand-in fails too, decoding stops at that clip.
     """
-    deadline = Deadline(timeout)
+    deadline, reader = Deadline(timeout), None
     try:
         reader = deadline.call(open_reader, path, decoder, policy, recycle_clips)
         plans = plan_clips(reader.timestamps(), reader.duration(), spec)
@@ -409,8 +409,9 @@ def iter_clips(path: str, spec: ClipSpec, policy: SizePolicy, *, decoder: str = 
                 continue
             yield Clip(plan, frames, reader.width, reader.height, reader.name)
             n += 1
-        reader.close()
     finally:
+        if reader is not None:
+            reader.close()
         deadline.close()
 
 
