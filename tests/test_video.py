@@ -464,3 +464,19 @@ def test_fit_a_spacetime_codebook_then_build_with_it(tmp_path):
     row = next(r for r in rows if r["source"].endswith("v0.mp4") and r["locator"] == "clip:1")
     clip = list(iter_clips(str(videos / "v0.mp4"), ClipSpec(frames=4), NATIVE))[1]
     assert row["tokens"] == tok.encode_clip(clip.frames)[0].tolist()
+
+
+def test_a_hung_decoder_is_abandoned_at_the_timeout(bad_videos, monkeypatch):
+    import time
+
+    from transforms.decoders import video
+
+    def hang(self, indices):
+        time.sleep(3)  # stands for a decoder stuck in native code
+
+    monkeypatch.setattr(video.DecordReader, "get_batch", hang)
+    start = time.monotonic()
+    blocks = list(decode_video_task(task(bad_videos["good"]), ClipSpec(frames=8), NATIVE, timeout=0.5))
+    assert time.monotonic() - start < 2
+    errors = [(e.locator, e.error_type) for b in blocks for e in b.errors]
+    assert errors == [("clip:0", "DecodeTimeout")] and not any(b.clips for b in blocks)

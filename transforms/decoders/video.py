@@ -388,6 +388,7 @@ def iter_clips(path: str, spec: ClipSpec, policy: SizePolicy, *, decoder: str = 
                 if len(frames) != len(plan.frame_indices):
                     raise VideoDecodeError(f"{len(frames)} frames decoded, {len(plan.frame_indices)} asked for")
             except DecodeTimeout as e:
+                reader = None  # its decoder may still be running in the abandoned thread: leave it alone
                 yield plan.index, e
                 return
             except Exception as e:
