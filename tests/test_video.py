@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fractions
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -37,6 +38,19 @@ def frame(i: int, w: int, h: int) -> np.ndarray:
     return a.astype(np.uint8)
 
 
+def encode_all(container, stream, frames) -> None:
+    """Encode and mux every frame, then flush the encoder."""
+    for f in itertools.chain(frames, [None]):
+        for p in stream.encode(f):
+            container.mux(p)
+
+
+def timed(f: av.VideoFrame, pts_ms: int | None) -> av.VideoFrame:
+    if pts_ms is not None:
+        f.pts, f.time_base = pts_ms, fractions.Fraction(1, 1000)
+    return f
+
+
 def make_video(path: Path, codec: str = "libx264", n: int = 24, w: int = 64, h: int = 48, fps: int = 25,
                pix: str = "yuv420p", pts_ms: list[int] | None = None, faststart: bool = False) -> Path:
     with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as c:
@@ -46,27 +60,19 @@ def make_video(path: Path, codec: str = "libx264", n: int = 24, w: int = 64, h: 
             s.options = {"preset": "ultrafast"}
         if pts_ms is not None:
             s.time_base = fractions.Fraction(1, 1000)
-        for i in range(n):
-            f = av.VideoFrame.from_ndarray(frame(i, w, h), format="rgb24")
-            if pts_ms is not None:
-                f.pts, f.time_base = pts_ms[i], fractions.Fraction(1, 1000)
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+        encode_all(c, s, (timed(av.VideoFrame.from_ndarray(frame(i, w, h), format="rgb24"),
+                                pts_ms[i] if pts_ms else None) for i in range(n)))  # one frame at a time
     return path
 
 
 def make_audio_only(path: Path) -> Path:
     with av.open(str(path), "w") as c:
         s = c.add_stream("aac", rate=16000)
-        for i in range(10):
-            fr = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frames = [av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+                  for _ in range(10)]
+        for i, fr in enumerate(frames):
             fr.sample_rate, fr.pts = 16000, i * 1024
-            for p in s.encode(fr):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+        encode_all(c, s, frames)
     return path
 
 
