@@ -28,6 +28,7 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6", "tokenizers>=0.20", "duckdb>=1.0", "datasets>=3"],
         "bench": ["datasets>=3", "psutil>=5"],
         "report": ["matplotlib>=3.8"],
+        "video": ["decord>=0.6", "av>=12"],
     },
     package_data={"transforms.tokenizers": ["data/*.tiktoken.gz"]},
     entry_points={"console_scripts": ["tokenmill=pipelines.cli:main"]},

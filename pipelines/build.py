@@ -1,4 +1,4 @@
-"""`tokenmill build`: raw text or image shards → a Parquet token dataset.
+"""`tokenmill build`: raw text, image or video shards → a Parquet token dataset.
 
     read (ReadTextShards) → decode (DecodeText) → tokenize (TokenizeText)
     → write (WriteTokenShards) → commit (CommitManifest)
@@ -27,13 +27,15 @@ from schemas.versions import version_id
 from transforms import fs
 from transforms.decoders.images import DEFAULT_MAX_PIXELS, DecodeImages, SizePolicy
 from transforms.decoders.text import DecodeText
+from transforms.decoders.video import DECODERS, DEFAULT_DECODE_TIMEOUT, ClipSpec, DecodeVideos
 from transforms.sources.images import ReadImageShards
 from transforms.sources.text import DEFAULT_BLOCK_BYTES, DEFAULT_MAX_DOC_BYTES, ReadTextShards
-from transforms.tokenize import TokenizeImages, TokenizeText
+from transforms.sources.videos import ReadVideoShards
+from transforms.tokenize import TokenizeImages, TokenizeText, TokenizeVideos
 from transforms.tokenizers.base import TokenizerSpecError
 from transforms.tokenizers.engines import engine_names
-from transforms.tokenizers.spec import (IMAGE_FAMILIES, IMAGE_SPECS, TEXT_SPECS, shared_image_tokenizer,
-                                        shared_text_tokenizer)
+from transforms.tokenizers.spec import (IMAGE_FAMILIES, IMAGE_SPECS, TEXT_SPECS, VIDEO_SPECS, shared_image_tokenizer,
+                                        shared_text_tokenizer, shared_video_tokenizer)
 from transforms.incremental import Incremental
 from transforms.write import CarryOverShards, CommitManifest, WriteTokenShards, error_to_block, failed_to_block
 
@@ -57,12 +59,13 @@ def byte_size(text: str) -> int:
 def make_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(
         prog="tokenmill build",
-        description="Tokenize text shards (.jsonl, .txt, .parquet; plain, .gz or .zst) or image shards "
-                    "(image files, WebDataset tars, Parquet with image bytes), from local paths "
+        description="Tokenize text shards (.jsonl, .txt, .parquet; plain, .gz or .zst), image shards "
+                    "(image files, WebDataset tars, Parquet with image bytes) or video shards (video files, "
+                    "WebDataset tars), from local paths "
                     "or fsspec URIs, into a Parquet token dataset. Arguments not listed here are "
                     "Apache Beam pipeline options, e.g. --runner, --direct_num_workers.",
         epilog="Tokenizer specs: text: " + ", ".join(TEXT_SPECS) + "; images: " + ", ".join(IMAGE_SPECS)
-               + ". Default runner: Beam's FnApiRunner "
+               + "; videos: " + ", ".join(VIDEO_SPECS) + ". Default runner: Beam's FnApiRunner "
                "(local, offline), multi_processing with one worker per CPU core.")
     p.add_argument("--config", metavar="BUILD.yaml",
                    help="build every source declared in a YAML build spec instead (see README: Build specs); "
@@ -73,7 +76,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, metavar="SPEC",
                    help="text: tiktoken:cl100k_base | tiktoken:o200k_base | tiktoken:PATH_OR_URI | bytes | "
                         "hf:PATH_OR_URI; images: patch:P | vq:PATH_OR_URI | pca:PATH_OR_URI | "
-                        "torchscript:PATH_OR_URI")
+                        "torchscript:PATH_OR_URI; videos: patch:T,P | vq: | pca: | torchscript:")
     p.add_argument("--engine", choices=engine_names(), default="tiktoken",
                    help="BPE engine for tiktoken vocabularies: tiktoken (the reference, default) or "
                         "bpe-openai (faster, extra tokenmill[fast]; verified against tiktoken before and "
@@ -98,10 +101,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
                    help="seconds between progress log lines (default: 10)")
     g = p.add_argument_group("images")
-    g.add_argument("--modality", choices=("auto", "text", "image"), default="auto",
+    g.add_argument("--modality", choices=("auto", "text", "image", "video"), default="auto",
                    help="what the inputs hold; auto: from the file names where they are unambiguous "
-                        "(Parquet is not), else from the tokenizer (patch:, vq:, pca:, torchscript: are image "
-                        "tokenizers)")
+                        "(Parquet and tar are not), else from the tokenizer (patch:T,P is a video tokenizer; "
+                        "patch:P, vq:, pca:, torchscript: are image tokenizers, and serve video files too)")
     g.add_argument("--size", default="native:1024", metavar="POLICY",
                    help="image size policy: native[:MAX] keeps the size, downscaling so the longer side is at "
                         "most MAX; crop:S center-crops a square and resizes to S; shorter:S resizes the "
@@ -111,6 +114,22 @@ def make_parser() -> argparse.ArgumentParser:
                         f"(decompression bombs; default {DEFAULT_MAX_PIXELS})")
     g.add_argument("--image-field", default="image", metavar="NAME",
                    help="Parquet column with the image bytes (default: image)")
+    v = p.add_argument_group("video")
+    v.add_argument("--fps", type=float, metavar="F", help="sample clips at F frames per second (default: the "
+                   "source frames as they are)")
+    v.add_argument("--clip-frames", type=int, default=16, metavar="N", help="frames per clip (default: 16)")
+    v.add_argument("--clip-stride", type=int, metavar="N", help="sampled frames between clip starts; less than "
+                   "--clip-frames overlaps clips (default: --clip-frames)")
+    v.add_argument("--max-clips", type=int, metavar="N", help="clips per video at most (default: all)")
+    v.add_argument("--start", type=float, default=0.0, metavar="SECONDS", help="skip the video before this time")
+    v.add_argument("--end", type=float, metavar="SECONDS", help="stop at this time (default: the end)")
+    v.add_argument("--decode-timeout", type=float, default=DEFAULT_DECODE_TIMEOUT, metavar="SECONDS",
+                   help=f"per-video decode time limit; a video over it ends as an error row "
+                        f"(default: {DEFAULT_DECODE_TIMEOUT:g})")
+    v.add_argument("--decoder", choices=DECODERS, default="decord",
+                   help="video decoder; PyAV stands in where decord is missing or fails (default: decord)")
+    v.add_argument("--temporal-factor", type=int, default=8, metavar="N",
+                   help="torchscript: video encoders: clips are edge-padded to 1 + k x N frames (default: 8)")
     t = p.add_argument_group("torchscript: encoders")
     t.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
     t.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="model input dtype (default: fp32)")
@@ -138,15 +157,20 @@ def check_inputs(patterns: Sequence[str], sizes: dict[str, int] | None = None) -
 
 
 def modality_of_files(uris: Sequence[str]) -> str | None:
-    """'image' or 'text' when the file names say so unambiguously, else None (Parquet fits both)."""
+    """'image', 'video' or 'text' when the file names say so unambiguously, else None (Parquet and tar fit several)."""
     from transforms.sources.images import image_kind
+    from transforms.sources.videos import video_kind
     from transforms.sources.text import detect_format
 
     kinds = set()
     for uri in uris:
         image, text = image_kind(uri), detect_format(uri)
-        if image in ("image-files", "tar"):
+        if image == "image-files":
             kinds.add("image")
+        elif video_kind(uri) == "video-file":
+            kinds.add("video")
+        elif image == "tar":
+            continue  # images or videos
         elif text is not None and text[0] != "parquet":
             kinds.add("text")
     return kinds.pop() if len(kinds) == 1 else None
@@ -172,7 +196,12 @@ def prepare_output(root: str) -> None:
 
 def _read_decode_tokenize(p: beam.Pipeline, args: argparse.Namespace, incremental: Incremental):
     """The modality-specific front of the graph: (read outputs, tokens, decode failures, tokenize failures)."""
-    if args.modality == "image":
+    if args.modality == "video":
+        read = p | "ReadVideoShards" >> ReadVideoShards(args.input, incremental=incremental)
+        decoded, decode_failed = read["blocks"] | "DecodeVideos" >> DecodeVideos(
+            clip_spec(args), args.size, decoder=args.decoder, timeout=args.decode_timeout)
+        tokens, tokenize_failed = decoded | "TokenizeVideos" >> TokenizeVideos(args.tokenizer, video_options(args))
+    elif args.modality == "image":
         read = p | "ReadImageShards" >> ReadImageShards(args.input, image_field=args.image_field,
                                                         incremental=incremental)
         decoded, decode_failed = read["blocks"] | "DecodeImages" >> DecodeImages(args.size, args.max_pixels)
@@ -189,6 +218,9 @@ def _read_decode_tokenize(p: beam.Pipeline, args: argparse.Namespace, incrementa
 
 def options_record(args: argparse.Namespace) -> dict[str, Any]:
     """The reader and size options that shape the rows (part of the version id)."""
+    if args.modality == "video":
+        return {"size_policy": args.size, "decoder": args.decoder, "decode_timeout": args.decode_timeout,
+                **clip_spec(args).record()}
     if args.modality == "image":
         return {"image_field": args.image_field, "size_policy": args.size, "max_pixels": args.max_pixels}
     return {"text_field": args.text_field, "txt_per_line": args.txt_per_line, "max_doc_bytes": args.max_doc_bytes}
@@ -269,16 +301,31 @@ def image_options(args: argparse.Namespace) -> tuple[tuple[str, Any], ...]:
             ("pad_multiple", args.pad_multiple), ("vocab_size", args.vocab_size))
 
 
+def clip_spec(args: argparse.Namespace) -> ClipSpec:
+    """How --fps, --clip-frames, --clip-stride, --max-clips, --start and --end sample clips."""
+    return ClipSpec(frames=args.clip_frames, fps=args.fps, stride=args.clip_stride, max_clips=args.max_clips,
+                    start=args.start, end=args.end)
+
+
+def video_options(args: argparse.Namespace) -> tuple[tuple[str, Any], ...]:
+    """Options of neural video tokenizers: the image ones and the temporal factor."""
+    options = image_options(args)
+    return options + (("temporal_factor", args.temporal_factor),) if options else ()
+
+
 def infer_modality(args: argparse.Namespace, uris: Sequence[str]) -> str:
     """--modality, else the file names where unambiguous, else the tokenizer family.
 
     A tokenizer of the other modality than the files is a usage error.
     """
-    family = args.tokenizer.partition(":")[0]
-    by_tokenizer = "image" if family in IMAGE_FAMILIES else "text"
+    family, _, arg = args.tokenizer.partition(":")
+    by_tokenizer = ("video" if family == "patch" and "," in arg else
+                    "image" if family in IMAGE_FAMILIES else "text")
     if args.modality != "auto":
         return args.modality
     by_files = modality_of_files(uris)
+    if by_files == "video" and by_tokenizer == "image" and family != "patch":
+        return "video"  # vq:, pca: and torchscript: tokenize images and clips alike
     if by_files and by_files != by_tokenizer:
         raise UsageError(f"the inputs are {by_files} files but --tokenizer {args.tokenizer} is a "
                          f"{by_tokenizer} tokenizer (pass --modality to override)")
@@ -342,7 +389,11 @@ def prepare_source(args: argparse.Namespace, sizes: dict[str, int] | None = None
     uris = check_inputs(args.input, sizes)
     args.modality = infer_modality(args, uris)
     try:
-        if args.modality == "image":
+        if args.modality == "video":
+            SizePolicy.parse(args.size)
+            clip_spec(args)
+            tokenizer = shared_video_tokenizer(args.tokenizer, video_options(args))
+        elif args.modality == "image":
             SizePolicy.parse(args.size)
             tokenizer = shared_image_tokenizer(args.tokenizer, image_options(args))
         else:

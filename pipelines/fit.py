@@ -1,9 +1,11 @@
-"""`tokenmill fit`: fit a patch codebook (k-means) or a PCA bottleneck on the user's images.
+"""`tokenmill fit`: fit a patch codebook (k-means) or a PCA bottleneck on the user's images or videos.
 
     read → decode → sample patches (held-out images aside) → gather → fit → write + report
 
 Writes PATH (an .npz that `vq:PATH` / `pca:PATH` load) and PATH.json, a report
 with the tokenizer's fingerprint and the reconstruction PSNR on held-out images.
+Videos (by file name, or --modality video) are cut into clips as for build, and
+the samples are T x P x P spacetime patches (--frames T); a clip is held out whole.
 Sampling is seeded per image from its id, and samples are sorted before
 fitting, so the same inputs give the same file with any number of workers.
 """
@@ -25,10 +27,12 @@ from pipelines.cli_errors import OneLineArgumentParser, UsageError, usage_errors
 from schemas.storage import write_bytes_atomic
 from transforms import fs
 from transforms.decoders.images import DEFAULT_MAX_PIXELS, DecodeImages, SizePolicy
-from transforms.records import ImageBlock, row_id
+from transforms.decoders.video import DECODERS, ClipSpec, DecodeVideos
+from transforms.records import ImageBlock, VideoBlock, row_id
 from transforms.sources.images import ReadImageShards
+from transforms.sources.videos import ReadVideoShards
 from transforms.tokenizers.codebook import psnr, save_npz, to_unit
-from transforms.tokenizers.patches import image_to_patches
+from transforms.tokenizers.patches import clip_to_patches, image_to_patches
 
 
 def _unit_hash(seed: int, key: str) -> int:
@@ -36,19 +40,22 @@ def _unit_hash(seed: int, key: str) -> int:
 
 
 class _SamplePatches(beam.DoFn):
-    """Per image: `per_image` random patches (seeded by its id), or the whole image if held out."""
+    """Per image or clip: `per_image` random patches (seeded by its id), or the whole of it if held out."""
 
-    def __init__(self, patch: int, per_image: int, holdout: float, seed: int):
+    def __init__(self, patch: int, per_image: int, holdout: float, seed: int, frames: int = 0):
         self._patch, self._per_image, self._holdout, self._seed = patch, per_image, holdout, seed
+        self._frames = frames
 
-    def process(self, block: ImageBlock) -> Iterator[Any]:
-        for src, loc, image in zip(block.sources, block.locators, block.images):
+    def process(self, block: ImageBlock | VideoBlock) -> Iterator[Any]:
+        items = block.clips if isinstance(block, VideoBlock) else block.images
+        for src, loc, image in zip(block.sources, block.locators, items):
             key = row_id(src, loc)
             h = _unit_hash(self._seed, key)
             if (h % 10_000) < self._holdout * 10_000:
                 yield beam.pvalue.TaggedOutput("holdout", (key, image))
                 continue
-            patches, _ = image_to_patches(image, self._patch)
+            patches, _ = (clip_to_patches(image, self._frames, self._patch) if self._frames else
+                          image_to_patches(image, self._patch))
             rng = np.random.default_rng(h)
             take = rng.choice(len(patches), size=min(self._per_image, len(patches)), replace=False)
             yield key, patches[np.sort(take)]
@@ -77,26 +84,30 @@ def fit_pca(data: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _fit_and_write(samples: list[tuple[str, np.ndarray]], holdout: list[tuple[str, np.ndarray]],
                    *, kind: str, patch: int, size: int, output: str, iterations: int, seed: int,
-                   max_samples: int, holdout_images: int) -> dict[str, Any]:
-    from transforms.tokenizers.codebook import PCATokenizer, VQTokenizer
+                   max_samples: int, holdout_images: int, frames: int = 0) -> dict[str, Any]:
+    from transforms.tokenizers.codebook import PCATokenizer, VideoPCATokenizer, VideoVQTokenizer, VQTokenizer
 
     samples = sorted(samples, key=lambda kv: kv[0])
-    data = to_unit(np.concatenate([p for _, p in samples])) if samples else np.zeros((0, patch * patch * 3))
+    values = (frames or 1) * patch * patch * 3
+    data = to_unit(np.concatenate([p for _, p in samples])) if samples else np.zeros((0, values))
     if len(data) > max_samples:  # a deterministic subset
         data = data[np.sort(np.random.default_rng(seed).choice(len(data), max_samples, replace=False))]
+    shape = {"patch": np.array(patch), **({"frames": np.array(frames)} if frames else {})}
     if kind == "vq":
-        arrays = {"kind": np.array("vq"), "patch": np.array(patch), "codes": fit_kmeans(data, size, iterations, seed)}
+        arrays = {"kind": np.array("vq"), **shape, "codes": fit_kmeans(data, size, iterations, seed)}
     else:
         mean, comps = fit_pca(data, size)
-        arrays = {"kind": np.array("pca"), "patch": np.array(patch), "mean": mean, "components": comps}
+        arrays = {"kind": np.array("pca"), **shape, "mean": mean, "components": comps}
     write_bytes_atomic(output, save_npz(arrays))
-    tok = (VQTokenizer if kind == "vq" else PCATokenizer)(f"{kind}:{output}", output)
+    classes = {"vq": (VQTokenizer, VideoVQTokenizer), "pca": (PCATokenizer, VideoPCATokenizer)}[kind]
+    tok = classes[bool(frames)](f"{kind}:{output}", output)
     scores = []
-    for key, image in sorted(holdout, key=lambda kv: kv[0])[:holdout_images]:
-        tokens, grid = tok.encode_image(image)
+    for key, array in sorted(holdout, key=lambda kv: kv[0])[:holdout_images]:
+        tokens, grid = tok.encode_array(array)
         # JSON has no infinity: a lossless reconstruction is reported as 100 dB.
-        scores.append({"id": key, "psnr": min(100.0, psnr(tok.decode_image(tokens, grid, *image.shape[:2]), image))})
+        scores.append({"id": key, "psnr": min(100.0, psnr(tok.decode_array(tokens, grid, array.shape[:-1]), array))})
     report = {"kind": kind, "spec": f"{kind}:{output}", "fingerprint": tok.fingerprint(), "patch": patch,
+              "frames": frames or None,
               ("codes" if kind == "vq" else "dim"): size, "train_patches": int(len(data)),
               "train_images": len(samples), "holdout_images": len(scores),
               "psnr_mean": float(np.mean([s["psnr"] for s in scores])) if scores else None,
@@ -123,15 +134,29 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=20, help="vq: k-means iterations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-field", default="image")
+    v = p.add_argument_group("video")
+    v.add_argument("--modality", choices=("auto", "image", "video"), default="auto",
+                   help="auto: video when the inputs are video files (.mp4, .webm, .mkv, .mov, .avi)")
+    v.add_argument("--frames", type=int, default=2, help="video: frames per spacetime patch T (default 2)")
+    v.add_argument("--clip-frames", type=int, default=16, help="video: frames per clip (default 16)")
+    v.add_argument("--fps", type=float, help="video: sample clips at this rate (default: source frames)")
+    v.add_argument("--max-clips", type=int, help="video: clips per video at most (default: all)")
+    v.add_argument("--decoder", choices=DECODERS, default="decord")
     return p
 
 
 def build_pipeline(args: argparse.Namespace, options) -> beam.Pipeline:
     p = beam.Pipeline(runner=runners.make_runner(options), options=options)
-    read = p | "ReadImageShards" >> ReadImageShards(args.input, image_field=args.image_field)
-    decoded, _ = read["blocks"] | "DecodeImages" >> DecodeImages(args.size, args.max_pixels)
+    frames = args.frames if args.modality == "video" else 0
+    if frames:
+        read = p | "ReadVideoShards" >> ReadVideoShards(args.input)
+        spec = ClipSpec(frames=args.clip_frames, fps=args.fps, max_clips=args.max_clips)
+        decoded, _ = read["blocks"] | "DecodeVideos" >> DecodeVideos(spec, args.size, decoder=args.decoder)
+    else:
+        read = p | "ReadImageShards" >> ReadImageShards(args.input, image_field=args.image_field)
+        decoded, _ = read["blocks"] | "DecodeImages" >> DecodeImages(args.size, args.max_pixels)
     sampled = decoded | "SamplePatches" >> beam.ParDo(
-        _SamplePatches(args.patch, args.samples_per_image, args.holdout, args.seed)).with_outputs(
+        _SamplePatches(args.patch, args.samples_per_image, args.holdout, args.seed, frames)).with_outputs(
         "holdout", main="train")
     holdout = sampled.holdout | "GatherHoldout" >> beam.combiners.ToList()
     size = args.codes if args.kind == "vq" else args.dim
@@ -140,7 +165,7 @@ def build_pipeline(args: argparse.Namespace, options) -> beam.Pipeline:
          | "FitAndWrite" >> beam.Map(_fit_and_write, holdout=beam.pvalue.AsSingleton(holdout), kind=args.kind,
                                      patch=args.patch, size=size, output=args.output, iterations=args.iterations,
                                      seed=args.seed, max_samples=args.max_samples,
-                                     holdout_images=args.holdout_images))
+                                     holdout_images=args.holdout_images, frames=frames))
     return p
 
 
@@ -156,7 +181,13 @@ def run(argv: Sequence[str] | None = None) -> int:
             raise UsageError(str(e)) from None
         if not 1 <= args.patch <= 256 or args.codes < 2 or args.dim < 1 or not 0 <= args.holdout < 1:
             raise UsageError("need 1 <= --patch <= 256, --codes >= 2, --dim >= 1, 0 <= --holdout < 1")
-        check_inputs(args.input)
+        uris = check_inputs(args.input)
+        if args.modality == "auto":
+            from pipelines.build import modality_of_files
+
+            args.modality = "video" if modality_of_files(uris) == "video" else "image"
+        if args.modality == "video" and not (1 <= args.frames <= args.clip_frames):
+            raise UsageError("need 1 <= --frames <= --clip-frames")
         args.output = fs.canonical(args.output)
         pipeline = build_pipeline(args, options)
     print(f"tokenmill fit: runner {runner}", file=sys.stderr)

@@ -112,6 +112,9 @@ def dataset_schema(modality: str, kind: str, *, token_dtype: str | None = None,
             _field("clip_end", pa.float64(), "Clip end time in the source video, seconds.", True),
             _field("fps", pa.float64(), "Frame rate of the sampled clip, frames per second.", True),
             _field("frame_indices", _list(pa.int32()), "Source frame indices of the clip's frames.", True),
+            _field("padding", pa.list_(pa.field("element", pa.int32(), nullable=False), 3),
+                   "Frames, rows and columns the tokenizer added by edge padding (end of clip, bottom, "
+                   "right) before encoding: (t, h, w).", True),
         ]
     return pa.schema(fields, metadata=_encode_metadata(metadata))
 

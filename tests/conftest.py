@@ -205,6 +205,7 @@ def video_dataset(tmp_path_factory) -> Path:
         "latents": [tokens.tobytes()], "num_tokens": [t * h * w], "grid": [[t, h, w]],
         "height": [H], "width": [W], "orig_height": [H], "orig_width": [W],
         "clip_start": [0.0], "clip_end": [F / 10], "fps": [10.0], "frame_indices": [list(range(0, 2 * F, 2))],
+        "padding": [[0, 0, 0]],
     }, 1)
     root = tmp_path_factory.mktemp("video-ds")
     (root / "data").mkdir()

@@ -85,6 +85,48 @@ class ImageBlock:
     nbytes: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class VideoTask:
+    """One video to decode: a file, or a member of a tar shard (read from its byte range)."""
+
+    source: str  # the video file, or the tar that holds it
+    member: str = ""  # tar member name; "" for a video file
+    ordinal: int = 0  # the member's place among its tar's videos
+    offset: int = 0  # where the member's bytes start in the tar
+    size: int = 0
+    meta: str | None = None  # sidecar metadata (JSON)
+
+    # Block numbers of one tar's videos are spaced apart, so that videos decoded on
+    # different workers never write the same shard name.
+    BLOCKS_PER_VIDEO = 1 << 20
+
+    @property
+    def block(self) -> int:
+        return self.ordinal * self.BLOCKS_PER_VIDEO
+
+    def locator(self, clip: int | None = None) -> str:
+        """'clip:N' / 'member:NAME#clip:N' for a clip; 'file' / 'member:NAME' for the whole video."""
+        where = f"member:{self.member}" if self.member else ""
+        if clip is None:
+            return where or "file"
+        return f"{where}#clip:{clip}" if where else f"clip:{clip}"
+
+
+@dataclasses.dataclass
+class VideoBlock:
+    """Decoded clips (T, H, W, 3) uint8, each with its timing (`infos`) and origin."""
+
+    source: str
+    block: int
+    locators: list[str]
+    sources: list[str]
+    clips: list[Any]
+    infos: list[dict[str, Any]]
+    metas: list[str | None]
+    errors: list[ErrorRecord]
+    nbytes: int = 0
+
+
 @dataclasses.dataclass
 class TextBlock:
     """Decoded documents, ready for a tokenizer."""

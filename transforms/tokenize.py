@@ -1,4 +1,4 @@
-"""TokenizeText and TokenizeImages: blocks → TokenBlocks (Arrow tables in the dataset schema).
+"""TokenizeText, TokenizeImages and TokenizeVideos: blocks → TokenBlocks (Arrow tables in the dataset schema).
 
 The tokenizer is loaded once per worker in setup(); each block of documents is
 encoded in one call, straight into an Arrow list column.
@@ -14,9 +14,9 @@ import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 
 from schemas.tables import dataset_schema, table_from_columns, text_hard_schema
-from transforms.records import ErrorRecord, ImageBlock, TextBlock, TokenBlock, row_id, row_ids
-from transforms.tokenizers.base import ImageTokenizer, TextTokenizer
-from transforms.tokenizers.spec import shared_image_tokenizer, shared_text_tokenizer
+from transforms.records import ErrorRecord, ImageBlock, TextBlock, TokenBlock, VideoBlock, row_id, row_ids
+from transforms.tokenizers.base import ImageTokenizer, TextTokenizer, VideoTokenizer
+from transforms.tokenizers.spec import shared_image_tokenizer, shared_text_tokenizer, shared_video_tokenizer
 
 
 def tokenize_block(tokenizer: TextTokenizer, block: TextBlock, schema: pa.Schema) -> TokenBlock:
@@ -81,46 +81,67 @@ class TokenizeText(beam.PTransform):
             _TokenizeBlocks(self._spec, self._bos, self._eos, self._engine)).with_exception_handling()
 
 
-def tokenize_image_block(tokenizer: ImageTokenizer, block: ImageBlock, schema: pa.Schema) -> TokenBlock:
-    """Encode one block of images; images the tokenizer rejects become error records."""
-    column, grids, failures = tokenizer.encode_batch(block.images)
-    errors = list(block.errors)
-    keep = list(range(len(block.images)))
-    if failures:
-        failed = {i for i, _ in failures}
-        errors += [ErrorRecord(block.sources[i], block.locators[i], "tokenize", type(e).__name__, str(e))
-                   for i, e in failures]
-        keep = [i for i in keep if i not in failed]
+def _array_rows(tokenizer: ImageTokenizer | VideoTokenizer, block: ImageBlock | VideoBlock, items: list[Any],
+                schema: pa.Schema, extra: Any = None) -> TokenBlock:
+    """Encode a block's images or clips into rows; items the tokenizer rejects become error records.
+
+    `extra(keep, shapes)` gives modality-specific columns for the kept items.
+    """
+    column, grids, failures = tokenizer.encode_batch(items)
+    failed = {i for i, _ in failures}
+    errors = list(block.errors) + [ErrorRecord(block.sources[i], block.locators[i], "tokenize", type(e).__name__,
+                                               str(e)) for i, e in failures]
+    keep = [i for i in range(len(items)) if i not in failed]
     sources = [block.sources[i] for i in keep]
     locators = [block.locators[i] for i in keep]
     infos = [block.infos[i] for i in keep]
+    shapes = [items[i].shape[:-1] for i in keep]  # (H, W) or (T, H, W)
     payload = "tokens" if tokenizer.kind == "hard" else "latents"
     table = table_from_columns(schema, {
         "id": [row_id(s, l) for s, l in zip(sources, locators)],
-        "source": sources, "locator": locators, "modality": ["image"] * len(keep),
-        payload: column, "num_tokens": [h * w for h, w in grids], "grid": [list(g) for g in grids],
+        "source": sources, "locator": locators, "modality": [tokenizer.modality] * len(keep),
+        payload: column, "num_tokens": [int(np.prod(g)) for g in grids], "grid": [list(g) for g in grids],
         "orig_height": [i["orig_height"] for i in infos], "orig_width": [i["orig_width"] for i in infos],
-        "height": [block.images[i].shape[0] for i in keep], "width": [block.images[i].shape[1] for i in keep],
+        "height": [s[-2] for s in shapes], "width": [s[-1] for s in shapes],
         "meta": [block.metas[i] for i in keep],
+        **(extra(infos, shapes) if extra else {}),
     }, len(keep))
     return TokenBlock(block.source, block.block, table, errors, block.nbytes)
 
 
-class _TokenizeImageBlocks(_CountingTokenizeDoFn):
-    def __init__(self, spec: str, options: tuple[tuple[str, Any], ...]):
+def tokenize_image_block(tokenizer: ImageTokenizer, block: ImageBlock, schema: pa.Schema) -> TokenBlock:
+    """Encode one block of images; images the tokenizer rejects become error records."""
+    return _array_rows(tokenizer, block, block.images, schema)
+
+
+def tokenize_video_block(tokenizer: VideoTokenizer, block: VideoBlock, schema: pa.Schema) -> TokenBlock:
+    """Encode one block of clips; each row carries its grid, clip timing, frame indices and padding."""
+    def timing(infos: list[dict[str, Any]], shapes: list[tuple[int, ...]]) -> dict[str, Any]:
+        return {**{k: [i[k] for i in infos] for k in ("clip_start", "clip_end", "fps", "frame_indices")},
+                "padding": [list(tokenizer.padding(*s)) for s in shapes]}
+
+    return _array_rows(tokenizer, block, block.clips, schema, timing)
+
+
+class _TokenizeArrayBlocks(_CountingTokenizeDoFn):
+    """Image or video blocks through their tokenizer, loaded once per worker."""
+
+    def __init__(self, modality: str, spec: str, options: tuple[tuple[str, Any], ...]):
         super().__init__()
-        self._spec, self._options = spec, options
+        self._modality, self._spec, self._options = modality, spec, options
 
     def setup(self) -> None:
-        self._tokenizer = shared_image_tokenizer(self._spec, self._options)
+        load, self._encode = ((shared_video_tokenizer, tokenize_video_block) if self._modality == "video" else
+                              (shared_image_tokenizer, tokenize_image_block))
+        self._tokenizer = load(self._spec, self._options)
         self._schema = image_schema(self._tokenizer)
 
-    def process(self, block: ImageBlock) -> Iterator[TokenBlock]:
-        yield self._counted(tokenize_image_block(self._tokenizer, block, self._schema), len(block.errors))
+    def process(self, block: ImageBlock | VideoBlock) -> Iterator[TokenBlock]:
+        yield self._counted(self._encode(self._tokenizer, block, self._schema), len(block.errors))
 
 
-def image_schema(tokenizer: ImageTokenizer) -> pa.Schema:
-    return dataset_schema("image", tokenizer.kind, token_dtype=str(tokenizer.token_type)
+def image_schema(tokenizer: ImageTokenizer | VideoTokenizer) -> pa.Schema:
+    return dataset_schema(tokenizer.modality, tokenizer.kind, token_dtype=str(tokenizer.token_type)
                           if tokenizer.kind == "hard" else None, latent_dtype=tokenizer.latent_dtype,
                           dim=tokenizer.dim or None, metadata=tokenizer.metadata())
 
@@ -128,10 +149,18 @@ def image_schema(tokenizer: ImageTokenizer) -> pa.Schema:
 class TokenizeImages(beam.PTransform):
     """ImageBlocks → TokenBlocks. Returns (blocks, failed)."""
 
+    modality = "image"
+
     def __init__(self, spec: str, options: tuple[tuple[str, Any], ...] = ()):
         super().__init__()
         self._spec, self._options = spec, options
 
-    def expand(self, image_blocks):
-        return image_blocks | "EncodeImageBlocks" >> beam.ParDo(
-            _TokenizeImageBlocks(self._spec, self._options)).with_exception_handling()
+    def expand(self, blocks):
+        return blocks | f"Encode{self.modality.capitalize()}Blocks" >> beam.ParDo(
+            _TokenizeArrayBlocks(self.modality, self._spec, self._options)).with_exception_handling()
+
+
+class TokenizeVideos(TokenizeImages):
+    """VideoBlocks → TokenBlocks, one row per clip. Returns (blocks, failed)."""
+
+    modality = "video"

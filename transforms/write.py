@@ -28,7 +28,7 @@ from schemas.versions import commit
 from transforms.incremental import RunPlan, plan_run
 from transforms.tokenizers.base import FatalTokenizerError
 from transforms.records import (BlockTask, ErrorRecord, ImageBlock, InputFile, RawBlock, ShardResult,
-                                TextBlock, TokenBlock, shard_name)
+                                TextBlock, TokenBlock, VideoBlock, VideoTask, shard_name)
 
 PARQUET_OPTIONS: dict[str, Any] = {
     "compression": "zstd",
@@ -151,7 +151,12 @@ def failed_to_block(failed: tuple[Any, tuple[type, str, list[str]]], stage: str)
             f"offset:{element.start}-{element.end}"
         return TokenBlock(element.source, element.block, None,
                           [ErrorRecord(element.source, locator, stage, kind, message)], element.end - element.start)
-    if isinstance(element, (RawBlock, TextBlock, ImageBlock)):
+    if isinstance(element, VideoTask):  # numbered past the video's own blocks, so as not to replace one
+        return TokenBlock(element.source, element.block + VideoTask.BLOCKS_PER_VIDEO - 1, None,
+                          [ErrorRecord(element.source, element.locator(), stage, kind, message)])
+    if isinstance(element, str):  # a tar of videos that could not be listed
+        return TokenBlock(element, 0, None, [ErrorRecord(element, "file", stage, kind, message)])
+    if isinstance(element, (RawBlock, TextBlock, ImageBlock, VideoBlock)):
         sources = getattr(element, "sources", None) or [element.source] * len(element.locators)
         errors = list(element.errors) + [ErrorRecord(src, loc, stage, kind, message)
                                          for src, loc in zip(sources, element.locators)]

@@ -174,38 +174,16 @@ class TextTokenizer(Tokenizer):
         return column, failures
 
 
-class ImageTokenizer(Tokenizer):
-    """RGB uint8 images (H, W, 3) → tokens on a (h, w) grid: codes (hard) or vectors (soft).
+class _ArrayTokenizer(Tokenizer):
+    """What image and video tokenizers share: arrays in, tokens on a grid out, one Arrow column per batch."""
 
-    Subclasses implement `encode_image` and `decode_image`, and set `kind`,
-    `dim` and `latent_dtype` (soft) or `vocab_size` (hard).
-    """
-
-    modality = "image"
     dim: int = 0
     latent_dtype: str | None = None
     vocab_size: int | None = None
 
     @abc.abstractmethod
-    def encode_image(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
-        """(tokens (n,) or latents (n, dim), grid (h, w) with h * w = n)."""
-
-    @abc.abstractmethod
-    def decode_image(self, tokens: np.ndarray, grid: tuple[int, int], height: int, width: int) -> np.ndarray:
-        """The RGB uint8 image (height, width, 3) the tokens stand for."""
-
-    def encode_images(self, images: Sequence[np.ndarray]) -> list[Any]:
-        """encode_image for each image, with an exception in place of a failed one.
-
-        Tokenizers that gain from batching (a neural encoder) override this.
-        """
-        results: list[Any] = []
-        for image in images:
-            try:
-                results.append(self.encode_image(image))
-            except Exception as e:  # one bad image must not sink the block
-                results.append(e)
-        return results
+    def _encode_each(self, items: Sequence[np.ndarray]) -> list[Any]:
+        """(tokens, grid) for each item, or an exception in place of a failed one."""
 
     @property
     def token_type(self) -> pa.DataType:
@@ -215,14 +193,13 @@ class ImageTokenizer(Tokenizer):
 
         return LATENT_STORAGE[self.latent_dtype]
 
-
-    def encode_batch(self, images: Sequence[np.ndarray]
-                     ) -> tuple[pa.Array, list[tuple[int, int]], list[tuple[int, Exception]]]:
-        """Encode images into one Arrow column built from numpy buffers; failures are left out."""
+    def encode_batch(self, items: Sequence[np.ndarray]
+                     ) -> tuple[pa.Array, list[tuple[int, ...]], list[tuple[int, Exception]]]:
+        """Encode items into one Arrow column built from numpy buffers; failures are left out."""
         parts: list[np.ndarray] = []
-        grids: list[tuple[int, int]] = []
+        grids: list[tuple[int, ...]] = []
         failures: list[tuple[int, Exception]] = []
-        for i, result in enumerate(self.encode_images(images)):
+        for i, result in enumerate(self._encode_each(items)):
             if isinstance(result, FatalTokenizerError):
                 raise result
             if isinstance(result, Exception):
@@ -245,3 +222,70 @@ class ImageTokenizer(Tokenizer):
             column = pa.BinaryArray.from_buffers(pa.binary(), len(parts),
                                                  [None, pa.py_buffer(byte_offsets), pa.py_buffer(flat)])
         return column, grids, failures
+
+
+def _each(encode, items: Sequence[np.ndarray]) -> list[Any]:
+    results: list[Any] = []
+    for item in items:
+        try:
+            results.append(encode(item))
+        except Exception as e:  # one bad item must not sink the block
+            results.append(e)
+    return results
+
+
+class ImageTokenizer(_ArrayTokenizer):
+    """RGB uint8 images (H, W, 3) → tokens on a (h, w) grid: codes (hard) or vectors (soft).
+
+    Subclasses implement `encode_image` and `decode_image`, and set `kind`,
+    `dim` and `latent_dtype` (soft) or `vocab_size` (hard).
+    """
+
+    modality = "image"
+
+    @abc.abstractmethod
+    def encode_image(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """(tokens (n,) or latents (n, dim), grid (h, w) with h * w = n)."""
+
+    @abc.abstractmethod
+    def decode_image(self, tokens: np.ndarray, grid: tuple[int, int], height: int, width: int) -> np.ndarray:
+        """The RGB uint8 image (height, width, 3) the tokens stand for."""
+
+    def encode_images(self, images: Sequence[np.ndarray]) -> list[Any]:
+        """encode_image for each image, with an exception in place of a failed one.
+
+        Tokenizers that gain from batching (a neural encoder) override this.
+        """
+        return _each(self.encode_image, images)
+
+    def _encode_each(self, items: Sequence[np.ndarray]) -> list[Any]:
+        return self.encode_images(items)
+
+
+class VideoTokenizer(_ArrayTokenizer):
+    """Clips of RGB uint8 frames (T, H, W, 3) → tokens on a (t, h, w) grid: codes (hard) or vectors (soft).
+
+    Subclasses implement `encode_clip`, `padding` and (where they can) `decode_clip`.
+    """
+
+    modality = "video"
+
+    @abc.abstractmethod
+    def encode_clip(self, clip: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """(tokens (n,) or latents (n, dim), grid (t, h, w) with t * h * w = n)."""
+
+    @abc.abstractmethod
+    def padding(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """Frames, rows and columns added by edge padding to a clip of this shape before encoding."""
+
+    def decode_clip(self, tokens: np.ndarray, grid: tuple[int, int, int], frames: int, height: int,
+                    width: int) -> np.ndarray:
+        """The clip (frames, height, width, 3) the tokens stand for."""
+        raise NotImplementedError(f"{self.spec} cannot decode")
+
+    def encode_clips(self, clips: Sequence[np.ndarray]) -> list[Any]:
+        """encode_clip for each clip, with an exception in place of a failed one (batching encoders override)."""
+        return _each(self.encode_clip, clips)
+
+    def _encode_each(self, items: Sequence[np.ndarray]) -> list[Any]:
+        return self.encode_clips(items)

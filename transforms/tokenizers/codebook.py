@@ -1,6 +1,7 @@
 """Tokenizers fitted on the user's own images, no neural weights: `vq:` codebooks and `pca:` latents.
 
-Both work on P x P x 3 patches (see patches.py), normalized to [-1, 1].
+Both work on P x P x 3 patches (see patches.py), normalized to [-1, 1]; fitted
+on video clips, on T x P x P x 3 spacetime patches (the file then holds `frames`).
 - `vq:PATH_OR_URI`: hard tokens, the index of the nearest code (squared
   Euclidean distance, ties to the lower index) in a (K, P*P*3) codebook.
 - `pca:PATH_OR_URI`: soft tokens through a linear bottleneck: d-dimensional
@@ -19,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from schemas.storage import read_bytes
-from transforms.tokenizers.base import ImageTokenizer, TokenizerSpecError
-from transforms.tokenizers.patches import NORMALIZATION, image_to_patches, patches_to_image
+from transforms.tokenizers.base import ImageTokenizer, TokenizerSpecError, VideoTokenizer
+from transforms.tokenizers.patches import (NORMALIZATION, clip_to_patches, image_to_patches, multiple_padding,
+                                           patches_to_clip, patches_to_image)
 
 
 def to_unit(patches: np.ndarray) -> np.ndarray:
@@ -71,57 +73,100 @@ def _digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-class _PatchFitted(ImageTokenizer):
+class _PatchFitted:
+    """What vq: and pca: share, for images (P x P x 3 patches) and clips (T x P x P x 3; the file has `frames`)."""
+
+    modality: str
+    spec: str
+
     def __init__(self, spec: str, uri: str, kind: str):
         self.spec, self.uri = spec, uri
         self._arrays = _load_npz(uri, kind)
         self.patch = int(self._arrays["patch"])
+        self.frames = int(self._arrays["frames"]) if "frames" in self._arrays else 0
+        if (self.frames > 0) != (self.modality == "video"):
+            raise TokenizerSpecError(f"{uri} was fitted on {'video clips' if self.frames else 'images'}; "
+                                     f"it cannot tokenize {self.modality}")
         self.name = f"{kind}:{uri.rstrip('/').rsplit('/', 1)[-1]}"
+        self.values = (self.frames or 1) * self.patch * self.patch * 3
 
     def _geometry(self) -> dict[str, Any]:
+        if self.frames:
+            return {"patch": [self.frames, self.patch, self.patch], "channels": 3, "layout": "thwc",
+                    "padding": "edge, end of clip and bottom/right, to multiples of the patch"}
         return {"patch": [self.patch, self.patch], "channels": 3, "layout": "hwc",
                 "padding": "edge, bottom/right, to a multiple of the patch"}
 
+    def _shape_identity(self) -> dict[str, Any]:
+        return {"patch": self.patch, **({"frames": self.frames} if self.frames else {})}
 
-class VQTokenizer(_PatchFitted):
+    def _patches(self, array: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+        if self.frames:
+            return clip_to_patches(array, self.frames, self.patch)
+        return image_to_patches(array, self.patch)
+
+    def _array(self, patches: np.ndarray, grid: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+        if self.frames:
+            return patches_to_clip(patches, grid, self.frames, self.patch, *shape)
+        return patches_to_image(patches, grid, self.patch, *shape)
+
+    def padding(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        return multiple_padding(frames, height, width, self.frames, self.patch)
+
+    def encode_clip(self, clip: np.ndarray):
+        return self.encode_array(clip)
+
+    def decode_clip(self, tokens: np.ndarray, grid, frames: int, height: int, width: int) -> np.ndarray:
+        return self.decode_array(tokens, grid, (frames, height, width))
+
+    def encode_image(self, image: np.ndarray):
+        return self.encode_array(image)
+
+    def decode_image(self, tokens: np.ndarray, grid, height: int, width: int) -> np.ndarray:
+        return self.decode_array(tokens, grid, (height, width))
+
+
+class _VQ(_PatchFitted):
     kind = "hard"
 
     def __init__(self, spec: str, uri: str):
         super().__init__(spec, uri, "vq")
         self.codes = self._arrays["codes"].astype(np.float32)
-        if self.codes.ndim != 2 or self.codes.shape[1] != self.patch * self.patch * 3:
-            raise TokenizerSpecError(f"{uri}: codes must be (K, {self.patch * self.patch * 3})")
+        if self.codes.ndim != 2 or self.codes.shape[1] != self.values:
+            raise TokenizerSpecError(f"{uri}: codes must be (K, {self.values})")
         self._norms = (self.codes ** 2).sum(1)
         self.vocab_size = len(self.codes)
 
     def identity(self) -> dict[str, Any]:
-        return {"family": "vq", "version": 1, "patch": self.patch, "codes_sha256": _digest(self.codes)}
+        return {"family": "vq", "version": 1, **self._shape_identity(), "codes_sha256": _digest(self.codes)}
 
     def metadata(self) -> dict[str, Any]:
         return {"spec": self.spec, "name": self.name, "modality": self.modality, "kind": self.kind,
                 "vocab_size": self.vocab_size, "token_dtype": str(self.token_type),
                 "geometry": self._geometry(), "fingerprint": self.fingerprint()}
 
-    def encode_image(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
-        patches, grid = image_to_patches(image, self.patch)
+    def encode_array(self, array: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+        patches, grid = self._patches(array)
         return nearest_codes(to_unit(patches), self.codes, self._norms), grid
 
-    def decode_image(self, tokens: np.ndarray, grid: tuple[int, int], height: int, width: int) -> np.ndarray:
-        return patches_to_image(to_pixels(self.codes[np.asarray(tokens, np.int64)]), grid, self.patch, height, width)
+    def decode_array(self, tokens: np.ndarray, grid: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
+        return self._array(to_pixels(self.codes[np.asarray(tokens, np.int64)]), grid, shape)
 
 
-class PCATokenizer(_PatchFitted):
+class _PCA(_PatchFitted):
     kind = "soft"
 
     def __init__(self, spec: str, uri: str, latent_dtype: str = "float32"):
         super().__init__(spec, uri, "pca")
         self.mean = self._arrays["mean"].astype(np.float32)
         self.components = self._arrays["components"].astype(np.float32)
+        if self.components.ndim != 2 or self.components.shape[1] != self.values:
+            raise TokenizerSpecError(f"{uri}: components must be (d, {self.values})")
         self.dim = len(self.components)
         self.latent_dtype = latent_dtype
 
     def identity(self) -> dict[str, Any]:
-        return {"family": "pca", "version": 1, "patch": self.patch, "latent_dtype": self.latent_dtype,
+        return {"family": "pca", "version": 1, **self._shape_identity(), "latent_dtype": self.latent_dtype,
                 "arrays_sha256": _digest(self.mean, self.components)}
 
     def metadata(self) -> dict[str, Any]:
@@ -129,11 +174,27 @@ class PCATokenizer(_PatchFitted):
                 "dim": self.dim, "latent_dtype": self.latent_dtype, "token_dtype": self.latent_dtype,
                 "geometry": self._geometry(), "fingerprint": self.fingerprint()}
 
-    def encode_image(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
-        patches, grid = image_to_patches(image, self.patch)
+    def encode_array(self, array: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+        patches, grid = self._patches(array)
         latents = (to_unit(patches) - self.mean) @ self.components.T
         return latents.astype(self.latent_dtype), grid
 
-    def decode_image(self, tokens: np.ndarray, grid: tuple[int, int], height: int, width: int) -> np.ndarray:
+    def decode_array(self, tokens: np.ndarray, grid: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
         values = np.asarray(tokens, np.float32).reshape(-1, self.dim) @ self.components + self.mean
-        return patches_to_image(to_pixels(values), grid, self.patch, height, width)
+        return self._array(to_pixels(values), grid, shape)
+
+
+class VQTokenizer(_VQ, ImageTokenizer):
+    """vq: on images."""
+
+
+class PCATokenizer(_PCA, ImageTokenizer):
+    """pca: on images."""
+
+
+class VideoVQTokenizer(_VQ, VideoTokenizer):
+    """vq: on clips: one code per T x P x P spacetime patch."""
+
+
+class VideoPCATokenizer(_PCA, VideoTokenizer):
+    """pca: on clips: one latent per T x P x P spacetime patch."""

@@ -84,3 +84,36 @@ def load_image_tokenizer(spec: str, **options):
 def shared_image_tokenizer(spec: str, options: tuple[tuple[str, Any], ...] = ()):
     """One image tokenizer per process, spec and options (see shared_text_tokenizer)."""
     return load_image_tokenizer(spec, **dict(options))
+
+
+VIDEO_SPECS = ("patch:T,P", "vq:PATH_OR_URI", "pca:PATH_OR_URI", "torchscript:PATH_OR_URI")
+
+
+def load_video_tokenizer(spec: str, **options):
+    """Load a video tokenizer from its spec; raises TokenizerSpecError with a one-line reason.
+
+    `options` (device, dtype, batch_size, pad_multiple, temporal_factor, vocab_size) apply to torchscript: only.
+    """
+    family, _, arg = spec.partition(":")
+    if family == "torchscript" and arg:
+        from transforms.tokenizers.torchscript import TorchScriptVideoTokenizer
+
+        return TorchScriptVideoTokenizer(spec, arg, **options)
+    if family == "patch":
+        t, comma, p = arg.partition(",")
+        if not (comma and t.isdigit() and p.isdigit()):
+            raise TokenizerSpecError(f"video patch spec needs frames and size: patch:2,16, not {spec!r}")
+        from transforms.tokenizers.patches import VideoPatchTokenizer
+
+        return VideoPatchTokenizer(spec, int(t), int(p))
+    if family in ("vq", "pca") and arg:
+        from transforms.tokenizers.codebook import VideoPCATokenizer, VideoVQTokenizer
+
+        return VideoVQTokenizer(spec, arg) if family == "vq" else VideoPCATokenizer(spec, arg)
+    raise TokenizerSpecError(f"unknown video tokenizer spec {spec!r}: expected one of {', '.join(VIDEO_SPECS)}")
+
+
+@functools.lru_cache(maxsize=8)
+def shared_video_tokenizer(spec: str, options: tuple[tuple[str, Any], ...] = ()):
+    """One video tokenizer per process, spec and options (see shared_text_tokenizer)."""
+    return load_video_tokenizer(spec, **dict(options))

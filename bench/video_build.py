@@ -1,0 +1,124 @@
+"""Video build benchmark: `tokenmill build` with patch:2,16 against raw decord in one process, same videos.
+
+    ./run_local.sh bench video_build [--videos 8] [--frames 320] [--small]
+
+The corpus is generated here once: 640x360 h264 (libx264, yuv420p, 25 fps,
+moving gradients) with PyAV. Then, each as a fresh process with its peak RSS:
+  raw decord   for each video: decord.VideoReader (one decode thread, as
+               tokenmill's readers), get_batch of each 16-frame clip, and the
+               same numpy spacetime patching (clip_to_patches) as the tokenizer
+  tokenmill    `tokenmill build --tokenizer patch:2,16 --clip-frames 16` with one
+               in-process worker, timed from pipeline start to manifest written
+               (the summary's figure); it also writes every patch to Parquet
+Both count frames; the ratio is tokenmill frames/s over raw frames/s (target >= 0.9).
+--small is a smoke run (2 short videos) that checks the bench works, not a measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.text_build import REPO, bench_result, run_measured
+
+CLIP = 16
+SPEC = "patch:2,16"
+
+
+def make_videos(folder: Path, count: int, frames: int, width: int = 640, height: int = 360) -> list[Path]:
+    import av
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = folder / "_videos.json"
+    files = [folder / f"vid-{i:04d}.mp4" for i in range(count)]
+    want = {"count": count, "frames": frames, "width": width, "height": height}
+    if stamp.exists() and json.loads(stamp.read_text()) == want and all(f.exists() for f in files):
+        return files
+    y, x = np.mgrid[0:height, 0:width]
+    for i, f in enumerate(files):
+        with av.open(str(f), "w") as c:
+            s = c.add_stream("libx264", rate=25)
+            s.width, s.height, s.pix_fmt = width, height, "yuv420p"
+            for k in range(frames):
+                a = np.stack([(x + 4 * k + 50 * i) % 256, (y + 2 * k) % 256, (x // 4 + y // 4 + k) % 256], -1)
+                for p in s.encode(av.VideoFrame.from_ndarray(a.astype(np.uint8), format="rgb24")):
+                    c.mux(p)
+            for p in s.encode():
+                c.mux(p)
+    stamp.write_text(json.dumps(want))
+    return files
+
+
+def raw_main(paths: list[str]) -> None:
+    """decord get_batch per clip plus the tokenizer's numpy, nothing else."""
+    import decord
+
+    from transforms.tokenizers.patches import clip_to_patches
+
+    start = time.perf_counter()
+    frames = tokens = 0
+    for path in paths:
+        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        for s in range(0, len(vr) - CLIP + 1, CLIP):
+            clip = vr.get_batch(list(range(s, s + CLIP))).asnumpy()
+            patches, _ = clip_to_patches(clip, 2, 16)
+            frames += len(clip)
+            tokens += len(patches)
+        del vr
+    print("BENCH " + json.dumps({"seconds": time.perf_counter() - start, "frames": frames, "tokens": tokens}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench.video_build", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--videos", type=int, default=8)
+    ap.add_argument("--frames", type=int, default=320, help="frames per video (default 320: 12.8 s)")
+    ap.add_argument("--small", action="store_true", help="smoke run: 2 videos of 48 frames")
+    ap.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.raw:
+        raw_main(args.paths)
+        return 0
+    if args.small:
+        args.videos, args.frames = 2, 48
+    folder = REPO / "bench" / "data" / f"videos-640x360-{args.videos}x{args.frames}"
+    files = make_videos(folder, args.videos, args.frames)
+    mb = sum(f.stat().st_size for f in files) / 1e6
+    print(f"videos: {len(files)} h264 640x360, {args.frames} frames each, {mb:.1f} MB ({folder})", flush=True)
+    out, wall, peak = run_measured([sys.executable, "-m", "bench.video_build", "--raw", *map(str, files)])
+    raw = {**bench_result(out), "wall_s": wall, "peak_rss": peak}
+    with tempfile.TemporaryDirectory(prefix="tokenmill-bench-video-") as tmp:
+        target = Path(tmp) / "tm"
+        out, wall, peak = run_measured([sys.executable, "-m", "pipelines.build", "--input", str(folder / "*.mp4"),
+                                        "--output", str(target), "--tokenizer", SPEC, "--clip-frames", str(CLIP),
+                                        "--overwrite", "--runner=FnApiRunner", "--direct_num_workers=1",
+                                        "--direct_running_mode=in_memory"])
+        m = json.loads((target / "_manifest.json").read_text())
+        tm = {"seconds": float(re.search(r"done in ([0-9.]+) s", out).group(1)), "frames": m["rows"] * CLIP,
+              "tokens": m["tokens"], "errors": m["errors"], "wall_s": wall, "peak_rss": peak,
+              "output_mb": sum(s["bytes"] for s in m["shards"]) / 1e6}
+        shutil.rmtree(target, ignore_errors=True)
+    results = {"raw decord + numpy, 1 proc": raw, "tokenmill patch:2,16, 1 worker": tm}
+    print(f"\n{'':32s} {'seconds':>8s} {'frames/s':>9s} {'wall s':>7s} {'peak RSS':>9s}")
+    for name, r in results.items():
+        print(f"{name:32s} {r['seconds']:8.2f} {r['frames'] / r['seconds']:9.0f} {r['wall_s']:7.2f} "
+              f"{r['peak_rss'] / 2**20:6.0f} MiB")
+    assert tm["frames"] == raw["frames"] and tm["tokens"] == raw["tokens"], (tm, raw)
+    ratio = (tm["frames"] / tm["seconds"]) / (raw["frames"] / raw["seconds"])
+    print(f"\ntokenmill vs raw decord: {ratio:.2f}x (target >= 0.9x: {'met' if ratio >= 0.9 else 'MISSED'}); "
+          f"it also wrote {tm['output_mb']:.0f} MB" + ("  [--small: a smoke run, not a measurement]"
+                                                         if args.small else ""))
+    (REPO / "bench" / "data" / "video_build.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
