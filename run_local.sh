@@ -32,6 +32,17 @@ mode=${1:-build}
 case "$mode" in
   test)
     shift
+    # Airflow, in a venv of its own, only to import the example DAG (tests skip it if this fails).
+    af_want=$(sha256sum requirements/airflow.txt | cut -d' ' -f1)
+    if [ "$(cat .venv-airflow/.tokenmill-install 2>/dev/null)" != "$af_want" ]; then
+      echo "run_local.sh: installing Airflow into .venv-airflow (for the DAG example test)" >&2
+      if "$PYTHON" -m venv .venv-airflow && .venv-airflow/bin/python -m pip install -q --disable-pip-version-check \
+          -r requirements/airflow.txt; then
+        echo "$af_want" > .venv-airflow/.tokenmill-install
+      else
+        echo "run_local.sh: could not install Airflow; the DAG test will be skipped" >&2
+      fi
+    fi
     # The report test renders pages in a real browser: Debian's chromium, installed
     # here when missing and we may (root, apt); elsewhere that test skips and says why.
     if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
