@@ -37,7 +37,8 @@ from transforms.tokenizers.engines import engine_names
 from transforms.tokenizers.spec import (IMAGE_FAMILIES, IMAGE_SPECS, TEXT_SPECS, VIDEO_SPECS, shared_image_tokenizer,
                                         shared_text_tokenizer, shared_video_tokenizer)
 from transforms.incremental import Incremental
-from transforms.write import CarryOverShards, CommitManifest, WriteTokenShards, error_to_block, failed_to_block
+from transforms.write import (DEFAULT_ROW_GROUP_BYTES, DEFAULT_SHARD_BYTES, CarryOverShards, CommitManifest,
+                              ShardLayout, WriteTokenShards, error_to_block, failed_to_block)
 
 _SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 MAX_BYTES = 1 << 30  # keeps a block's token offsets within Arrow's 32-bit list offsets
@@ -90,6 +91,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help=".txt files hold one document per line (default: one document per file)")
     p.add_argument("--block-size", type=byte_size, default=DEFAULT_BLOCK_BYTES, metavar="BYTES",
                    help="input bytes per work unit and output shard (default: 8MiB)")
+    p.add_argument("--shard-size", type=byte_size, default=DEFAULT_SHARD_BYTES, metavar="BYTES",
+                   help="a data shard holds at most this many bytes of rows: a block with more is written as "
+                        "several shards (default: 256MiB)")
+    p.add_argument("--row-group-size", type=byte_size, default=DEFAULT_ROW_GROUP_BYTES, metavar="BYTES",
+                   help="bytes of rows per Parquet row group, the unit the training reader shuffles and splits "
+                        "among workers (default: 16MiB)")
     p.add_argument("--max-doc-bytes", type=byte_size, default=DEFAULT_MAX_DOC_BYTES, metavar="BYTES",
                    help="whole-file .txt documents larger than this become error rows (default: 64MiB)")
     p.add_argument("--overwrite", action="store_true",
@@ -274,14 +281,16 @@ class BuildDataset(beam.PTransform):
             (tokenize_failed | "TokenizeFailuresAsErrors" >> beam.Map(failed_to_block, "tokenize")),
             (read["errors"] | "FileErrorsAsBlocks" >> beam.Map(error_to_block)),
         ) | "JoinRejected" >> beam.Flatten()
+        layout = ShardLayout(args.shard_size, args.row_group_size)
         results = (
-            (tokens | "WriteTokenShards" >> WriteTokenShards(args.output, read["plan"])),
-            (rejected | "WriteRejectedShards" >> WriteTokenShards(args.output, read["plan"])),
+            (tokens | "WriteTokenShards" >> WriteTokenShards(args.output, read["plan"], layout)),
+            (rejected | "WriteRejectedShards" >> WriteTokenShards(args.output, read["plan"], layout)),
             (read["plan"] | "CarryOverUnchanged" >> CarryOverShards(args.output, self._meta["fingerprint"])),
         ) | "JoinShardResults" >> beam.Flatten()
         return results | "CommitManifest" >> CommitManifest(
             args.output, read["files"], read["plan"], modality=args.modality, tokenizer=self._meta,
-            options={**options, "block_bytes": args.block_size}, build_args=self._build_args,
+            options={**options, "block_bytes": args.block_size, "shard_bytes": args.shard_size,
+                     "row_group_bytes": args.row_group_size}, build_args=self._build_args,
             started_at=round(time.time(), 3))
 
 

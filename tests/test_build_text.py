@@ -259,3 +259,27 @@ def test_fsspec_uris_in_and_out(tmp_path):
             assert pq.read_table(f).num_rows > 0
     finally:
         mem.rm("memory://bucket", recursive=True)
+
+
+def test_shards_and_row_groups_are_sized_by_bytes_whatever_the_worker_count(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    write_jsonl(src / "big.jsonl", [{"text": f"row {i}: " + "granularity " * 50} for i in range(3000)])
+    outs = []
+    for name, runner in (("one", None), ("two", TWO_PROCESSES)):
+        out = tmp_path / name
+        assert run_build(["--input", str(src), "--output", str(out), "--tokenizer", "bytes", "--block-size", "4MiB",
+                          "--shard-size", "600KiB", "--row-group-size", "100KiB"], runner) == 0
+        outs.append(out)
+    m = read_manifest(str(outs[0]))
+    assert len(m.files) >= 2 and all(f.rsplit("-", 1)[-1].endswith(".parquet") for f in m.files)
+    for shard in m.shards:
+        pf = pq.ParquetFile(outs[0] / shard["path"])
+        table = pf.read()
+        assert table.nbytes <= 600 * 1024  # the uncompressed rows of a shard stay within --shard-size
+        groups = [pf.metadata.row_group(i) for i in range(pf.metadata.num_row_groups)]
+        assert len(groups) >= 4 and shard["row_groups"] == [g.num_rows for g in groups]
+        assert max(table.slice(0, groups[0].num_rows).nbytes, 1) <= 110 * 1024
+    two = read_manifest(str(outs[1]))
+    assert [s["sha256"] for s in two.shards] == [s["sha256"] for s in m.shards] and two.files == m.files
+    assert read_rows(outs[0]).num_rows == 3000

@@ -180,8 +180,8 @@ def write_soft_dataset(root: Path, latent_dtype: str, dim: int, rows: list[tuple
         "id": row_ids("shard.tar", locs), "source": ["shard.tar"] * len(rows), "locator": locs,
         "modality": ["image"] * len(rows), "latents": latents, "num_tokens": [len(a) for a, _ in rows],
         "grid": [list(g) for _, g in rows]}, len(rows))
-    result = write_block(str(root), TokenBlock("shard.tar", 0, table, []))
-    write_manifest(str(root), build_manifest([result], [], modality="image", tokenizer=tok, options={}))
+    results = write_block(str(root), TokenBlock("shard.tar", 0, table, []))
+    write_manifest(str(root), build_manifest(results, [], modality="image", tokenizer=tok, options={}))
 
 
 @pytest.mark.parametrize("latent_dtype,np_dtype", [("float16", np.float16), ("float32", np.float32),
@@ -240,8 +240,8 @@ def test_image_codes_come_back_with_their_grid(tmp_path):
         "id": row_ids("s.tar", locs), "source": ["s.tar"] * 2, "locator": locs, "modality": ["image"] * 2,
         "tokens": [c.tolist() for c in codes], "num_tokens": [len(c) for c in codes],
         "grid": [list(g) for g in grids], "orig_height": [480, 512], "orig_width": [640, 512]}, 2)
-    result = write_block(str(tmp_path), TokenBlock("s.tar", 0, table, []))
-    write_manifest(str(tmp_path), build_manifest([result], [], modality="image", tokenizer=tok, options={}))
+    results = write_block(str(tmp_path), TokenBlock("s.tar", 0, table, []))
+    write_manifest(str(tmp_path), build_manifest(results, [], modality="image", tokenizer=tok, options={}))
     assert validate(str(tmp_path)) == []
     got = {s["grid"]: s["tokens"] for s in TokenReader(str(tmp_path), shuffle=False)}
     for c, g in zip(codes, grids):

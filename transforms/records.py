@@ -178,8 +178,9 @@ def source_key(uri: str) -> str:
     return hashlib.sha1(uri.encode()).hexdigest()[:12]
 
 
-def shard_name(source: str, block: int) -> str:
-    return f"part-{source_key(source)}-{block:06d}.parquet"
+def shard_name(source: str, block: int, part: int | None = None) -> str:
+    """part-<source key>-<block>[-<part>].parquet; `part` numbers the files of a block split by size."""
+    return f"part-{source_key(source)}-{block:06d}" + (f"-{part:03d}" if part is not None else "") + ".parquet"
 
 
 def row_id(source: str, locator: str) -> str:

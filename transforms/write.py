@@ -10,8 +10,10 @@ that waits for every shard (schemas/versions.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import time
 from typing import Any, Iterable, Iterator
 
@@ -45,11 +47,38 @@ STATISTICS_COLUMNS = ("id", "source", "locator", "modality", "num_tokens")
 PROGRESS_DIR = ".tokenmill-progress"
 
 
-def parquet_bytes(table: pa.Table) -> pa.Buffer:
+DEFAULT_SHARD_BYTES = 256 << 20
+DEFAULT_ROW_GROUP_BYTES = 16 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardLayout:
+    """How big data shards and their row groups may get, in (uncompressed Arrow) bytes.
+
+    A block's rows go to one shard, or to several where they exceed
+    `shard_bytes`; row groups hold about `row_group_bytes` each: big enough
+    for fast sequential reads, small enough to be the unit a training reader
+    shuffles and splits among workers. Both depend on the data only, never on
+    the runner or worker count.
+    """
+
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES
+
+    def split(self, table: pa.Table) -> list[pa.Table]:
+        n = max(1, math.ceil(table.nbytes / self.shard_bytes))
+        step = math.ceil(table.num_rows / n)
+        return [table] if n == 1 else [table.slice(i, step) for i in range(0, table.num_rows, step)]
+
+    def group_rows(self, table: pa.Table) -> int:
+        return max(1, math.ceil(table.num_rows * self.row_group_bytes / max(table.nbytes, 1)))
+
+
+def parquet_bytes(table: pa.Table, row_group_rows: int | None = None) -> pa.Buffer:
     """The table as one Parquet file in memory (an Arrow buffer: no extra copy)."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, write_statistics=[c for c in STATISTICS_COLUMNS if c in table.column_names],
-                   **PARQUET_OPTIONS)
+                   row_group_size=row_group_rows, **PARQUET_OPTIONS)
     return sink.getvalue()
 
 
@@ -68,39 +97,49 @@ def _row_groups(payload: pa.Buffer) -> tuple[int, ...]:
     return tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
 
 
-def write_block(root: str, block: TokenBlock, prefix: str = "") -> ShardResult:
-    """Write one block's data and error shards under ROOT/PREFIX; empty parts write no file."""
-    name = shard_name(block.source, block.block)
-    sources = {e.source for e in block.errors}
-    data_path = error_path = None
-    rows = tokens = data_bytes = 0
-    data_sha = error_sha = fingerprint = ""
-    row_groups: tuple[int, ...] = ()
-    if block.table is not None and block.table.num_rows:
-        payload = parquet_bytes(block.table)
-        data_path = _under(prefix, DATA_DIR, name)
-        write_bytes_atomic(join(root, data_path), payload)
-        rows = block.table.num_rows
-        tokens = int(pc.sum(block.table.column("num_tokens")).as_py() or 0)
-        data_bytes, data_sha = payload.size, hashlib.sha256(payload).hexdigest()
-        fingerprint = read_metadata(block.table.schema).get("fingerprint", "")
-        row_groups = _row_groups(payload)
-        sources |= set(pc.unique(block.table.column("source")).to_pylist())
+def write_block(root: str, block: TokenBlock, prefix: str = "",
+                layout: ShardLayout = ShardLayout()) -> list[ShardResult]:
+    """Write one block's data shard(s) and error shard under ROOT/PREFIX; empty parts write no file.
+
+    The first result also carries the block's error shard.
+    """
+    errors_path, error_sha = None, ""
     if block.errors:
         payload = parquet_bytes(errors_table(block.errors))
-        error_path = _under(prefix, ERRORS_DIR, name)
-        write_bytes_atomic(join(root, error_path), payload)
+        errors_path = _under(prefix, ERRORS_DIR, shard_name(block.source, block.block))
+        write_bytes_atomic(join(root, errors_path), payload)
         error_sha = hashlib.sha256(payload).hexdigest()
-    return ShardResult(block.source, block.block, data_path, error_path, rows, tokens,
-                       len(block.errors), data_bytes, data_sha, error_sha, fingerprint, row_groups,
-                       sources=tuple(sorted(sources)), written_at=round(time.time(), 3))
+    error_sources = {e.source for e in block.errors}
+    parts = layout.split(block.table) if block.table is not None and block.table.num_rows else [None]
+    results = []
+    for k, table in enumerate(parts):
+        data_path, rows, tokens, data_bytes, data_sha, fingerprint, row_groups = None, 0, 0, 0, "", "", ()
+        sources = set(error_sources) if k == 0 else set()
+        if table is not None:
+            payload = parquet_bytes(table, layout.group_rows(table))
+            name = shard_name(block.source, block.block, k if len(parts) > 1 else None)
+            data_path = _under(prefix, DATA_DIR, name)
+            write_bytes_atomic(join(root, data_path), payload)
+            rows = table.num_rows
+            tokens = int(pc.sum(table.column("num_tokens")).as_py() or 0)
+            data_bytes, data_sha = payload.size, hashlib.sha256(payload).hexdigest()
+            fingerprint = read_metadata(table.schema).get("fingerprint", "")
+            row_groups = _row_groups(payload)
+            sources |= set(pc.unique(table.column("source")).to_pylist())
+        first = k == 0
+        results.append(ShardResult(block.source, block.block, data_path, errors_path if first else None, rows,
+                                   tokens, len(block.errors) if first else 0, data_bytes, data_sha,
+                                   error_sha if first else "", fingerprint, row_groups,
+                                   sources=tuple(sorted(sources)), written_at=round(time.time(), 3)))
+    return results
 
 
-def write_progress(root: str, block: TokenBlock, result: ShardResult) -> None:
+def write_progress(root: str, block: TokenBlock, results: list[ShardResult]) -> None:
     """One progress record per written block; a retried block overwrites its own."""
     kind = "data" if block.table is not None else "errors"
-    record = {"source": result.source, "block": result.block, "rows": result.rows, "tokens": result.tokens,
-              "errors": result.errors, "input_bytes": block.nbytes, "written_at": result.written_at}
+    record = {"source": block.source, "block": block.block, "rows": sum(r.rows for r in results),
+              "tokens": sum(r.tokens for r in results), "errors": sum(r.errors for r in results),
+              "input_bytes": block.nbytes, "written_at": max(r.written_at for r in results)}
     write_bytes_atomic(join(root, PROGRESS_DIR, f"{kind}-{shard_name(block.source, block.block)}.json"),
                        json.dumps(record).encode())
 
@@ -124,7 +163,7 @@ def rewrite_shard(root: str, entry: dict[str, Any], staying: list[str], prefix: 
     is_errors = "errors" in entry
     name = "carry-" + entry["path"].rsplit("/", 1)[-1]
     path = _under(prefix, ERRORS_DIR if is_errors else DATA_DIR, name)
-    payload = parquet_bytes(table)
+    payload = parquet_bytes(table, ShardLayout().group_rows(table))
     write_bytes_atomic(join(root, path), payload)
     sha, sources = hashlib.sha256(payload).hexdigest(), tuple(sorted(staying))
     if is_errors:
@@ -170,28 +209,29 @@ def error_to_block(error: ErrorRecord) -> TokenBlock:
 
 
 class _WriteShards(beam.DoFn):
-    def __init__(self, root: str):
-        self._root = root
+    def __init__(self, root: str, layout: ShardLayout):
+        self._root, self._layout = root, layout
         self._rows = Metrics.counter("tokenmill", "rows_written")
         self._errors = Metrics.counter("tokenmill", "errors")
 
     def process(self, block: TokenBlock, plan: RunPlan) -> Iterator[ShardResult]:
-        result = write_block(self._root, block, plan.run_dir)
-        write_progress(self._root, block, result)
-        self._rows.inc(result.rows)
-        self._errors.inc(result.errors)
-        yield result
+        results = write_block(self._root, block, plan.run_dir, self._layout)
+        write_progress(self._root, block, results)
+        for result in results:
+            self._rows.inc(result.rows)
+            self._errors.inc(result.errors)
+            yield result
 
 
 class WriteTokenShards(beam.PTransform):
     """TokenBlocks → Parquet shards in the run's folder (PLAN.run_dir/data, /_errors); outputs ShardResults."""
 
-    def __init__(self, root: str, plan):
+    def __init__(self, root: str, plan, layout: ShardLayout = ShardLayout()):
         super().__init__()
-        self._root, self._plan = root, plan
+        self._root, self._plan, self._layout = root, plan, layout
 
     def expand(self, blocks):
-        return blocks | "WriteShards" >> beam.ParDo(_WriteShards(self._root),
+        return blocks | "WriteShards" >> beam.ParDo(_WriteShards(self._root, self._layout),
                                                     plan=beam.pvalue.AsSingleton(self._plan))
 
 
