@@ -164,3 +164,29 @@ def test_every_record_is_a_row_or_an_error(tmp_path_factory, records, block):
             errors += len(out.errors)
     assert rows == good
     assert rows + errors == non_blank
+
+
+def test_a_big_parquet_file_is_read_by_row_groups_in_parallel_tasks(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.conftest import TWO_PROCESSES, read_rows, run_build
+    from transforms.records import InputFile
+    from transforms.sources.common import plan_parquet
+
+    path = tmp_path / "big.parquet"
+    texts = [f"document {i} " + "x" * (i % 300) for i in range(4000)]
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=250)  # 16 row groups
+    tasks = plan_parquet(InputFile(str(path), path.stat().st_size, "t"), budget_bytes=40_000)
+    assert len(tasks) > 4 and tasks[0].start == 0 and tasks[-1].end == 16
+    assert all(a.end == b.start for a, b in zip(tasks, tasks[1:]))  # every row group once, in order
+    outs = []
+    for name, runner in (("one", None), ("two", TWO_PROCESSES)):
+        out = tmp_path / name
+        assert run_build(["--input", str(path), "--output", str(out), "--tokenizer", "bytes",
+                          "--block-size", "40k"], runner) == 0
+        outs.append(read_rows(out))
+    rows = outs[0]
+    assert rows.equals(outs[1]) and rows.num_rows == 4000
+    by_locator = {r["locator"]: bytes(r["tokens"]).decode() for r in rows.to_pylist()}
+    assert all(by_locator[f"row:{i}"] == texts[i] for i in (0, 249, 250, 1234, 3999))

@@ -186,8 +186,11 @@ def failed_to_block(failed: tuple[Any, tuple[type, str, list[str]]], stage: str)
     kind = getattr(exc_type, "__name__", str(exc_type))
     message = f"{stage} failed for the whole block: {exc_repr}"
     if isinstance(element, BlockTask):
-        locator = "file" if element.start == 0 and element.end == element.size else \
-            f"offset:{element.start}-{element.end}"
+        if element.fmt == "parquet":
+            locator = f"row_groups:{element.start}-{element.end}"
+        else:
+            locator = "file" if element.start == 0 and element.end == element.size else \
+                f"offset:{element.start}-{element.end}"
         return TokenBlock(element.source, element.block, None,
                           [ErrorRecord(element.source, locator, stage, kind, message)], element.end - element.start)
     if isinstance(element, VideoTask):  # numbered past the video's own blocks, so as not to replace one

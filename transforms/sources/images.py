@@ -21,7 +21,7 @@ from apache_beam.metrics import Metrics
 from transforms import fs
 from transforms.records import BlockTask, ErrorRecord, InputFile, RawBlock
 from transforms.incremental import Incremental, ListInputs, RunPlan
-from transforms.sources.common import SpreadOverWorkers
+from transforms.sources.common import BLOCKS_PER_ROW_GROUP, SpreadOverWorkers, parquet_row_groups, plan_parquet
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 SIDECAR_EXTENSIONS = (".json", ".txt")
@@ -29,6 +29,7 @@ SIDECAR_EXTENSIONS = (".json", ".txt")
 # (and a worker's memory) to about 50 MB of tokens.
 DEFAULT_FILES_PER_BLOCK = 64
 DEFAULT_TAR_BLOCK = 64
+PARQUET_TASK_BYTES = 64 << 20  # encoded image bytes per read task of a Parquet file
 
 
 def image_kind(uri: str) -> str | None:
@@ -54,6 +55,8 @@ def plan_image_tasks(files: list[InputFile], files_per_block: int) -> tuple[list
             errors.append(ErrorRecord(f.uri, "file", "read", "EmptyFile", "zero-byte file"))
         elif kind == "image-files":
             loose.append(f)
+        elif kind == "parquet":
+            tasks.extend(plan_parquet(f, PARQUET_TASK_BYTES))
         else:
             tasks.append(BlockTask(f.uri, kind, "", 0, f.size, 0, f.size))
     for i in range(0, len(loose), files_per_block):
@@ -153,13 +156,21 @@ def read_image_parquet(f: IO[bytes], task: BlockTask, field: str, images_per_blo
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(f)
+    groups = list(parquet_row_groups(pf, task))
     if field not in pf.schema_arrow.names:
         errors = [ErrorRecord(task.source, f"row:{i}", "decode", "MissingField",
-                              f"Parquet file has no column {field!r}") for i in range(pf.metadata.num_rows)]
+                              f"Parquet file has no column {field!r}")
+                  for g, first in groups for i in range(first, first + pf.metadata.row_group(g).num_rows)]
         yield RawBlock(task.source, task.block, "image", [], [], errors)
         return
-    block, row = task.block, 0
-    for batch in pf.iter_batches(batch_size=images_per_block, columns=[field]):
+    for g, row in groups:
+        yield from _image_batches(pf, task, field, images_per_block, g, row)
+
+
+def _image_batches(pf, task: BlockTask, field: str, images_per_block: int, group: int,
+                   row: int) -> Iterator[RawBlock]:
+    block = group * BLOCKS_PER_ROW_GROUP
+    for batch in pf.iter_batches(batch_size=images_per_block, row_groups=[group], columns=[field]):
         values = batch.column(0).to_pylist()
         locators, payloads, errors = [], [], []
         for i, v in enumerate(values, row):

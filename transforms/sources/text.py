@@ -25,7 +25,7 @@ from apache_beam.metrics import Metrics
 from transforms import fs
 from transforms.records import BlockTask, ErrorRecord, InputFile, RawBlock
 from transforms.incremental import Incremental, ListInputs, RunPlan
-from transforms.sources.common import SpreadOverWorkers
+from transforms.sources.common import BLOCKS_PER_ROW_GROUP, SpreadOverWorkers, parquet_row_groups, plan_parquet
 
 DEFAULT_BLOCK_BYTES = 8 << 20
 DEFAULT_MAX_DOC_BYTES = 64 << 20
@@ -65,7 +65,9 @@ def plan_blocks(f: InputFile, block_bytes: int, txt_per_line: bool) -> list[Bloc
     fmt, compression = detected
     if f.size == 0:
         return ErrorRecord(f.uri, "file", "read", "EmptyFile", "zero-byte file: no records")
-    if compression or fmt in ("txt", "parquet"):
+    if fmt == "parquet":
+        return plan_parquet(f, block_bytes)
+    if compression or fmt == "txt":
         return [BlockTask(f.uri, fmt, compression, 0, f.size, 0, f.size)]
     n = max(1, math.ceil(f.size / block_bytes))
     return [BlockTask(f.uri, fmt, "", i * block_bytes, min(f.size, (i + 1) * block_bytes), i, f.size)
@@ -184,19 +186,21 @@ def read_parquet(f: IO[bytes], task: BlockTask, text_field: str, block_bytes: in
     md = pf.metadata
     column = text_field.split(".", 1)[0]
     if column not in pf.schema_arrow.names:
-        locators = [f"row:{i}" for i in range(md.num_rows)]
+        locators = [f"row:{i}" for g, first in parquet_row_groups(pf, task)
+                    for i in range(first, first + md.row_group(g).num_rows)]
         errors = [ErrorRecord(task.source, loc, "decode", "MissingField",
                               f"Parquet file has no column {column!r}") for loc in locators]
         yield RawBlock(task.source, task.block, task.fmt, [], [], errors)
         return
-    raw = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
-    rows_per_block = max(1, int(block_bytes * md.num_rows / raw)) if raw and md.num_rows else 65536
-    block, row = task.block, 0
-    for batch in pf.iter_batches(batch_size=rows_per_block, columns=[column]):
-        values = batch.column(0)
-        locators = [f"row:{i}" for i in range(row, row + len(values))]
-        yield RawBlock(task.source, block, task.fmt, locators, values, [], values.nbytes)
-        block, row = block + 1, row + len(values)
+    for g, row in parquet_row_groups(pf, task):
+        group = md.row_group(g)
+        rows_per_block = max(1, int(block_bytes * group.num_rows / max(group.total_byte_size, 1)))
+        block = g * BLOCKS_PER_ROW_GROUP
+        for batch in pf.iter_batches(batch_size=rows_per_block, row_groups=[g], columns=[column]):
+            values = batch.column(0)
+            locators = [f"row:{i}" for i in range(row, row + len(values))]
+            yield RawBlock(task.source, block, task.fmt, locators, values, [], values.nbytes)
+            block, row = block + 1, row + len(values)
 
 
 def read_task(task: BlockTask, text_field: str, block_bytes: int, max_doc_bytes: int) -> Iterator[RawBlock]:
