@@ -15,6 +15,7 @@ from apache_beam.metrics import Metrics
 
 from schemas.tables import dataset_schema, table_from_columns, text_hard_schema
 from transforms.records import ErrorRecord, ImageBlock, TextBlock, TokenBlock, VideoBlock, row_id, row_ids
+from transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
 from transforms.tokenizers.base import ImageTokenizer, TextTokenizer, VideoTokenizer
 from transforms.tokenizers.spec import shared_image_tokenizer, shared_text_tokenizer, shared_video_tokenizer
 
@@ -56,6 +57,7 @@ class _CountingTokenizeDoFn(beam.DoFn):
         return out
 
 
+@beam.typehints.with_output_types(TokenBlock)
 class _TokenizeBlocks(_CountingTokenizeDoFn):
     def __init__(self, spec: str, bos: bool, eos: bool, engine: str):
         super().__init__()
@@ -123,6 +125,7 @@ def tokenize_video_block(tokenizer: VideoTokenizer, block: VideoBlock, schema: p
     return _array_rows(tokenizer, block, block.clips, schema, timing)
 
 
+@beam.typehints.with_output_types(TokenBlock)
 class _TokenizeArrayBlocks(_CountingTokenizeDoFn):
     """Image or video blocks through their tokenizer, loaded once per worker."""
 

@@ -20,8 +20,11 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from PIL import Image, ImageOps
 
+from transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
+from transforms.records import ImageBlock
+
 if TYPE_CHECKING:
-    from transforms.records import ImageBlock, RawBlock
+    from transforms.records import RawBlock
 
 DEFAULT_MAX_PIXELS = 64_000_000
 
@@ -136,6 +139,7 @@ def decode_image_block(raw: "RawBlock", policy: SizePolicy, max_pixels: int) -> 
     return out
 
 
+@beam.typehints.with_output_types(ImageBlock)
 class _DecodeImageBlocks(beam.DoFn):
     def __init__(self, policy: str, max_pixels: int):
         self._policy, self._max_pixels = SizePolicy.parse(policy), max_pixels

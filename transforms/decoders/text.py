@@ -13,6 +13,7 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 
 from transforms.records import ErrorRecord, RawBlock, TextBlock
+from transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
 
 
 def _field_path(text_field: str) -> list[str]:
@@ -89,6 +90,7 @@ def decode_block(raw: RawBlock, text_field: str = "text") -> TextBlock:
     return TextBlock(raw.source, raw.block, locators, texts, errors, raw.nbytes)
 
 
+@beam.typehints.with_output_types(TextBlock)
 class _DecodeBlocks(beam.DoFn):
     def __init__(self, text_field: str):
         self._text_field = text_field

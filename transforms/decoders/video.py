@@ -34,10 +34,12 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
+from transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
 from transforms.decoders.images import SizePolicy
+from transforms.records import VideoBlock
 
 if TYPE_CHECKING:
-    from transforms.records import VideoBlock, VideoTask
+    from transforms.records import VideoTask
 
 DECODERS = ("decord", "pyav")
 DEFAULT_CLIP_FRAMES = 16
@@ -506,6 +508,7 @@ def decode_video_task(task: "VideoTask", spec: ClipSpec, policy: SizePolicy, *, 
         yield out
 
 
+@beam.typehints.with_output_types(VideoBlock)
 class _DecodeVideoTasks(beam.DoFn):
     def __init__(self, spec: ClipSpec, policy: str, decoder: str, timeout: float, block_bytes: int):
         self._spec, self._policy, self._decoder = spec, SizePolicy.parse(policy), decoder

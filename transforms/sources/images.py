@@ -22,6 +22,7 @@ from transforms import fs
 from transforms.records import BlockTask, ErrorRecord, InputFile, RawBlock
 from transforms.incremental import Incremental, ListInputs, RunPlan
 from transforms.sources.common import BLOCKS_PER_ROW_GROUP, SpreadOverWorkers, parquet_row_groups, plan_parquet
+from transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 SIDECAR_EXTENSIONS = (".json", ".txt")
@@ -207,6 +208,7 @@ class _PlanImageTasks(beam.DoFn):
         yield from sorted(tasks, key=lambda t: (-t.size, t.source, t.block))
 
 
+@beam.typehints.with_output_types(RawBlock)
 class _ReadImageBlocks(beam.DoFn):
     def __init__(self, field: str, images_per_block: int):
         self._field, self._per_block = field, images_per_block

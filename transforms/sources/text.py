@@ -26,6 +26,7 @@ from transforms import fs
 from transforms.records import BlockTask, ErrorRecord, InputFile, RawBlock
 from transforms.incremental import Incremental, ListInputs, RunPlan
 from transforms.sources.common import BLOCKS_PER_ROW_GROUP, SpreadOverWorkers, parquet_row_groups, plan_parquet
+from transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
 
 DEFAULT_BLOCK_BYTES = 8 << 20
 DEFAULT_MAX_DOC_BYTES = 64 << 20
@@ -238,6 +239,7 @@ class _PlanTextTasks(beam.DoFn):
         yield from sorted(tasks, key=lambda t: (-(t.end - t.start), t.source, t.block))
 
 
+@beam.typehints.with_output_types(RawBlock)
 class _ReadBlocks(beam.DoFn):
     def __init__(self, text_field: str, block_bytes: int, max_doc_bytes: int):
         self._text_field = text_field

@@ -183,7 +183,11 @@ class _ArrayTokenizer(Tokenizer):
 
     @abc.abstractmethod
     def _encode_each(self, items: Sequence[np.ndarray]) -> list[Any]:
-        """(tokens, grid) for each item, or an exception in place of a failed one."""
+        """(tokens, grid) for each item, or an exception in place of a failed one.
+
+        `tokens` may be any array whose elements in C order are the (n,) codes or
+        the (n, dim) latents (a view is fine: encode_batch copies it once).
+        """
 
     @property
     def token_type(self) -> pa.DataType:
@@ -209,9 +213,14 @@ class _ArrayTokenizer(Tokenizer):
             parts.append(out)
             grids.append(grid)
         numpy_type = np.dtype(self.token_type.to_pandas_dtype()).newbyteorder("<")
-        flat = (np.concatenate([p.reshape(-1) for p in parts]) if parts else np.zeros(0)).astype(
-            numpy_type, copy=False)
+        # One copy of every item, in C order, into the column's buffer: items
+        # may be views (patch_view), which a reshape(-1) would copy first.
         lengths = [p.size for p in parts]
+        flat = np.empty(sum(lengths), numpy_type)
+        start = 0
+        for part, n in zip(parts, lengths):
+            np.copyto(flat[start:start + n].reshape(part.shape), part, casting="unsafe")
+            start += n
         offsets = np.zeros(len(parts) + 1, dtype=np.int32)
         np.cumsum(lengths, out=offsets[1:])
         if self.kind == "hard":

@@ -24,14 +24,23 @@ from transforms.tokenizers.base import ImageTokenizer, TokenizerSpecError, Video
 NORMALIZATION = {"scale": 1 / 127.5, "offset": -1.0, "range": [-1.0, 1.0]}
 
 
-def image_to_patches(image: np.ndarray, p: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """(h * w, p * p * 3) uint8 patches and the grid (h, w) of an (H, W, 3) image."""
+def patch_view(image: np.ndarray, p: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """An (h, w, p, p, 3) view of an (H, W, 3) image's patches (no copy unless padding), and the grid.
+
+    Its elements in C order are the (h * w, p * p * 3) patches: the batch
+    encoder copies them once, straight into the Arrow buffer.
+    """
     H, W = image.shape[:2]
     h, w = -(-H // p), -(-W // p)
     if (h * p, w * p) != (H, W):
         image = np.pad(image, ((0, h * p - H), (0, w * p - W), (0, 0)), mode="edge")
-    patches = image.reshape(h, p, w, p, 3).transpose(0, 2, 1, 3, 4).reshape(h * w, p * p * 3)
-    return np.ascontiguousarray(patches), (h, w)
+    return image.reshape(h, p, w, p, 3).transpose(0, 2, 1, 3, 4), (h, w)
+
+
+def image_to_patches(image: np.ndarray, p: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """(h * w, p * p * 3) uint8 patches and the grid (h, w) of an (H, W, 3) image."""
+    view, (h, w) = patch_view(image, p)
+    return np.ascontiguousarray(view).reshape(h * w, p * p * 3), (h, w)
 
 
 def patches_to_image(patches: np.ndarray, grid: tuple[int, int], p: int, height: int, width: int) -> np.ndarray:
@@ -65,6 +74,10 @@ class PatchTokenizer(ImageTokenizer):
 
     def encode_image(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
         return image_to_patches(image, self.patch)
+
+    def encode_images(self, images):
+        """Patch views, copied once by encode_batch (a contiguous copy here would be a second)."""
+        return [patch_view(image, self.patch) for image in images]
 
     def decode_image(self, tokens: np.ndarray, grid: tuple[int, int], height: int, width: int) -> np.ndarray:
         return patches_to_image(tokens, grid, self.patch, height, width)
