@@ -83,14 +83,22 @@ class PatchTokenizer(ImageTokenizer):
         return patches_to_image(tokens, grid, self.patch, height, width)
 
 
-def clip_to_patches(clip: np.ndarray, t: int, p: int) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """(n, t * p * p * 3) uint8 spacetime patches and the grid (gt, gh, gw) of a (T, H, W, 3) clip."""
+def clip_view(clip: np.ndarray, t: int, p: int) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """A (gt, gh, gw, t, p, p, 3) view of a (T, H, W, 3) clip's spacetime patches, and the grid.
+
+    No copy unless padding; its elements in C order are the patches (see patch_view).
+    """
     T, H, W = clip.shape[:3]
     gt, gh, gw = -(-T // t), -(-H // p), -(-W // p)
     if (gt * t, gh * p, gw * p) != (T, H, W):
         clip = np.pad(clip, ((0, gt * t - T), (0, gh * p - H), (0, gw * p - W), (0, 0)), mode="edge")
-    patches = clip.reshape(gt, t, gh, p, gw, p, 3).transpose(0, 2, 4, 1, 3, 5, 6).reshape(gt * gh * gw, -1)
-    return np.ascontiguousarray(patches), (gt, gh, gw)
+    return clip.reshape(gt, t, gh, p, gw, p, 3).transpose(0, 2, 4, 1, 3, 5, 6), (gt, gh, gw)
+
+
+def clip_to_patches(clip: np.ndarray, t: int, p: int) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """(n, t * p * p * 3) uint8 spacetime patches and the grid (gt, gh, gw) of a (T, H, W, 3) clip."""
+    view, (gt, gh, gw) = clip_view(clip, t, p)
+    return np.ascontiguousarray(view).reshape(gt * gh * gw, -1), (gt, gh, gw)
 
 
 def patches_to_clip(patches: np.ndarray, grid: tuple[int, int, int], t: int, p: int, frames: int, height: int,
@@ -130,6 +138,10 @@ class VideoPatchTokenizer(VideoTokenizer):
 
     def encode_clip(self, clip: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
         return clip_to_patches(clip, self.frames, self.patch)
+
+    def encode_clips(self, clips):
+        """Patch views, copied once by encode_batch."""
+        return [clip_view(clip, self.frames, self.patch) for clip in clips]
 
     def padding(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         return multiple_padding(frames, height, width, self.frames, self.patch)
