@@ -263,32 +263,45 @@ def _summary(root: str, seconds: float, runner: str, counters: dict[str, int]) -
     return "\n".join(lines)
 
 
+def make_pipeline(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, beam.Pipeline, str]:
+    """Parse and check the command line and build the un-run graph: (args, pipeline, runner description).
+
+    On a remote runner nothing is listed or probed here (see runners.is_local_runner):
+    the modality then comes from --modality or the tokenizer. Raises UsageError.
+    """
+    args, beam_args = make_parser().parse_known_args(argv)
+    beam_args, runner = runners.local_defaults(beam_args)
+    options = runners.pipeline_options(beam_args)
+    runners.one_blas_thread_per_worker(options)
+    local = runners.runs_locally(options)
+    args.modality = infer_modality(args, check_inputs(args.input) if local else [])
+    try:
+        if args.modality == "image":
+            SizePolicy.parse(args.size)
+            tokenizer = shared_image_tokenizer(args.tokenizer, image_options(args))
+        else:
+            tokenizer = shared_text_tokenizer(args.tokenizer, args.bos, args.eos, args.engine)
+    except (TokenizerSpecError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    args.input = list(args.input)
+    args.output = fs.canonical(args.output)
+    if local:
+        prepare_output(args.output, args.overwrite)
+    return args, build_pipeline(args, options, tokenizer.metadata()), runner
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse, check, build and run; returns the process exit code."""
     with usage_errors("tokenmill build"):
-        args, beam_args = make_parser().parse_known_args(argv)
-        beam_args, runner = runners.local_defaults(beam_args)
-        options = runners.pipeline_options(beam_args)
-        runners.one_blas_thread_per_worker(options)
-        uris = check_inputs(args.input)
-        args.modality = infer_modality(args, uris)
-        try:
-            if args.modality == "image":
-                SizePolicy.parse(args.size)
-                tokenizer = shared_image_tokenizer(args.tokenizer, image_options(args))
-            else:
-                tokenizer = shared_text_tokenizer(args.tokenizer, args.bos, args.eos, args.engine)
-        except (TokenizerSpecError, ValueError) as e:
-            raise UsageError(str(e)) from None
-        args.input = list(args.input)
-        args.output = fs.canonical(args.output)
-        prepare_output(args.output, args.overwrite)
-        pipeline = build_pipeline(args, options, tokenizer.metadata())
+        args, pipeline, runner = make_pipeline(argv)
     print(f"tokenmill build: runner {runner}", file=sys.stderr)
     start = time.perf_counter()
     result = runners.run_pipeline(pipeline, "tokenmill build")
     if result is None:
         return 1
+    if (job := runners.translated_job(result)) is not None:
+        print(job.describe())
+        return 0
     seconds = time.perf_counter() - start
     print(_summary(args.output, seconds, runner, runners.counters(result)))
     return 0
