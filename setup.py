@@ -25,11 +25,20 @@ setup(
         "fast": ["bpe-openai>=0.1.4"],
         "fit": ["scipy>=1.10"],
         "torch": ["torch>=2.1", "torchdata>=0.10"],
-        "test": ["pytest>=8", "hypothesis>=6", "tokenizers>=0.20", "duckdb>=1.0", "datasets>=3"],
+        # Object storage through fsspec; gcp also brings the DataflowRunner.
+        "gcp": ["apache-beam[gcp]>=2.77,<3", "gcsfs>=2024.6"],
+        "aws": ["s3fs>=2024.6", "boto3>=1.34"],
+        # moto's S3 server and the GCS emulator serve the object-storage tests on
+        # 127.0.0.1; build makes the sdist that --setup_file stages.
+        "test": ["pytest>=8", "hypothesis>=6", "tokenizers>=0.20", "duckdb>=1.0", "datasets>=3",
+                 "moto[s3]>=5", "flask>=3", "flask-cors>=4", "gcp-storage-emulator>=2024.8", "build>=1.2"],
         "bench": ["datasets>=3", "psutil>=5"],
         "report": ["matplotlib>=3.8"],
         "video": ["decord>=0.6", "av>=12"],
     },
+    # Data files workers need (vocabularies, JSON) travel in the sdist through
+    # MANIFEST.in and are installed with their package.
+    include_package_data=True,
     package_data={"transforms.tokenizers": ["data/*.tiktoken.gz"]},
     entry_points={"console_scripts": ["tokenmill=pipelines.cli:main"]},
 )

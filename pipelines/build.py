@@ -389,13 +389,17 @@ def _summary(root: str, seconds: float, runner: str, counters: dict[str, int]) -
     return "\n".join(lines)
 
 
-def prepare_source(args: argparse.Namespace, sizes: dict[str, int] | None = None) -> dict[str, Any]:
-    """Check one source's inputs, tokenizer and output on the launcher; returns the tokenizer's metadata.
+def prepare_source(args: argparse.Namespace, sizes: dict[str, int] | None = None,
+                   local: bool = True) -> dict[str, Any]:
+    """Check one source's tokenizer (and, on a local runner, its inputs and output) on the launcher.
 
-    Fills in args.modality and canonical args.input / args.output, and `sizes`
-    (input URI -> bytes). Raises UsageError.
+    Returns the tokenizer's metadata; fills in args.modality and canonical
+    args.input / args.output, and `sizes` (input URI -> bytes). On a remote
+    runner nothing is listed or probed here (see runners.is_local_runner): the
+    pipeline lists its inputs itself, and the modality comes from --modality or
+    the tokenizer. Raises UsageError.
     """
-    uris = check_inputs(args.input, sizes)
+    uris = check_inputs(args.input, sizes) if local else []
     args.modality = infer_modality(args, uris)
     try:
         if args.modality == "video":
@@ -411,8 +415,31 @@ def prepare_source(args: argparse.Namespace, sizes: dict[str, int] | None = None
         raise UsageError(str(e)) from None
     args.input = [fs.canonical(i) for i in args.input]
     args.output = fs.canonical(args.output)
-    prepare_output(args.output)
+    if local:
+        prepare_output(args.output)
     return tokenizer.metadata()
+
+
+def make_pipeline(argv: Sequence[str] | None = None
+                  ) -> tuple[argparse.Namespace, beam.Pipeline, str, dict[str, int]]:
+    """Parse and check the command line and build the un-run graph.
+
+    Returns (args, pipeline, runner description, sizes of the inputs to tokenize,
+    for the progress display). Raises UsageError.
+    """
+    args, beam_args = make_parser().parse_known_args(argv)
+    if not args.progress_every > 0:
+        raise UsageError(f"--progress-every must be a positive number of seconds, not {args.progress_every}")
+    beam_args, runner = runners.local_defaults(beam_args)
+    options = runners.pipeline_options(beam_args)
+    runners.one_blas_thread_per_worker(options)
+    local = runners.runs_locally(options)
+    sizes: dict[str, int] = {}
+    meta = prepare_source(args, sizes, local)
+    args.local = local
+    if local:
+        sizes = to_tokenize(args, meta, sizes)
+    return args, build_pipeline(args, options, meta, build_args=recorded_args(args)), runner, sizes
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -423,23 +450,20 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         return run_config(argv)
     with usage_errors("tokenmill build"):
-        args, beam_args = make_parser().parse_known_args(argv)
-        if not args.progress_every > 0:
-            raise UsageError(f"--progress-every must be a positive number of seconds, not {args.progress_every}")
-        beam_args, runner = runners.local_defaults(beam_args)
-        options = runners.pipeline_options(beam_args)
-        runners.one_blas_thread_per_worker(options)
-        sizes: dict[str, int] = {}
-        meta = prepare_source(args, sizes)
-        sizes = to_tokenize(args, meta, sizes)
-        pipeline = build_pipeline(args, options, meta, build_args=recorded_args(args))
+        args, pipeline, runner, sizes = make_pipeline(argv)
     print(f"tokenmill build: runner {runner}", file=sys.stderr)
     start = time.perf_counter()
-    with BuildProgress(args.output, sizes, mode=args.progress, every=args.progress_every) as progress:
+    if args.local:
+        with BuildProgress(args.output, sizes, mode=args.progress, every=args.progress_every) as progress:
+            result = runners.run_pipeline(pipeline, "tokenmill build")
+            progress.succeeded = result is not None
+    else:  # the launcher needs no access to the output; the runner's own UI shows progress
         result = runners.run_pipeline(pipeline, "tokenmill build")
-        progress.succeeded = result is not None
     if result is None:
         return 1
+    if (job := runners.translated_job(result)) is not None:
+        print(job.describe())
+        return 0
     seconds = time.perf_counter() - start
     print(_summary(args.output, seconds, runner, runners.counters(result)))
     return 0

@@ -168,12 +168,13 @@ def run_config(argv: Sequence[str]) -> int:
         beam_args, runner = runners.local_defaults(beam_args)
         options = runners.pipeline_options(beam_args)
         runners.one_blas_thread_per_worker(options)
+        local = runners.runs_locally(options)
         metas = {}
         for name, source in sources:
             source.output = join(output, name)
             source.overwrite = source.overwrite or args.overwrite
             try:
-                metas[name] = prepare_source(source)
+                metas[name] = prepare_source(source, local=local)
             except UsageError as e:
                 raise UsageError(f"source {name!r}: {e}") from None
         pipeline = build_config_pipeline(output, text, sources, metas, options)
@@ -182,6 +183,9 @@ def run_config(argv: Sequence[str]) -> int:
     result = runners.run_pipeline(pipeline, "tokenmill build")
     if result is None:
         return 1
+    if (job := runners.translated_job(result)) is not None:
+        print(job.describe())
+        return 0
     seconds = time.perf_counter() - start
     counters = runners.counters(result)
     for name, source in sources:

@@ -169,31 +169,43 @@ def build_pipeline(args: argparse.Namespace, options) -> beam.Pipeline:
     return p
 
 
+def make_pipeline(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, beam.Pipeline, str]:
+    """Parse and check the command line and build the un-run graph: (args, pipeline, runner description).
+
+    Inputs are checked only on a local runner (see runners.is_local_runner). Raises UsageError.
+    """
+    args, beam_args = make_parser().parse_known_args(argv)
+    beam_args, runner = runners.local_defaults(beam_args)
+    options = runners.pipeline_options(beam_args)
+    runners.one_blas_thread_per_worker(options)
+    try:
+        SizePolicy.parse(args.size)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not 1 <= args.patch <= 256 or args.codes < 2 or args.dim < 1 or not 0 <= args.holdout < 1:
+        raise UsageError("need 1 <= --patch <= 256, --codes >= 2, --dim >= 1, 0 <= --holdout < 1")
+    uris = check_inputs(args.input) if runners.runs_locally(options) else []
+    if args.modality == "auto":
+        from pipelines.build import modality_of_files
+
+        args.modality = "video" if modality_of_files(uris) == "video" else "image"
+    if args.modality == "video" and not (1 <= args.frames <= args.clip_frames):
+        raise UsageError("need 1 <= --frames <= --clip-frames")
+    args.output = fs.canonical(args.output)
+    return args, build_pipeline(args, options), runner
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     with usage_errors("tokenmill fit"):
-        args, beam_args = make_parser().parse_known_args(argv)
-        beam_args, runner = runners.local_defaults(beam_args)
-        options = runners.pipeline_options(beam_args)
-        runners.one_blas_thread_per_worker(options)
-        try:
-            SizePolicy.parse(args.size)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        if not 1 <= args.patch <= 256 or args.codes < 2 or args.dim < 1 or not 0 <= args.holdout < 1:
-            raise UsageError("need 1 <= --patch <= 256, --codes >= 2, --dim >= 1, 0 <= --holdout < 1")
-        uris = check_inputs(args.input)
-        if args.modality == "auto":
-            from pipelines.build import modality_of_files
-
-            args.modality = "video" if modality_of_files(uris) == "video" else "image"
-        if args.modality == "video" and not (1 <= args.frames <= args.clip_frames):
-            raise UsageError("need 1 <= --frames <= --clip-frames")
-        args.output = fs.canonical(args.output)
-        pipeline = build_pipeline(args, options)
+        args, pipeline, runner = make_pipeline(argv)
     print(f"tokenmill fit: runner {runner}", file=sys.stderr)
     start = time.perf_counter()
-    if runners.run_pipeline(pipeline, "tokenmill fit") is None:
+    result = runners.run_pipeline(pipeline, "tokenmill fit")
+    if result is None:
         return 1
+    if (job := runners.translated_job(result)) is not None:
+        print(job.describe())
+        return 0
     from schemas.storage import read_bytes
 
     report = json.loads(read_bytes(args.output + ".json"))

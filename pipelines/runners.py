@@ -7,6 +7,7 @@ worker per CPU core. Any --runner the user gives is used as is.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Sequence
 
@@ -22,14 +23,29 @@ def _given(args: Sequence[str], name: str) -> bool:
     return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in args)
 
 
+def is_local_runner(runner: str | None) -> bool:
+    """Whether the named runner runs the job on this machine (FnApiRunner, DirectRunner).
+
+    Only then may the launcher list inputs and probe the output before the run.
+    A remote runner (DataflowRunner, PortableRunner, FlinkRunner, SparkRunner, ...)
+    runs on workers with their own credentials, and a job must translate on a
+    launcher that has none: the pipeline lists its inputs itself.
+    """
+    name = (runner or DEFAULT_LOCAL_RUNNER).lower()
+    return name in _LOCAL or name + "runner" in _LOCAL
+
+
+def runs_locally(options: PipelineOptions) -> bool:
+    return is_local_runner(options.view_as(StandardOptions).runner)
+
+
 def local_defaults(beam_args: Sequence[str]) -> tuple[list[str], str]:
     """Beam args with tokenmill's local defaults filled in, and a description of the runner."""
     args = list(beam_args)
     if not _given(args, "runner"):
         args.append(f"--runner={DEFAULT_LOCAL_RUNNER}")
-    opts = PipelineOptions(args)
-    runner = opts.view_as(StandardOptions).runner or DEFAULT_LOCAL_RUNNER
-    if runner.lower() not in _LOCAL and runner.lower() + "runner" not in _LOCAL:
+    runner = PipelineOptions(args).view_as(StandardOptions).runner or DEFAULT_LOCAL_RUNNER
+    if not is_local_runner(runner):
         return args, runner
     if not _given(args, "direct_num_workers"):
         args.append(f"--direct_num_workers={os.cpu_count() or 1}")
@@ -136,3 +152,49 @@ def counters(result) -> dict[str, int]:
         value = c.committed if c.committed is not None else c.attempted
         totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + int(value or 0)
     return totals
+
+
+@dataclasses.dataclass(frozen=True)
+class TranslatedJob:
+    """A job a runner translated without submitting it (DataflowRunner with --dry_run=True)."""
+
+    steps: list[str]  # step names as the Dataflow UI shows them, in the order the graph applies them
+    staged: dict[str, str]  # file name on the workers -> local file staged; workflow.tar.gz is --setup_file's sdist
+
+    def describe(self, depth: int = 1) -> str:
+        """Steps down to `depth` levels below the outermost (tokenmill's own names), and the staged files."""
+        lines = ["translated job (not submitted):", "  steps:"]
+        lines += [f"    {'  ' * step.count('/')}{step.rsplit('/', 1)[-1]}" for step in self.steps
+                  if step.count("/") <= depth]
+        lines += ["  staged files:"] + [f"    {name} <- {path}" for name, path in sorted(self.staged.items())]
+        return "\n".join(lines)
+
+
+def translated_job(result) -> TranslatedJob | None:
+    """The translated job behind a --dry_run=True result, or None for a job that ran.
+
+    With Dataflow Runner v2 the legacy step list (`job.proto.steps`) is empty;
+    the job is the portable pipeline proto, whose transforms are walked here.
+    """
+    proto = getattr(getattr(result, "job", None), "proto_pipeline", None)
+    if proto is None:
+        return None
+    from apache_beam.portability.api import beam_runner_api_pb2 as api
+
+    transforms = proto.components.transforms
+    steps: list[str] = []
+
+    def visit(ids) -> None:
+        for tid in ids:
+            if not transforms[tid].unique_name.startswith("ref_"):  # Beam's unnamed root wrapper
+                steps.append(transforms[tid].unique_name)
+            visit(transforms[tid].subtransforms)
+
+    visit(proto.root_transform_ids)
+    staged = {}
+    for env in proto.components.environments.values():
+        for dep in env.dependencies:
+            if dep.role_urn == "beam:artifact:role:staging_to:v1":
+                name = api.ArtifactStagingToRolePayload.FromString(dep.role_payload).staged_name
+                staged[name] = api.ArtifactFilePayload.FromString(dep.type_payload).path
+    return TranslatedJob(steps, staged)

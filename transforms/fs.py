@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import glob as _glob
 import os
-from typing import IO
+from typing import IO, Any
 
 import fsspec
 
+from schemas.storage import with_retries
 from transforms.records import InputFile
 
 GLOB_CHARS = "*?["
@@ -50,13 +51,7 @@ def match(pattern: str) -> list[InputFile]:
         return out
     fs, _ = fsspec.core.url_to_fs(pattern)
     protocol = pattern.split("://", 1)[0]
-    found = fs.glob(pattern, detail=True) if any(c in pattern for c in GLOB_CHARS) else {}
-    if not found:
-        path = fs._strip_protocol(pattern)
-        if fs.isdir(path):
-            found = fs.find(path, detail=True)
-        elif fs.exists(path):
-            found = {path: fs.info(path)}
+    found = with_retries(lambda: _list_remote(fs, pattern), f"listing {pattern}")
     out = []
     for path, info in found.items():
         if info.get("type") == "directory":
@@ -68,8 +63,63 @@ def match(pattern: str) -> list[InputFile]:
     return sorted(out, key=lambda f: f.uri)
 
 
+def _list_remote(fs: fsspec.AbstractFileSystem, pattern: str) -> dict[str, dict]:
+    fs.invalidate_cache()  # a retry must not see a listing cut short by the failure
+    found = fs.glob(pattern, detail=True) if any(c in pattern for c in GLOB_CHARS) else {}
+    if not found:
+        path = fs._strip_protocol(pattern)
+        if fs.isdir(path):
+            found = fs.find(path, detail=True)
+        elif fs.exists(path):
+            found = {path: fs.info(path)}
+    return found
+
+
 def open_binary(uri: str) -> IO[bytes]:
-    """A seekable binary file object for reading."""
+    """A seekable binary file object for reading; remote reads survive transient failures."""
     if is_local(uri):
         return open(canonical(uri), "rb")
-    return fsspec.open(uri, "rb").open()
+    return RetryingReader(uri)  # type: ignore[return-value]
+
+
+class RetryingReader:
+    """A remote file opened for reading whose reads are retried (schemas.storage.with_retries).
+
+    fsspec's buffered files leave their position unchanged when a range request
+    fails, so a failed read is tried again from the same offset. Other
+    attributes pass through to the fsspec file.
+    """
+
+    def __init__(self, uri: str):
+        self._uri = uri
+        self._f = with_retries(lambda: fsspec.open(uri, "rb").open(), f"opening {uri}")
+
+    def _retried(self, method: str, *args: Any) -> Any:
+        pos = self._f.tell()
+
+        def attempt() -> Any:
+            self._f.seek(pos)
+            return getattr(self._f, method)(*args)
+
+        return with_retries(attempt, f"reading {self._uri}")
+
+    def read(self, size: int = -1) -> bytes:
+        return self._retried("read", size)
+
+    def readline(self) -> bytes:  # fsspec's readline takes no size
+        return self._retried("readline")
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+    def __enter__(self) -> "RetryingReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._f.close()

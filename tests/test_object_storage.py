@@ -1,0 +1,271 @@
+"""Builds on s3:// and gs://, against real protocol servers on 127.0.0.1.
+
+moto's S3 server and gcp-storage-emulator serve the requests; s3fs and gcsfs
+find them the way a user's run would, through the standard environment
+(AWS_ENDPOINT_URL_S3, STORAGE_EMULATOR_HOST, FSSPEC_GS_TOKEN, dummy keys), never
+through tokenmill code. A guard refuses any connection off the loopback address.
+"""
+from __future__ import annotations
+
+import importlib.util
+import io
+import logging
+import sys
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# Looked up, not imported: gcsfs reads GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT when imported (see `stores`).
+pytestmark = pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("s3fs", "gcsfs", "moto", "gcp_storage_emulator")),
+    reason="needs tokenmill[aws,gcp,test]")
+
+import fsspec  # noqa: E402
+
+from loaders.dataset import TokenReader  # noqa: E402
+from schemas.manifest import read_manifest  # noqa: E402
+from schemas.storage import is_transient, read_bytes, with_retries, write_bytes_atomic  # noqa: E402
+from tests.conftest import MULTILINGUAL, TWO_PROCESSES, run_build, write_jsonl  # noqa: E402
+from transforms import fs  # noqa: E402
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """moto in server mode on a fixed loopback port; stop() and start() keep its buckets (moto's state is
+    per process), so a restart looks like an outage to the client."""
+
+    def __init__(self, port: int):
+        self.port, self._server = port, None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address=LOOPBACK, port=self.port, verbose=False)
+        self._server.start()
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+@pytest.fixture(scope="module")
+def loopback_only():
+    """Refuse, in this process, any TCP connection that is not to 127.0.0.1."""
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def check(address) -> None:
+        if isinstance(address, tuple) and address[0] not in (LOOPBACK, "localhost", "::1"):
+            raise AssertionError(f"test tried to reach {address!r}")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", lambda self, a: (check(a), real_connect(self, a))[1])
+        mp.setattr(socket.socket, "connect_ex", lambda self, a: (check(a), real_connect_ex(self, a))[1])
+        yield
+
+
+@pytest.fixture(scope="module")
+def stores(loopback_only, tmp_path_factory):
+    """Both servers, and the environment a user would set to reach them (inherited by worker processes)."""
+    from gcp_storage_emulator.server import create_server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    s3 = S3Server(free_port())
+    s3.start()
+    gcs_port = free_port()
+    gcs = create_server(LOOPBACK, gcs_port, in_memory=True)
+    gcs.start()
+    nowhere = str(tmp_path_factory.mktemp("no-aws-config") / "none")
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": f"http://{LOOPBACK}:{s3.port}",
+        "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": nowhere, "AWS_SHARED_CREDENTIALS_FILE": nowhere,
+        # botocore's own retries off, so that the retries under test are tokenmill's
+        "AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard",
+        "STORAGE_EMULATOR_HOST": f"http://{LOOPBACK}:{gcs_port}",
+        "FSSPEC_GS_TOKEN": "anon", "NO_GCE_CHECK": "true", "GCE_METADATA_HOST": LOOPBACK + ":9",
+        # gcsfs otherwise asks the Storage Control gRPC API for each bucket's type
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        saved = {k: dict(v) for k, v in fsspec.config.conf.items()}
+        fsspec.config.set_conf_env(fsspec.config.conf)  # what fsspec does at import, for this process
+        fsspec.filesystem("s3").mkdir("bucket")
+        fsspec.filesystem("gs").mkdir("bucket")
+        yield s3
+        fsspec.config.conf.clear()
+        fsspec.config.conf.update(saved)
+    gcs.stop()
+    s3.stop()
+
+
+def upload(local: Path, uri: str) -> None:
+    for f in sorted(local.iterdir()):
+        write_bytes_atomic(f"{uri}/{f.name}", f.read_bytes())
+
+
+def rows_by_origin(root: str) -> dict[tuple[str, str], list[int]]:
+    """Token IDs per (input file name, locator), read with the training reader."""
+    m = read_manifest(root)
+    origin = {}
+    for shard in m.files:
+        import pyarrow.parquet as pq
+
+        with fs.open_binary(f"{root.rstrip('/')}/{shard}") as f:
+            for r in pq.read_table(f, columns=["id", "source", "locator"]).to_pylist():
+                origin[r["id"]] = (r["source"].rsplit("/", 1)[-1], r["locator"])
+    return {origin[s["id"]]: s["tokens"].tolist() for s in TokenReader(root, shuffle=False)}
+
+
+@pytest.fixture(scope="module")
+def text_inputs(tmp_path_factory):
+    src = tmp_path_factory.mktemp("text-in")
+    write_jsonl(src / "a.jsonl", [{"text": t} for t in MULTILINGUAL] + ["{not json"])
+    write_jsonl(src / "b.jsonl", [{"text": f"document {i} " * (i + 1)} for i in range(40)])
+    (src / "c.txt").write_text("one whole document in a text file\n")
+    return src
+
+
+@pytest.fixture(scope="module")
+def local_text(text_inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("local") / "text"
+    assert run_build(["--input", str(text_inputs), "--output", str(out), "--tokenizer", "tiktoken:cl100k_base",
+                      "--eos", "--block-size", "1k"]) == 0
+    m = read_manifest(str(out))
+    assert m.rows + m.errors > len(MULTILINGUAL) + 40
+    return rows_by_origin(str(out)), (m.rows, m.errors, m.tokens)
+
+
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_text_build_between_buckets_reads_back_like_a_local_build(stores, text_inputs, local_text, scheme):
+    src, out = f"{scheme}://bucket/raw-text", f"{scheme}://bucket/tokens/text"
+    upload(text_inputs, src)
+    runner = TWO_PROCESSES if scheme == "gs" else None  # worker processes find the stores through env too
+    assert run_build(["--input", src, "--output", out, "--tokenizer", "tiktoken:cl100k_base", "--eos",
+                      "--block-size", "1k"], runner) == 0
+    m = read_manifest(out)
+    rows, counts = local_text
+    assert (m.rows, m.errors, m.tokens) == counts and m.rows == len(rows)
+    assert [i["uri"] for i in m.inputs] == [f"{src}/{name}" for name in ("a.jsonl", "b.jsonl", "c.txt")]
+    assert rows_by_origin(out) == rows
+
+
+def test_image_build_from_s3_to_s3_reads_back_like_a_local_build(stores, tmp_path):
+    src = tmp_path / "images"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (24 + 8 * i, 40, 3), dtype=np.uint8)).save(src / f"img{i}.png")
+    (src / "broken.png").write_bytes(b"not an image")
+    upload(src, "s3://bucket/raw-images")
+    args = ["--tokenizer", "patch:8"]
+    assert run_build(["--input", str(src), "--output", str(tmp_path / "local"), *args]) == 0
+    assert run_build(["--input", "s3://bucket/raw-images/*.png", "--output", "s3://bucket/tokens/images",
+                      *args]) == 0
+    m = read_manifest("s3://bucket/tokens/images")
+    assert (m.rows, m.errors, m.modality) == (3, 1, "image")
+    local = {s["id"]: s for s in TokenReader(str(tmp_path / "local"), shuffle=False)}
+    remote = {s["id"]: s for s in TokenReader("s3://bucket/tokens/images", shuffle=False)}
+    assert len(remote) == 3
+    by_shape = lambda samples: sorted((s["grid"], s["latents"].tobytes()) for s in samples.values())  # noqa: E731
+    assert by_shape(remote) == by_shape(local)
+
+
+def restart_after(server: S3Server, seconds: float) -> threading.Thread:
+    thread = threading.Thread(target=lambda: (time.sleep(seconds), server.start()), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_write_during_an_outage_lands_once_the_server_is_back(stores):
+    stores.stop()
+    back = restart_after(stores, 2.0)
+    start = time.monotonic()
+    write_bytes_atomic("s3://bucket/outage/written.bin", b"payload")
+    assert time.monotonic() - start >= 1.5
+    back.join()
+    assert read_bytes("s3://bucket/outage/written.bin") == b"payload"
+
+
+def test_a_read_cut_off_mid_file_resumes_at_the_same_offset(stores):
+    data = bytes(range(256)) * 40_000  # 10 MB: more than one of s3fs's read-ahead blocks
+    write_bytes_atomic("s3://bucket/outage/big.bin", data)
+    with fs.open_binary("s3://bucket/outage/big.bin") as f:
+        head = f.read(1000)
+        stores.stop()
+        back = restart_after(stores, 2.0)
+        rest = f.read()
+    back.join()
+    assert head + rest == data
+
+
+def test_build_survives_the_store_going_away_for_two_seconds(stores, text_inputs, local_text):
+    """The server is down when the build starts and back 2 s later: the run completes, output correct."""
+    upload(text_inputs, "s3://bucket/raw-outage")
+    stores.stop()
+    back = restart_after(stores, 2.0)
+    assert run_build(["--input", "s3://bucket/raw-outage", "--output", "s3://bucket/tokens/outage",
+                      "--tokenizer", "tiktoken:cl100k_base", "--eos", "--block-size", "1k"]) == 0
+    back.join()
+    assert rows_by_origin("s3://bucket/tokens/outage") == local_text[0]
+
+
+def test_retries_back_off_and_give_up_on_permanent_errors():
+    delays: list[float] = []
+    calls = iter([ConnectionRefusedError(), TimeoutError(), "done"])
+
+    def flaky():
+        item = next(calls)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    assert with_retries(flaky, "test", sleep=delays.append) == "done"
+    assert len(delays) == 2 and 0.125 <= delays[0] <= 0.25 and 0.25 <= delays[1] <= 0.5
+    with pytest.raises(FileNotFoundError):
+        with_retries(lambda: (_ for _ in ()).throw(FileNotFoundError("gone")), "test", sleep=delays.append)
+    assert len(delays) == 2
+    with pytest.raises(ConnectionResetError):
+        with_retries(lambda: (_ for _ in ()).throw(ConnectionResetError()), "test", attempts=3,
+                     sleep=delays.append)
+    assert len(delays) == 4
+
+
+def test_transient_errors_are_told_from_permanent_ones(stores):
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    def client_error(code: str, status: int) -> ClientError:
+        return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+    assert is_transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert is_transient(client_error("SlowDown", 503)) and is_transient(client_error("InternalError", 500))
+    assert is_transient(client_error("Throttling", 400))
+    assert not is_transient(client_error("AccessDenied", 403)) and not is_transient(client_error("NoSuchKey", 404))
+    wrapped = OSError(5, "s3fs wraps it")
+    wrapped.__cause__ = client_error("ServiceUnavailable", 503)
+    assert is_transient(wrapped)
+    assert not is_transient(PermissionError("denied")) and not is_transient(ValueError("bad"))
+    from gcsfs.retry import HttpError
+
+    assert is_transient(HttpError({"code": 503, "message": "backend"}))
+    assert not is_transient(HttpError({"code": 404, "message": "missing"}))
+
+
+def test_image_bytes_round_trip_through_the_retrying_reader(stores):
+    buf = io.BytesIO()
+    Image.new("RGB", (5, 3), (1, 2, 3)).save(buf, "PNG")
+    write_bytes_atomic("s3://bucket/small/one.png", buf.getvalue())
+    with fs.open_binary("s3://bucket/small/one.png") as f:
+        assert np.asarray(Image.open(f).convert("RGB"))[0, 0].tolist() == [1, 2, 3]
