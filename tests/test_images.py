@@ -210,3 +210,30 @@ def test_decode_command_gives_back_the_tokenized_image(tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "back.png")), structured(37, 53, 2))
     missing = run_cli("pipelines.cli", "decode", str(out), "--id", "nope", "--out", str(tmp_path / "x.png"))
     assert missing.returncode == 2 and "no row with id nope" in missing.stderr
+
+
+def test_a_big_tar_is_split_into_member_ranges_read_in_parallel(tmp_path):
+    from tests.conftest import TWO_PROCESSES
+    from transforms.records import BlockTask
+    from transforms.sources.images import split_tar
+
+    src = tmp_path / "in"
+    src.mkdir()
+    with tarfile.open(src / "big.tar", "w") as tar:
+        for k in range(150):
+            for name, data in ((f"s{k:03d}.png", encode(Image.fromarray(structured(8, 8, k)), "PNG")),
+                               (f"s{k:03d}.json", json.dumps({"k": k}).encode())):
+                ti = tarfile.TarInfo(name)
+                ti.size = len(data)
+                tar.addfile(ti, io.BytesIO(data))
+    size = (src / "big.tar").stat().st_size
+    tasks, errors = split_tar(BlockTask(str(src / "big.tar"), "tar-index", "", 0, size, 0, size), 64)
+    assert errors == [] and [len(t.entries) for t in tasks] == [64, 64, 22] and [t.block for t in tasks] == [0, 1, 2]
+    tables = []
+    for name, runner in (("one", None), ("two", TWO_PROCESSES)):
+        assert run_build(["--input", str(src), "--output", str(tmp_path / name), "--tokenizer", "patch:8"],
+                         runner) == 0
+        tables.append(read_rows(tmp_path / name))
+    assert tables[0].equals(tables[1]) and tables[0].num_rows == 150
+    row = next(r for r in tables[0].to_pylist() if r["locator"] == "member:s149.png")
+    assert json.loads(row["meta"]) == {"json": {"k": 149}} and tuple(row["grid"]) == (1, 1)

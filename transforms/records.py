@@ -42,6 +42,7 @@ class BlockTask:
     block: int  # index of the first block this task produces
     size: int
     members: tuple[str, ...] = ()  # image-files tasks: the files it reads
+    entries: tuple[tuple[str, int, int, str | None], ...] = ()  # tar-members tasks: (name, offset, size, meta)
 
 
 @dataclasses.dataclass(frozen=True)

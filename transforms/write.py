@@ -206,9 +206,16 @@ def failed_to_block(failed: tuple[Any, tuple[type, str, list[str]]], stage: str)
     raise TypeError(f"unexpected dead-letter element {type(element).__name__}")
 
 
-def error_to_block(error: ErrorRecord) -> TokenBlock:
-    """A file-level error (unsupported or empty file) as a block of its own."""
-    return TokenBlock(error.source, 0, None, [error])
+FILE_ERRORS_BLOCK = -1  # the block number of a file's listing errors: no read task uses it
+
+
+def error_to_block(errors: ErrorRecord | list[ErrorRecord]) -> TokenBlock:
+    """The errors found while listing one file (unsupported, empty, unsafe tar members) as one block.
+
+    All of a file's listing errors must come in one call: they share one error shard.
+    """
+    errors = [errors] if isinstance(errors, ErrorRecord) else list(errors)
+    return TokenBlock(errors[0].source, FILE_ERRORS_BLOCK, None, errors)
 
 
 class _WriteShards(beam.DoFn):

@@ -3,15 +3,17 @@
 Records carry raw encoded bytes; decoding happens in transforms/decoders/images.py.
 - Image files (jpg, jpeg, png, webp, bmp, tif, tiff, gif) are grouped into read
   tasks of up to `files_per_block` files; each file is one record, locator 'file'.
-- Tar shards are streamed (never extracted): members key.jpg sit beside key.json
-  or key.txt sidecars, which are kept as the row's `meta`. Members whose path is
-  absolute or climbs out of the archive ('..'), and links, are rejected.
+- Tar shards (never extracted): members key.jpg sit beside key.json or key.txt
+  sidecars, which are kept as the row's `meta`. Members whose path is absolute
+  or climbs out of the archive ('..'), and links, are rejected. A plain .tar is
+  indexed (transforms/sources/tars.py) and its samples are read by byte range in
+  tasks of `images_per_block` that workers share; a compressed tar cannot be
+  read by range and is streamed by one worker.
 - Parquet: the image column holds bytes, or Hugging Face's {"bytes", "path"} struct.
 """
 from __future__ import annotations
 
 import json
-import posixpath
 import tarfile
 from typing import IO, Iterator
 
@@ -22,6 +24,7 @@ from transforms import fs
 from transforms.records import BlockTask, ErrorRecord, InputFile, RawBlock
 from transforms.incremental import Incremental, ListInputs, RunPlan
 from transforms.sources.common import BLOCKS_PER_ROW_GROUP, SpreadOverWorkers, parquet_row_groups, plan_parquet
+from transforms.sources.tars import index_tar, safe_member
 from transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -58,6 +61,8 @@ def plan_image_tasks(files: list[InputFile], files_per_block: int) -> tuple[list
             loose.append(f)
         elif kind == "parquet":
             tasks.extend(plan_parquet(f, PARQUET_TASK_BYTES))
+        elif f.uri.lower().endswith(".tar"):
+            tasks.append(BlockTask(f.uri, "tar-index", "", 0, f.size, 0, f.size))  # split by IndexTars
         else:
             tasks.append(BlockTask(f.uri, kind, "", 0, f.size, 0, f.size))
     for i in range(0, len(loose), files_per_block):
@@ -80,9 +85,32 @@ def read_image_files(task: BlockTask) -> RawBlock:
                     sum(len(p) for p in payloads), sources=sources)
 
 
-def _safe_member(name: str) -> bool:
-    norm = posixpath.normpath(name)
-    return not (name.startswith("/") or norm.startswith("..") or "/../" in f"/{norm}/")
+def split_tar(task: BlockTask, images_per_block: int) -> tuple[list[BlockTask], list[ErrorRecord]]:
+    """A plain tar's read tasks: runs of `images_per_block` samples, each read by byte range."""
+    samples, errors = index_tar(task.source, IMAGE_EXTENSIONS)
+    tasks = []
+    for i in range(0, len(samples), images_per_block):
+        run = samples[i:i + images_per_block]
+        tasks.append(BlockTask(task.source, "tar-members", "", i, i + len(run), i // images_per_block, task.size,
+                               entries=tuple((s.name, s.offset, s.size, s.meta) for s in run)))
+    return tasks, errors
+
+
+def read_tar_members(f: IO[bytes], task: BlockTask) -> RawBlock:
+    """The samples of a tar-members task, each read by seeking to its data."""
+    locators, payloads, metas, errors = [], [], [], []
+    for name, offset, size, meta in task.entries:
+        f.seek(offset)
+        data = f.read(size)
+        if len(data) != size:
+            errors.append(ErrorRecord(task.source, f"member:{name}", "read", "TruncatedTar",
+                                      f"the tar ends {size - len(data)} bytes into this member"))
+            continue
+        locators.append(f"member:{name}")
+        payloads.append(data)
+        metas.append(meta)
+    return RawBlock(task.source, task.block, "image", locators, payloads, errors, sum(map(len, payloads)),
+                    metas=metas)
 
 
 def read_tar(f: IO[bytes], task: BlockTask, images_per_block: int) -> Iterator[RawBlock]:
@@ -113,7 +141,7 @@ def read_tar(f: IO[bytes], task: BlockTask, images_per_block: int) -> Iterator[R
     try:
         with tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
-                if not _safe_member(member.name):
+                if not safe_member(member.name):
                     errors.append(ErrorRecord(task.source, f"member:{member.name}", "read", "UnsafeMember",
                                               "tar member path escapes the archive; not read"))
                     continue
@@ -191,7 +219,9 @@ def read_image_task(task: BlockTask, field: str, images_per_block: int) -> Itera
         yield read_image_files(task)
         return
     with fs.open_binary(task.source) as f:
-        if task.fmt == "tar":
+        if task.fmt == "tar-members":
+            yield read_tar_members(f, task)
+        elif task.fmt == "tar":
             yield from read_tar(f, task, images_per_block)
         else:
             yield from read_image_parquet(f, task, field, images_per_block)
@@ -206,6 +236,22 @@ class _PlanImageTasks(beam.DoFn):
         for e in errors:
             yield beam.pvalue.TaggedOutput("errors", e)
         yield from sorted(tasks, key=lambda t: (-t.size, t.source, t.block))
+
+
+class _IndexTars(beam.DoFn):
+    """Splits each plain tar into tasks of samples read by byte range; other tasks pass through."""
+
+    def __init__(self, images_per_block: int):
+        self._per_block = images_per_block
+
+    def process(self, task: BlockTask):
+        if task.fmt != "tar-index":
+            yield task
+            return
+        tasks, errors = split_tar(task, self._per_block)
+        if errors:  # one list per tar: its errors share one error shard
+            yield beam.pvalue.TaggedOutput("errors", errors)
+        yield from tasks
 
 
 @beam.typehints.with_output_types(RawBlock)
@@ -237,9 +283,15 @@ class ReadImageShards(beam.PTransform):
         planned = (listed["plan"]
                    | "PlanReadTasks" >> beam.ParDo(_PlanImageTasks(self._files_per_block))
                    .with_outputs("errors", main="tasks"))
-        tasks = planned.tasks | "SpreadOverWorkers" >> SpreadOverWorkers()
+        indexed = (planned.tasks
+                   | "SpreadOverWorkers" >> SpreadOverWorkers()
+                   | "IndexTars" >> beam.ParDo(_IndexTars(self._per_block)).with_exception_handling(
+                       dead_letter_tag="failed", partial=True).with_outputs("errors", main="tasks"))
+        tasks = indexed["tasks"] | "SpreadTarMembers" >> SpreadOverWorkers()
         blocks, failed = (tasks
                           | "ReadBlocks" >> beam.ParDo(_ReadImageBlocks(self._field, self._per_block))
                           .with_exception_handling(partial=True))
-        return {"files": listed["files"], "plan": listed["plan"], "blocks": blocks, "errors": planned.errors,
+        errors = (planned.errors, indexed["errors"]) | "JoinListingErrors" >> beam.Flatten()
+        failed = (indexed["failed"], failed) | "JoinReadFailures" >> beam.Flatten()
+        return {"files": listed["files"], "plan": listed["plan"], "blocks": blocks, "errors": errors,
                 "failed": failed}

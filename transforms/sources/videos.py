@@ -11,17 +11,14 @@ workers; decoding (transforms/decoders/video.py) then streams each video clip by
 """
 from __future__ import annotations
 
-import json
-import tarfile
 from typing import Iterator
 
 import apache_beam as beam
 
-from transforms import fs
 from transforms.records import ErrorRecord, InputFile, VideoTask
 from transforms.incremental import Incremental, ListInputs, RunPlan
 from transforms.sources.common import SpreadOverWorkers
-from transforms.sources.images import _safe_member
+from transforms.sources.tars import index_tar
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi")
 
@@ -60,41 +57,9 @@ def plan_video_tasks(files: list[InputFile]) -> tuple[list[VideoTask], list[Inpu
 
 def list_tar_videos(uri: str) -> Iterator[VideoTask | ErrorRecord]:
     """A task per video member of a plain tar, with its sidecars; errors for unsafe members."""
-    entries: dict[str, dict] = {}  # key → {"video": (name, offset, size), "meta": {...}}, in tar order
-    errors: list[ErrorRecord] = []
-    with fs.open_binary(uri) as f:
-        try:
-            with tarfile.open(fileobj=f, mode="r:") as tar:
-                for member in tar:
-                    if not _safe_member(member.name) or member.issym() or member.islnk():
-                        errors.append(ErrorRecord(uri, f"member:{member.name}", "read", "UnsafeMember",
-                                                  "tar member path escapes the archive, or is a link; not read"))
-                        continue
-                    if not member.isfile() or member.name.rsplit("/", 1)[-1].startswith("."):
-                        continue
-                    key, dot, ext = member.name.rpartition(".")
-                    ext = "." + ext.lower() if dot else ""
-                    entry = entries.setdefault(key, {"meta": {}})
-                    if ext in VIDEO_EXTENSIONS:
-                        entry["video"] = (member.name, member.offset_data, member.size)
-                    elif ext == ".json":
-                        try:
-                            entry["meta"]["json"] = json.loads(tar.extractfile(member).read())
-                        except ValueError as e:
-                            errors.append(ErrorRecord(uri, f"member:{member.name}", "read", "JSONDecodeError",
-                                                      f"sidecar is not JSON: {e}"))
-                    elif ext == ".txt":
-                        entry["meta"]["txt"] = tar.extractfile(member).read().decode("utf-8", "replace")
-        except (tarfile.TarError, EOFError, OSError) as e:
-            errors.append(ErrorRecord(uri, "file", "read", type(e).__name__,
-                                      f"tar cannot be listed to its end ({e}); members after the break are lost"))
-    ordinal = 0
-    for entry in entries.values():
-        if "video" in entry:
-            name, offset, size = entry["video"]
-            meta = json.dumps(entry["meta"], sort_keys=True) if entry["meta"] else None
-            yield VideoTask(uri, name, ordinal, offset, size, meta)
-            ordinal += 1
+    samples, errors = index_tar(uri, VIDEO_EXTENSIONS)
+    for ordinal, s in enumerate(samples):
+        yield VideoTask(uri, s.name, ordinal, s.offset, s.size, s.meta)
     yield from errors
 
 
@@ -110,8 +75,14 @@ class _PlanVideoTasks(beam.DoFn):
 
 class _ListTarVideos(beam.DoFn):
     def process(self, uri: str):
+        errors = []
         for item in list_tar_videos(uri):
-            yield beam.pvalue.TaggedOutput("errors", item) if isinstance(item, ErrorRecord) else item
+            if isinstance(item, ErrorRecord):
+                errors.append(item)
+            else:
+                yield item
+        if errors:  # one list per tar: its errors share one error shard
+            yield beam.pvalue.TaggedOutput("errors", errors)
 
 
 class ReadVideoShards(beam.PTransform):
