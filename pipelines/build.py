@@ -453,17 +453,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         args, pipeline, runner, sizes = make_pipeline(argv)
     print(f"tokenmill build: runner {runner}", file=sys.stderr)
     start = time.perf_counter()
-    if args.local:
-        with BuildProgress(args.output, sizes, mode=args.progress, every=args.progress_every) as progress:
-            result = runners.run_pipeline(pipeline, "tokenmill build")
-            progress.succeeded = result is not None
-    else:  # the launcher needs no access to the output; the runner's own UI shows progress
-        result = runners.run_pipeline(pipeline, "tokenmill build")
-    if result is None:
-        return 1
-    if (job := runners.translated_job(result)) is not None:
-        print(job.describe())
-        return 0
+    # On a remote runner the launcher needs no access to the output; the runner's own UI shows progress.
+    progress = BuildProgress(args.output, sizes, mode=args.progress, every=args.progress_every) if args.local else None
+    result = runners.execute(pipeline, "tokenmill build", progress)
+    if isinstance(result, int):
+        return result
     seconds = time.perf_counter() - start
     print(_summary(args.output, seconds, runner, runners.counters(result)))
     return 0

@@ -180,12 +180,9 @@ def run_config(argv: Sequence[str]) -> int:
         pipeline = build_config_pipeline(output, text, sources, metas, options)
     print(f"tokenmill build: runner {runner}, {len(sources)} sources", file=sys.stderr)
     start = time.perf_counter()
-    result = runners.run_pipeline(pipeline, "tokenmill build")
-    if result is None:
-        return 1
-    if (job := runners.translated_job(result)) is not None:
-        print(job.describe())
-        return 0
+    result = runners.execute(pipeline, "tokenmill build")
+    if isinstance(result, int):
+        return result
     seconds = time.perf_counter() - start
     counters = runners.counters(result)
     for name, source in sources:

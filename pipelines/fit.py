@@ -200,12 +200,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         args, pipeline, runner = make_pipeline(argv)
     print(f"tokenmill fit: runner {runner}", file=sys.stderr)
     start = time.perf_counter()
-    result = runners.run_pipeline(pipeline, "tokenmill fit")
-    if result is None:
-        return 1
-    if (job := runners.translated_job(result)) is not None:
-        print(job.describe())
-        return 0
+    result = runners.execute(pipeline, "tokenmill fit")
+    if isinstance(result, int):
+        return result
     from schemas.storage import read_bytes
 
     report = json.loads(read_bytes(args.output + ".json"))

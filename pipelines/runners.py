@@ -198,3 +198,24 @@ def translated_job(result) -> TranslatedJob | None:
                 name = api.ArtifactStagingToRolePayload.FromString(dep.role_payload).staged_name
                 staged[name] = api.ArtifactFilePayload.FromString(dep.type_payload).path
     return TranslatedJob(steps, staged)
+
+
+def execute(pipeline, prog: str, progress=None):
+    """Run a pipeline for a command: its result, or the exit code when there is nothing more to do.
+
+    1 after one line on stderr if the job failed; 0 after printing the
+    translated job of a dry run (--dry_run=True on Dataflow). `progress`, a
+    context manager with a `succeeded` attribute, wraps the run.
+    """
+    import contextlib
+
+    with progress or contextlib.nullcontext() as shown:
+        result = run_pipeline(pipeline, prog)
+        if shown is not None:
+            shown.succeeded = result is not None
+    if result is None:
+        return 1
+    if (job := translated_job(result)) is not None:
+        print(job.describe())
+        return 0
+    return result
