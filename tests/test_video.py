@@ -486,3 +486,23 @@ def test_a_hung_decoder_is_abandoned_at_the_timeout(bad_videos, monkeypatch):
     assert time.monotonic() - start < 2
     errors = [(e.locator, e.error_type) for b in blocks for e in b.errors]
     assert errors == [("clip:0", "DecodeTimeout")] and not any(b.clips for b in blocks)
+
+
+def test_training_reader_yields_normalized_spacetime_patches_with_their_grid(tmp_path):
+    from loaders.dataset import TokenReader
+
+    videos = tmp_path / "in"
+    videos.mkdir()
+    make_video(videos / "a.mp4", n=12, w=40, h=24)
+    out = tmp_path / "out"
+    assert run_build(["--input", str(videos), "--output", str(out), "--tokenizer", "patch:2,8",
+                      "--clip-frames", "6"]) == 0
+    rows = {r["id"]: r for r in read_rows(out).to_pylist()}
+    samples = list(TokenReader(str(out), shuffle=False))
+    assert len(samples) == len(rows) == 2
+    for s in samples:
+        row = rows[s["id"]]
+        assert tuple(s["grid"]) == tuple(row["grid"]) == (3, 3, 5)
+        raw = np.frombuffer(row["latents"], np.uint8).reshape(row["num_tokens"], 2 * 8 * 8 * 3)
+        assert s["latents"].dtype == np.float32 and s["latents"].shape == raw.shape
+        assert np.allclose(s["latents"], raw / 127.5 - 1.0, atol=1e-6), np.abs(s["latents"] - (raw / 127.5 - 1)).max()
