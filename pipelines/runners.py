@@ -54,7 +54,7 @@ def local_defaults(beam_args: Sequence[str]) -> tuple[list[str], str]:
     if not _given(args, "direct_running_mode") and workers != 1:
         args.append("--direct_running_mode=multi_processing")
     if not _given(args, "default_sdk_harness_log_level"):
-        args.append("--default_sdk_harness_log_level=WARNING")  # keep worker chatter off the terminal
+        args.append("--default_sdk_harness_log_level=ERROR")  # keep worker chatter (WARN: unparsed args, ...) off the terminal
     mode = PipelineOptions(args).view_as(DirectOptions).direct_running_mode
     return args, f"{runner} ({mode}, {workers} worker{'s' if workers != 1 else ''})"
 
