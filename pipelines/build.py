@@ -37,6 +37,7 @@ from transforms.tokenizers.engines import engine_names
 from transforms.tokenizers.spec import (IMAGE_FAMILIES, IMAGE_SPECS, TEXT_SPECS, VIDEO_SPECS, shared_image_tokenizer,
                                         shared_text_tokenizer, shared_video_tokenizer)
 from transforms.incremental import Incremental
+from transforms.records import InputFile
 from transforms.write import (DEFAULT_ROW_GROUP_BYTES, DEFAULT_SHARD_BYTES, CarryOverShards, CommitManifest,
                               ShardLayout, WriteTokenShards, error_to_block, failed_to_block)
 
@@ -147,20 +148,18 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_inputs(patterns: Sequence[str], sizes: dict[str, int] | None = None) -> list[str]:
-    """Fail fast on globs that match nothing; returns the URIs matched (and fills `sizes` by URI)."""
-    uris: list[str] = []
+def check_inputs(patterns: Sequence[str]) -> list[InputFile]:
+    """Fail fast on globs that match nothing; returns every file matched, once, sorted by URI."""
+    found: dict[str, InputFile] = {}
     for pattern in patterns:
         try:
-            found = fs.match(pattern)
+            matched = fs.match(pattern)
         except Exception as e:
             raise UsageError(f"cannot list input {pattern!r}: {e}") from None
-        if not found:
+        if not matched:
             raise UsageError(f"input {pattern!r} matches no files")
-        uris += [f.uri for f in found]
-        if sizes is not None:
-            sizes.update((f.uri, f.size) for f in found)
-    return uris
+        found.update((f.uri, f) for f in matched)
+    return [found[uri] for uri in sorted(found)]
 
 
 def modality_of_files(uris: Sequence[str]) -> str | None:
@@ -237,7 +236,7 @@ def dataset_version(args: argparse.Namespace, tokenizer_meta: dict[str, Any]) ->
     return version_id(args.modality, tokenizer_meta["fingerprint"], options_record(args), SCHEMA_VERSION)
 
 
-def to_tokenize(args: argparse.Namespace, tokenizer_meta: dict[str, Any], sizes: dict[str, int]) -> dict[str, int]:
+def to_tokenize(args: argparse.Namespace, tokenizer_meta: dict[str, Any], files: list[InputFile]) -> dict[str, int]:
     """The inputs (URI -> bytes) this run will tokenize, for the progress display.
 
     The pipeline decides this itself (transforms/incremental.py); the launcher
@@ -245,13 +244,11 @@ def to_tokenize(args: argparse.Namespace, tokenizer_meta: dict[str, Any], sizes:
     """
     from schemas.versions import read_current
     from transforms.incremental import plan_run
-    from transforms.sources.common import list_files
 
     try:
         previous = read_current(args.output)
-    except ValueError:
-        return sizes
-    files = list_files(args.input)
+    except ValueError:  # not a dataset tokenmill can build upon; the pipeline will say why
+        previous = None
     plan = plan_run(previous, files, Incremental(args.output, dataset_version(args, tokenizer_meta), args.overwrite))
     return {f.uri: f.size for f in plan.todo}
 
@@ -389,18 +386,17 @@ def _summary(root: str, seconds: float, runner: str, counters: dict[str, int]) -
     return "\n".join(lines)
 
 
-def prepare_source(args: argparse.Namespace, sizes: dict[str, int] | None = None,
-                   local: bool = True) -> dict[str, Any]:
+def prepare_source(args: argparse.Namespace, local: bool = True) -> tuple[dict[str, Any], list[InputFile]]:
     """Check one source's tokenizer (and, on a local runner, its inputs and output) on the launcher.
 
-    Returns the tokenizer's metadata; fills in args.modality and canonical
-    args.input / args.output, and `sizes` (input URI -> bytes). On a remote
-    runner nothing is listed or probed here (see runners.is_local_runner): the
+    Returns the tokenizer's metadata and the files listed; fills in
+    args.modality and canonical args.input / args.output. On a remote runner
+    nothing is listed or probed here (see runners.is_local_runner): the
     pipeline lists its inputs itself, and the modality comes from --modality or
     the tokenizer. Raises UsageError.
     """
-    uris = check_inputs(args.input, sizes) if local else []
-    args.modality = infer_modality(args, uris)
+    files = check_inputs(args.input) if local else []
+    args.modality = infer_modality(args, [f.uri for f in files])
     try:
         if args.modality == "video":
             SizePolicy.parse(args.size)
@@ -417,7 +413,7 @@ def prepare_source(args: argparse.Namespace, sizes: dict[str, int] | None = None
     args.output = fs.canonical(args.output)
     if local:
         prepare_output(args.output)
-    return tokenizer.metadata()
+    return tokenizer.metadata(), files
 
 
 def make_pipeline(argv: Sequence[str] | None = None
@@ -434,11 +430,9 @@ def make_pipeline(argv: Sequence[str] | None = None
     options = runners.pipeline_options(beam_args)
     runners.one_blas_thread_per_worker(options)
     local = runners.runs_locally(options)
-    sizes: dict[str, int] = {}
-    meta = prepare_source(args, sizes, local)
+    meta, files = prepare_source(args, local)
     args.local = local
-    if local:
-        sizes = to_tokenize(args, meta, sizes)
+    sizes = to_tokenize(args, meta, files) if local else {}
     return args, build_pipeline(args, options, meta, build_args=recorded_args(args)), runner, sizes
 
 

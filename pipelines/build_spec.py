@@ -174,7 +174,7 @@ def run_config(argv: Sequence[str]) -> int:
             source.output = join(output, name)
             source.overwrite = source.overwrite or args.overwrite
             try:
-                metas[name] = prepare_source(source, local=local)
+                metas[name] = prepare_source(source, local=local)[0]
             except UsageError as e:
                 raise UsageError(f"source {name!r}: {e}") from None
         pipeline = build_config_pipeline(output, text, sources, metas, options)

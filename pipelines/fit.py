@@ -184,7 +184,7 @@ def make_pipeline(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace
         raise UsageError(str(e)) from None
     if not 1 <= args.patch <= 256 or args.codes < 2 or args.dim < 1 or not 0 <= args.holdout < 1:
         raise UsageError("need 1 <= --patch <= 256, --codes >= 2, --dim >= 1, 0 <= --holdout < 1")
-    uris = check_inputs(args.input) if runners.runs_locally(options) else []
+    uris = [f.uri for f in check_inputs(args.input)] if runners.runs_locally(options) else []
     if args.modality == "auto":
         from pipelines.build import modality_of_files
 

@@ -91,7 +91,7 @@ def test_config_build_translates_to_one_branch_per_source(tmp_path):
     metas = {}
     for name, args in sources:
         args.output = f"gs://my-bucket/mix/{name}"
-        metas[name] = build.prepare_source(args, local=False)
+        metas[name] = build.prepare_source(args, local=False)[0]
     pipeline = build_spec.build_config_pipeline("gs://my-bucket/mix", spec.read_text(), sources, metas, options)
     job = runners.translated_job(pipeline.run())
     assert outer_steps(job) == ["Build web", "Name web", "Build photos", "Name photos", "Build clips",
