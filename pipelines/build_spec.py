@@ -129,12 +129,22 @@ def _config_parser() -> OneLineArgumentParser:
 
 
 def write_root_manifest(output: str, config_text: str, outcomes: list[dict[str, Any]]) -> dict[str, Any]:
-    """OUTPUT/_manifest.json: the datasets of a multi-source build, written after all of them committed."""
+    """OUTPUT/_manifest.json: the datasets of a multi-source build, written after all of them committed.
+
+    Left as it is when it already names the same commits of the same spec.
+    """
     import json
 
-    root = {"datasets": {o["name"]: {k: v for k, v in o.items() if k not in ("name", "root")} | {"path": o["name"]}
-                         for o in sorted(outcomes, key=lambda o: o["name"])},
-            "config": config_text, "created_at": now_iso(), "tokenmill_version": tokenmill_version()}
+    datasets = {o["name"]: {k: v for k, v in o.items() if k not in ("name", "root", "outcome")} | {"path": o["name"]}
+                for o in sorted(outcomes, key=lambda o: o["name"])}
+    try:
+        before = json.loads(read_bytes(join(output, MANIFEST_NAME)))
+    except (FileNotFoundError, ValueError):
+        before = {}
+    if before.get("datasets") == datasets and before.get("config") == config_text:
+        return before
+    root = {"datasets": datasets, "config": config_text, "created_at": now_iso(),
+            "tokenmill_version": tokenmill_version()}
     write_bytes_atomic(join(output, MANIFEST_NAME), (json.dumps(root, indent=2, sort_keys=True) + "\n").encode())
     return root
 

@@ -66,11 +66,13 @@ def test_config_builds_one_versioned_dataset_per_source_and_a_root_manifest(tmp_
     assert validate(str(mix / "code")) == [] and validate(str(mix / "pics")) == []
     with pytest.raises(MultiDatasetRoot, match="code, pics"):
         read_manifest(str(mix))
-    # a rerun has nothing to do in any source
+    # a rerun has nothing to do in any source, and leaves every manifest as it was
     capsys.readouterr()
+    before = {p: p.read_bytes() for p in mix.glob("**/_manifest.json")}
     assert run_build(["--config", str(spec)]) == 0
     out = capsys.readouterr().out
     assert "inputs_to_tokenize=0" in out and "commits_unchanged=2" in out
+    assert {p: p.read_bytes() for p in mix.glob("**/_manifest.json")} == before and len(before) == 5
 
 
 @pytest.mark.parametrize("body,message", [
