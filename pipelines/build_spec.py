@@ -196,7 +196,8 @@ def run_config(argv: Sequence[str]) -> int:
     seconds = time.perf_counter() - start
     counters = runners.counters(result)
     for name, source in sources:
-        print(f"[{name}] " + _summary(source.output, seconds, runner, {}).replace("\n", f"\n[{name}] "))
+        own = runners.counters(result, f"Build {name}")
+        print(f"[{name}] " + _summary(source.output, seconds, runner, own).replace("\n", f"\n[{name}] "))
     if counters:
         print("counters: " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
     print(f"tokenmill build: {len(sources)} datasets under {output} (root manifest {MANIFEST_NAME})")

@@ -139,12 +139,13 @@ def run_pipeline(pipeline, prog: str):
         return None
 
 
-def counters(result) -> dict[str, int]:
-    """tokenmill's Beam counters from a finished pipeline, where the runner reports them."""
+def counters(result, step: str | None = None) -> dict[str, int]:
+    """tokenmill's Beam counters from a finished pipeline (of the steps under `step`), where reported."""
     try:
         from apache_beam.metrics.metric import MetricsFilter
 
-        found = result.metrics().query(MetricsFilter().with_namespace("tokenmill"))["counters"]
+        query = MetricsFilter().with_namespace("tokenmill")
+        found = result.metrics().query(query.with_step(step) if step else query)["counters"]
     except Exception:  # some runners report no metrics
         return {}
     totals: dict[str, int] = {}
