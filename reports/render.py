@@ -50,19 +50,16 @@ def code_grid_lines(codes: np.ndarray, grid: Sequence[int], max_rows: int = 16, 
 
 def video_frames(pixels: np.ndarray, grid: Sequence[int], patch: int, height: int, width: int,
                  frames: int | None = None) -> np.ndarray:
-    """(F, height, width, 3) frames from spacetime patch pixels.
-
-    Assumed layout (the patch family's, extended in time): tokens in row-major
-    (t, h, w) grid order, each token T x P x P x 3 uint8 values in (t, y, x, c)
-    order, T = values per token / (P * P * 3). Padding past height, width and
-    `frames` (when given) is cut off.
+    """(F, height, width, 3) frames from spacetime patch pixels (the `patch:T,P` layout, see
+    transforms/tokenizers/patches.py), T = values per token / (P * P * 3). Padding past
+    height, width and `frames` (when given) is cut off.
     """
+    from transforms.tokenizers.patches import patches_to_clip
+
     t, h, w = grid
     values = np.asarray(pixels, np.uint8).reshape(t * h * w, -1)
     tube = values.shape[1] // (patch * patch * 3)
-    full = values.reshape(t, h, w, tube, patch, patch, 3).transpose(0, 3, 1, 4, 2, 5, 6)
-    full = full.reshape(t * tube, h * patch, w * patch, 3)
-    return full[:frames or t * tube, :height, :width]
+    return patches_to_clip(values, (t, h, w), tube, patch, frames or t * tube, height, width)
 
 
 def contact_sheet(frames: np.ndarray, columns: int = 8, gap: int = 2) -> np.ndarray:
