@@ -57,17 +57,18 @@ def validate(argv: Sequence[str] | None = None) -> int:
 
 
 def decode(argv: Sequence[str] | None = None) -> int:
-    """`tokenmill decode DIR --id ID --out FILE.png`: the image a row's tokens stand for."""
+    """`tokenmill decode DIR --id ID --out FILE.png`: the image (or clip) a row's tokens stand for."""
     import numpy as np
     from PIL import Image
 
     from transforms.fs import open_binary
     from schemas.manifest import read_manifest
-    from transforms.tokenizers.spec import load_image_tokenizer
+    from transforms.tokenizers.spec import load_image_tokenizer, load_video_tokenizer
 
     with usage_errors("tokenmill decode"):
         p = dataset_parser("tokenmill decode", "Turn an image row's tokens (patches, vq codes, pca latents) "
-                                               "back into an image, to see what the tokens keep.")
+                                               "back into an image, or a video row's into a contact sheet of "
+                                               "its frames, to see what the tokens keep.")
         p.add_argument("--id", required=True, help="row id")
         p.add_argument("--out", required=True, metavar="FILE", help="image file to write (.png keeps it exact)")
         args = p.parse_args(argv)
@@ -75,10 +76,12 @@ def decode(argv: Sequence[str] | None = None) -> int:
             manifest = read_manifest(args.dir)
         except FileNotFoundError:
             raise UsageError(f"{args.dir}: no _manifest.json") from None
-        if manifest.modality != "image":
-            raise UsageError(f"{args.dir} is a {manifest.modality} dataset; decode turns image rows into images")
+        if manifest.modality not in ("image", "video"):
+            raise UsageError(f"{args.dir} is a {manifest.modality} dataset; decode turns image and video rows "
+                             "into pictures")
         try:
-            tok = load_image_tokenizer(manifest.tokenizer["spec"])
+            load = load_image_tokenizer if manifest.modality == "image" else load_video_tokenizer
+            tok = load(manifest.tokenizer["spec"])
         except ValueError as e:
             raise UsageError(str(e)) from None
         if tok.fingerprint() != manifest.tokenizer["fingerprint"]:
@@ -105,7 +108,17 @@ def decode(argv: Sequence[str] | None = None) -> int:
 
         values = np.frombuffer(row["latents"], LATENT_NUMPY[manifest.tokenizer["latent_dtype"]]).reshape(
             row["num_tokens"], -1)
-    image = tok.decode_image(values, grid, row["height"], row["width"])
+    if manifest.modality == "video":
+        from reports.render import contact_sheet
+
+        try:
+            frames = tok.decode_clip(values, grid, len(row["frame_indices"]), row["height"], row["width"])
+        except NotImplementedError as e:
+            print(f"tokenmill decode: error: {e}", file=sys.stderr)
+            return 2
+        image = contact_sheet(frames)
+    else:
+        image = tok.decode_image(values, grid, row["height"], row["width"])
     Image.fromarray(image).save(args.out)
     print(f"tokenmill decode: {args.id} ({row['source']} {row['locator']}, grid {grid}) -> {args.out}")
     return 0

@@ -506,3 +506,23 @@ def test_training_reader_yields_normalized_spacetime_patches_with_their_grid(tmp
         raw = np.frombuffer(row["latents"], np.uint8).reshape(row["num_tokens"], 2 * 8 * 8 * 3)
         assert s["latents"].dtype == np.float32 and s["latents"].shape == raw.shape
         assert np.allclose(s["latents"], raw / 127.5 - 1.0, atol=1e-6), np.abs(s["latents"] - (raw / 127.5 - 1)).max()
+
+
+def test_decode_writes_a_contact_sheet_of_a_clips_frames(tmp_path):
+    from PIL import Image
+
+    from reports.render import contact_sheet
+    from tests.conftest import run_cli
+
+    videos = tmp_path / "in"
+    videos.mkdir()
+    make_video(videos / "a.mp4", n=6, w=40, h=24)
+    out = tmp_path / "out"
+    assert run_build(["--input", str(videos), "--output", str(out), "--tokenizer", "patch:2,8",
+                      "--clip-frames", "6"]) == 0
+    (row,) = read_rows(out).to_pylist()
+    sheet = tmp_path / "sheet.png"
+    done = run_cli("pipelines.cli", "decode", str(out), "--id", row["id"], "--out", str(sheet))
+    assert done.returncode == 0, done.stderr
+    (clip,) = iter_clips(str(videos / "a.mp4"), ClipSpec(frames=6), SizePolicy.parse("native:1024"))
+    assert np.array_equal(np.asarray(Image.open(sheet)), contact_sheet(clip.frames))  # patches are lossless
