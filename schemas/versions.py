@@ -92,8 +92,8 @@ def lease(root: str, wait: float = LEASE_WAIT_SECONDS) -> Iterator[None]:
 
     Local disks create it with O_EXCL; object stores with fsspec's exclusive
     mode where the store offers a conditional put (GCS generation match, S3
-    If-None-Match). A lease older than LEASE_STALE_SECONDS is from a dead run
-    and is broken.
+    If-None-Match). A lease older than LEASE_STALE_SECONDS, or taken on this
+    machine by a process that has died, is from a dead run and is broken.
     """
     fs, path = fsspec.core.url_to_fs(join(root, LEASE_NAME))
     body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}).encode()
@@ -105,7 +105,7 @@ def lease(root: str, wait: float = LEASE_WAIT_SECONDS) -> Iterator[None]:
         except FileExistsError:
             try:
                 held = json.loads(fs.cat_file(path))
-                if time.time() - float(held.get("time", 0)) > LEASE_STALE_SECONDS:
+                if time.time() - float(held.get("time", 0)) > LEASE_STALE_SECONDS or _dead_here(held):
                     fs.rm(path)
                     continue
             except (FileNotFoundError, ValueError):
@@ -119,6 +119,19 @@ def lease(root: str, wait: float = LEASE_WAIT_SECONDS) -> Iterator[None]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             fs.rm(path)
+
+
+def _dead_here(held: dict[str, Any]) -> bool:
+    """The lease was taken on this machine by a process that no longer runs (killed mid-commit)."""
+    if held.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(held.get("pid", 0)), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 def _create_exclusive(fs: fsspec.AbstractFileSystem, path: str, body: bytes) -> None:

@@ -261,3 +261,25 @@ def test_gc_command_and_its_misuse(tmp_path, capsys):
     for bad in (["gc", str(out), "--keep", "0"], ["gc", str(tmp_path / "nothing"), "--keep", "2"]):
         r = run_cli("pipelines.cli", *bad)
         assert r.returncode == 2 and len([x for x in r.stderr.splitlines() if "tokenmill" in x]) == 1
+
+
+def test_a_lease_left_by_a_killed_commit_is_broken(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from schemas.versions import LEASE_NAME, lease
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / LEASE_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead),
+                                                   "time": __import__("time").time()}))
+    with lease(str(tmp_path), wait=0.5):  # taken over at once, not after LEASE_STALE_SECONDS
+        assert json.loads((tmp_path / LEASE_NAME).read_text())["pid"] == os.getpid()
+    assert not (tmp_path / LEASE_NAME).exists()
+    # a live holder is waited for, then refused
+    (tmp_path / LEASE_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                   "time": __import__("time").time()}))
+    with pytest.raises(ConcurrentCommitError, match="holds the commit lease"):
+        with lease(str(tmp_path), wait=0.5):
+            pass
