@@ -1,12 +1,12 @@
 """What every reader shares: listing inputs, and dealing read tasks out to workers."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import apache_beam as beam
 
 from transforms import fs
-from transforms.records import BlockTask, InputFile
+from transforms.records import BlockTask, ErrorRecord, InputFile
 
 
 def list_files(patterns: list[str]) -> list[InputFile]:
@@ -39,7 +39,14 @@ class SpreadOverWorkers(beam.PTransform):
 BLOCKS_PER_ROW_GROUP = 1000
 
 
-def plan_parquet(f: InputFile, budget_bytes: int) -> list[BlockTask]:
+INDEX_PARQUET = "parquet-index"  # a placeholder task: split by SplitByIndex on a worker
+
+
+def parquet_placeholder(f: InputFile) -> BlockTask:
+    return BlockTask(f.uri, INDEX_PARQUET, "", 0, f.size, 0, f.size)
+
+
+def plan_parquet(f: InputFile | BlockTask, budget_bytes: int) -> list[BlockTask]:
     """Read tasks of one Parquet file: runs of whole row groups of about `budget_bytes`.
 
     For these tasks `start`/`end` are row-group indices. A file whose footer
@@ -48,18 +55,19 @@ def plan_parquet(f: InputFile, budget_bytes: int) -> list[BlockTask]:
     """
     import pyarrow.parquet as pq
 
+    uri = f.uri if isinstance(f, InputFile) else f.source
     try:
-        with fs.open_binary(f.uri) as handle:
+        with fs.open_binary(uri) as handle:
             md = pq.ParquetFile(handle).metadata
     except Exception:
-        return [BlockTask(f.uri, "parquet", "", 0, 1, 0, f.size)]
+        return [BlockTask(uri, "parquet", "", 0, 1, 0, f.size)]
     tasks, first, acc = [], 0, 0
     for g in range(md.num_row_groups):
         acc += md.row_group(g).total_byte_size
         if acc >= budget_bytes or g == md.num_row_groups - 1:
-            tasks.append(BlockTask(f.uri, "parquet", "", first, g + 1, first * BLOCKS_PER_ROW_GROUP, f.size))
+            tasks.append(BlockTask(uri, "parquet", "", first, g + 1, first * BLOCKS_PER_ROW_GROUP, f.size))
             first, acc = g + 1, 0
-    return tasks or [BlockTask(f.uri, "parquet", "", 0, 0, 0, f.size)]
+    return tasks or [BlockTask(uri, "parquet", "", 0, 0, 0, f.size)]
 
 
 def parquet_row_groups(pf, task: BlockTask) -> Iterator[tuple[int, int]]:
@@ -69,3 +77,49 @@ def parquet_row_groups(pf, task: BlockTask) -> Iterator[tuple[int, int]]:
     for g in range(task.start, min(task.end, md.num_row_groups)):
         yield g, row
         row += md.row_group(g).num_rows
+
+
+Splitter = Callable[[BlockTask], "tuple[list[BlockTask], list[ErrorRecord]] | None"]
+
+
+class _SplitByIndex(beam.DoFn):
+    def __init__(self, split: Splitter):
+        self._split = split
+
+    def process(self, task: BlockTask):
+        done = self._split(task)
+        if done is None:  # nothing to split
+            yield task
+            return
+        tasks, errors = done
+        if errors:  # one list per file: its errors share one error shard
+            yield beam.pvalue.TaggedOutput("errors", errors)
+        yield from tasks
+
+
+class SpreadAndSplit(beam.PTransform):
+    """Deals read tasks out to workers, lets each split big inputs by their index, and deals again.
+
+    `split(task)` returns None for a task to keep, or (finer tasks, errors) for
+    a placeholder whose index it reads (a Parquet footer, a tar's headers).
+    Indexes are read in parallel on the workers rather than one after another
+    while planning, so a thousand Parquet files on object storage cost a
+    thousand parallel footer reads, not a serial minute. Outputs a dict:
+    'tasks', 'errors' (lists of ErrorRecord, one per file) and 'failed'.
+
+    Image builds use it; text builds read Parquet footers while planning
+    instead, because this second shuffle cost a 2-worker local text build about
+    0.4 of 8.6 s (measured here) for inputs that are mostly JSON lines.
+    """
+
+    def __init__(self, split: Splitter):
+        super().__init__()
+        self._split = split
+
+    def expand(self, tasks):
+        split = (tasks
+                 | "SpreadOverWorkers" >> SpreadOverWorkers()
+                 | "SplitByIndex" >> beam.ParDo(_SplitByIndex(self._split)).with_exception_handling(
+                     dead_letter_tag="failed", partial=True).with_outputs("errors", main="tasks"))
+        return {"tasks": split["tasks"] | "SpreadSplitTasks" >> SpreadOverWorkers(),
+                "errors": split["errors"], "failed": split["failed"]}

@@ -13,6 +13,7 @@ Records carry raw encoded bytes; decoding happens in transforms/decoders/images.
 """
 from __future__ import annotations
 
+import functools
 import json
 import tarfile
 from typing import IO, Iterator
@@ -23,7 +24,8 @@ from apache_beam.metrics import Metrics
 from transforms import fs
 from transforms.records import BlockTask, ErrorRecord, InputFile, RawBlock
 from transforms.incremental import Incremental, ListInputs, RunPlan
-from transforms.sources.common import BLOCKS_PER_ROW_GROUP, SpreadOverWorkers, parquet_row_groups, plan_parquet
+from transforms.sources.common import (BLOCKS_PER_ROW_GROUP, INDEX_PARQUET, SpreadAndSplit, parquet_placeholder,
+                                       parquet_row_groups, plan_parquet)
 from transforms.sources.tars import index_tar, safe_member
 from transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
 
@@ -34,6 +36,7 @@ SIDECAR_EXTENSIONS = (".json", ".txt")
 DEFAULT_FILES_PER_BLOCK = 64
 DEFAULT_TAR_BLOCK = 64
 PARQUET_TASK_BYTES = 64 << 20  # encoded image bytes per read task of a Parquet file
+INDEX_TAR = "tar-index"  # a placeholder task: a plain tar, split into runs of samples on a worker
 
 
 def image_kind(uri: str) -> str | None:
@@ -60,9 +63,9 @@ def plan_image_tasks(files: list[InputFile], files_per_block: int) -> tuple[list
         elif kind == "image-files":
             loose.append(f)
         elif kind == "parquet":
-            tasks.extend(plan_parquet(f, PARQUET_TASK_BYTES))
+            tasks.append(parquet_placeholder(f))  # split on a worker: split_image_task
         elif f.uri.lower().endswith(".tar"):
-            tasks.append(BlockTask(f.uri, "tar-index", "", 0, f.size, 0, f.size))  # split by IndexTars
+            tasks.append(BlockTask(f.uri, INDEX_TAR, "", 0, f.size, 0, f.size))  # split on a worker, likewise
         else:
             tasks.append(BlockTask(f.uri, kind, "", 0, f.size, 0, f.size))
     for i in range(0, len(loose), files_per_block):
@@ -238,20 +241,14 @@ class _PlanImageTasks(beam.DoFn):
         yield from sorted(tasks, key=lambda t: (-t.size, t.source, t.block))
 
 
-class _IndexTars(beam.DoFn):
-    """Splits each plain tar into tasks of samples read by byte range; other tasks pass through."""
-
-    def __init__(self, images_per_block: int):
-        self._per_block = images_per_block
-
-    def process(self, task: BlockTask):
-        if task.fmt != "tar-index":
-            yield task
-            return
-        tasks, errors = split_tar(task, self._per_block)
-        if errors:  # one list per tar: its errors share one error shard
-            yield beam.pvalue.TaggedOutput("errors", errors)
-        yield from tasks
+def split_image_task(task: BlockTask, images_per_block: int) -> tuple[list[BlockTask], list[ErrorRecord]] | None:
+    """A placeholder's finer tasks (see SpreadAndSplit): a plain tar's sample runs, a Parquet file's
+    row-group runs; other tasks stay as they are."""
+    if task.fmt == INDEX_TAR:
+        return split_tar(task, images_per_block)
+    if task.fmt == INDEX_PARQUET:
+        return plan_parquet(task, PARQUET_TASK_BYTES), []
+    return None
 
 
 @beam.typehints.with_output_types(RawBlock)
@@ -283,15 +280,12 @@ class ReadImageShards(beam.PTransform):
         planned = (listed["plan"]
                    | "PlanReadTasks" >> beam.ParDo(_PlanImageTasks(self._files_per_block))
                    .with_outputs("errors", main="tasks"))
-        indexed = (planned.tasks
-                   | "SpreadOverWorkers" >> SpreadOverWorkers()
-                   | "IndexTars" >> beam.ParDo(_IndexTars(self._per_block)).with_exception_handling(
-                       dead_letter_tag="failed", partial=True).with_outputs("errors", main="tasks"))
-        tasks = indexed["tasks"] | "SpreadTarMembers" >> SpreadOverWorkers()
-        blocks, failed = (tasks
+        dealt = planned.tasks | "DealReadTasks" >> SpreadAndSplit(
+            functools.partial(split_image_task, images_per_block=self._per_block))
+        blocks, failed = (dealt["tasks"]
                           | "ReadBlocks" >> beam.ParDo(_ReadImageBlocks(self._field, self._per_block))
                           .with_exception_handling(partial=True))
-        errors = (planned.errors, indexed["errors"]) | "JoinListingErrors" >> beam.Flatten()
-        failed = (indexed["failed"], failed) | "JoinReadFailures" >> beam.Flatten()
+        errors = (planned.errors, dealt["errors"]) | "JoinListingErrors" >> beam.Flatten()
+        failed = (dealt["failed"], failed) | "JoinReadFailures" >> beam.Flatten()
         return {"files": listed["files"], "plan": listed["plan"], "blocks": blocks, "errors": errors,
                 "failed": failed}
