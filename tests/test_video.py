@@ -488,15 +488,20 @@ def test_a_hung_decoder_is_abandoned_at_the_timeout(bad_videos, monkeypatch):
     assert errors == [("clip:0", "DecodeTimeout")] and not any(b.clips for b in blocks)
 
 
+def build_small_patch_video(tmp_path: Path, frames: int) -> tuple[Path, Path]:
+    """A 40x24 video of `frames` frames, built with patch:2,8 in 6-frame clips: (input folder, dataset)."""
+    videos, out = tmp_path / "in", tmp_path / "out"
+    videos.mkdir()
+    make_video(videos / "a.mp4", n=frames, w=40, h=24)
+    assert run_build(["--input", str(videos), "--output", str(out), "--tokenizer", "patch:2,8",
+                      "--clip-frames", "6"]) == 0
+    return videos, out
+
+
 def test_training_reader_yields_normalized_spacetime_patches_with_their_grid(tmp_path):
     from loaders.dataset import TokenReader
 
-    videos = tmp_path / "in"
-    videos.mkdir()
-    make_video(videos / "a.mp4", n=12, w=40, h=24)
-    out = tmp_path / "out"
-    assert run_build(["--input", str(videos), "--output", str(out), "--tokenizer", "patch:2,8",
-                      "--clip-frames", "6"]) == 0
+    videos, out = build_small_patch_video(tmp_path, frames=12)
     rows = {r["id"]: r for r in read_rows(out).to_pylist()}
     samples = list(TokenReader(str(out), shuffle=False))
     assert len(samples) == len(rows) == 2
@@ -514,12 +519,7 @@ def test_decode_writes_a_contact_sheet_of_a_clips_frames(tmp_path):
     from reports.render import contact_sheet
     from tests.conftest import run_cli
 
-    videos = tmp_path / "in"
-    videos.mkdir()
-    make_video(videos / "a.mp4", n=6, w=40, h=24)
-    out = tmp_path / "out"
-    assert run_build(["--input", str(videos), "--output", str(out), "--tokenizer", "patch:2,8",
-                      "--clip-frames", "6"]) == 0
+    videos, out = build_small_patch_video(tmp_path, frames=6)
     (row,) = read_rows(out).to_pylist()
     sheet = tmp_path / "sheet.png"
     done = run_cli("pipelines.cli", "decode", str(out), "--id", row["id"], "--out", str(sheet))
