@@ -19,6 +19,8 @@ setup(
         "pillow>=10",
         "zstandard>=0.22",
         "pyyaml>=6",
+        # BLAS/OpenMP thread limits in forked local workers (pipelines/local_workers.py).
+        "threadpoolctl>=3.1",
     ],
     extras_require={
         "hf": ["tokenizers>=0.20"],

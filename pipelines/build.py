@@ -122,6 +122,9 @@ def make_parser() -> argparse.ArgumentParser:
                         f"(decompression bombs; default {DEFAULT_MAX_PIXELS})")
     g.add_argument("--image-field", default="image", metavar="NAME",
                    help="Parquet column with the image bytes (default: image)")
+    g.add_argument("--decode-threads", type=int, metavar="N",
+                   help="threads that decode a block's images in parallel in each worker (default: for patch:, "
+                        "the CPU cores per worker on a local runner, else 1; remote runners run a worker per core)")
     v = p.add_argument_group("video")
     v.add_argument("--fps", type=float, metavar="F", help="sample clips at F frames per second (default: the "
                    "source frames as they are)")
@@ -210,7 +213,11 @@ def _read_decode_tokenize(p: beam.Pipeline, args: argparse.Namespace, incrementa
     elif args.modality == "image":
         read = p | "ReadImageShards" >> ReadImageShards(args.input, image_field=args.image_field,
                                                         incremental=incremental)
-        decoded, decode_failed = read["blocks"] | "DecodeImages" >> DecodeImages(args.size, args.max_pixels)
+        # vq:, pca: and torchscript: keep the cores busy with BLAS or torch threads
+        # already; decode threads would only contend with them (measured: vq slower).
+        threads = args.decode_threads or (runners.cores_per_worker(getattr(p, "pipeline", p).options)
+                                          if args.tokenizer.startswith("patch:") else 1)
+        decoded, decode_failed = read["blocks"] | "DecodeImages" >> DecodeImages(args.size, args.max_pixels, threads)
         tokens, tokenize_failed = decoded | "TokenizeImages" >> TokenizeImages(args.tokenizer, image_options(args))
     else:
         read = p | "ReadTextShards" >> ReadTextShards(
@@ -426,6 +433,8 @@ def make_pipeline(argv: Sequence[str] | None = None
     args, beam_args = make_parser().parse_known_args(argv)
     if not args.progress_every > 0:
         raise UsageError(f"--progress-every must be a positive number of seconds, not {args.progress_every}")
+    if args.decode_threads is not None and args.decode_threads < 1:
+        raise UsageError(f"--decode-threads must be 1 or more, not {args.decode_threads}")
     beam_args, runner = runners.local_defaults(beam_args)
     options = runners.pipeline_options(beam_args)
     runners.one_blas_thread_per_worker(options)

@@ -154,7 +154,8 @@ def build_pipeline(args: argparse.Namespace, options) -> beam.Pipeline:
         decoded, _ = read["blocks"] | "DecodeVideos" >> DecodeVideos(spec, args.size, decoder=args.decoder)
     else:
         read = p | "ReadImageShards" >> ReadImageShards(args.input, image_field=args.image_field)
-        decoded, _ = read["blocks"] | "DecodeImages" >> DecodeImages(args.size, args.max_pixels)
+        decoded, _ = read["blocks"] | "DecodeImages" >> DecodeImages(args.size, args.max_pixels,
+                                                                      runners.cores_per_worker(options))
     sampled = decoded | "SamplePatches" >> beam.ParDo(
         _SamplePatches(args.patch, args.samples_per_image, args.holdout, args.seed, frames)).with_outputs(
         "holdout", main="train")

@@ -88,6 +88,21 @@ def one_blas_thread_per_worker(options: PipelineOptions) -> None:
             os.environ.setdefault(name, "1")
 
 
+def cores_per_worker(options: PipelineOptions) -> int:
+    """CPU cores each worker may keep busy with its own threads (image decoding).
+
+    Local: this machine's cores over the worker processes (in_memory and
+    multi_threading run one process). Remote runners start a worker process
+    per core already: 1.
+    """
+    if not runs_locally(options):
+        return 1
+    direct = options.view_as(DirectOptions)
+    processes = (direct.direct_num_workers or os.cpu_count() or 1) \
+        if direct.direct_running_mode == "multi_processing" else 1
+    return max(1, (os.cpu_count() or 1) // processes)
+
+
 def make_runner(options: PipelineOptions):
     """A runner instance for `options`, or None to let Beam create it.
 
@@ -104,7 +119,36 @@ def make_runner(options: PipelineOptions):
 
     encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
     info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+    direct = options.view_as(DirectOptions)
+    if direct.direct_running_mode == "multi_processing" and (direct.direct_num_workers or 0) != 1:
+        from pipelines.local_workers import fork_supported
+
+        if fork_supported():
+            return _warm_start_runner()(provision_info=info)
     return fn_runner.FnApiRunner(provision_info=info)
+
+
+def _warm_start_runner() -> type:
+    from apache_beam.portability import python_urns
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+
+    class WarmStartFnApiRunner(fn_runner.FnApiRunner):
+        """The FnApiRunner, with multi_processing workers forked warm from a WorkerZygote.
+
+        See pipelines/local_workers.py; `execute` starts the zygote. Without one
+        (a pipeline run some other way) workers start Beam's way.
+        """
+
+        zygote = None
+
+        def run_via_runner_api(self, pipeline_proto, options):
+            if self.zygote is not None:
+                for env in pipeline_proto.components.environments.values():
+                    if env.urn == python_urns.SUBPROCESS_SDK:
+                        env.payload = self.zygote.command().encode()
+            return super().run_via_runner_api(pipeline_proto, options)
+
+    return WarmStartFnApiRunner
 
 
 def _all_subclasses(cls: type) -> list[type]:
@@ -128,6 +172,8 @@ def run_pipeline(pipeline, prog: str):
         # The failure is reported below in one line; Beam's own traceback of the
         # failing DoFn (logged in-process by local runners) is for debugging.
         logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
+    from pipelines.local_workers import pipeline_ran
+
     try:
         result = pipeline.run()
         result.wait_until_finish()
@@ -137,6 +183,8 @@ def run_pipeline(pipeline, prog: str):
         reason = next((line for line in text.splitlines() if "Error" in line), text.splitlines()[0])
         print(f"{prog}: failed: {reason.strip()[:500]}", file=sys.stderr)
         return None
+    finally:
+        pipeline_ran()
 
 
 def counters(result, step: str | None = None) -> dict[str, int]:
@@ -210,7 +258,12 @@ def execute(pipeline, prog: str, progress=None):
     """
     import contextlib
 
-    with progress or contextlib.nullcontext() as shown:
+    with contextlib.ExitStack() as stack:
+        from pipelines import local_workers
+
+        if hasattr(pipeline.runner, "zygote") and local_workers.safe_to_fork():  # now, before any thread starts
+            pipeline.runner.zygote = stack.enter_context(local_workers.WorkerZygote())
+        shown = stack.enter_context(progress or contextlib.nullcontext())
         result = run_pipeline(pipeline, prog)
         if shown is not None:
             shown.succeeded = result is not None

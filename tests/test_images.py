@@ -172,6 +172,19 @@ def test_image_build_rows_errors_and_round_trip(tmp_path, image_inputs):
     assert one["grid"] == (2, 3)
 
 
+def test_decode_threads_give_the_same_shards_and_errors(tmp_path, image_inputs):
+    """Records decoded in parallel keep their block order: rows, error rows and files are unchanged."""
+    digests = []
+    for threads in ("1", "4"):
+        out = tmp_path / f"out{threads}"
+        assert run_build(["--input", str(image_inputs / "*"), "--output", str(out), "--tokenizer", "patch:16",
+                          "--max-pixels", "50000000", "--decode-threads", threads]) == 0
+        m = read_manifest(str(out))
+        assert (m.rows, m.errors) == (11, 7)
+        digests.append(sorted((Path(s["path"]).name, s["sha256"]) for s in m.shards + m.error_shards))
+    assert digests[0] == digests[1]
+
+
 def test_parquet_image_column_with_bytes_or_hf_struct(tmp_path):
     images = [encode(Image.fromarray(structured(16, 16, k)), "PNG") for k in range(3)]
     pq.write_table(pa.table({"image": [{"bytes": images[0], "path": "a.png"}, {"bytes": images[1], "path": None},
@@ -193,7 +206,8 @@ def test_image_cli_misuse_exits_2(tmp_path):
     Image.fromarray(structured(8, 8)).save(tmp_path / "a.png")
     for args, message in [(["--tokenizer", "patch:x"], "patch spec needs a size"),
                           (["--tokenizer", "bytes"], "the inputs are image files but --tokenizer bytes is a text"),
-                          (["--tokenizer", "patch:16", "--size", "square"], "unknown size policy")]:
+                          (["--tokenizer", "patch:16", "--size", "square"], "unknown size policy"),
+                          (["--tokenizer", "patch:16", "--decode-threads", "0"], "--decode-threads must be 1 or more")]:
         proc = run_cli("pipelines.build", "--input", str(tmp_path / "a.png"), "--output", str(tmp_path / "o"), *args)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 

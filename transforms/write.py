@@ -10,11 +10,13 @@ that waits for every shard (schemas/versions.py).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
 import math
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Iterator
 
 import apache_beam as beam
@@ -22,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
 
 from schemas.manifest import DATA_DIR, ERRORS_DIR, Manifest, now_iso, tokenmill_version
 from schemas.storage import join, read_bytes, write_bytes_atomic
@@ -219,18 +222,51 @@ def error_to_block(errors: ErrorRecord | list[ErrorRecord]) -> TokenBlock:
 
 
 class _WriteShards(beam.DoFn):
+    """Writes each block's shards in a background thread while the next block is read and tokenized.
+
+    Compressing and hashing a block's Parquet (Arrow and hashlib release the
+    GIL) then overlaps the decoding of the next one: with a spare core that
+    hides most of the writing. One block is in flight at most, so memory stays
+    bounded; results and metrics come out on the bundle's own thread, in order.
+    """
+
     def __init__(self, root: str, layout: ShardLayout):
         self._root, self._layout = root, layout
         self._rows = Metrics.counter("tokenmill", "rows_written")
         self._errors = Metrics.counter("tokenmill", "errors")
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: collections.deque[Future] = collections.deque()
 
-    def process(self, block: TokenBlock, plan: RunPlan) -> Iterator[ShardResult]:
-        results = write_block(self._root, block, plan.run_dir, self._layout)
+    def setup(self):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-write")
+
+    def teardown(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def start_bundle(self):
+        self._pending = collections.deque()
+
+    def _write(self, block: TokenBlock, run_dir: str) -> list[ShardResult]:
+        results = write_block(self._root, block, run_dir, self._layout)
         write_progress(self._root, block, results)
-        for result in results:
+        return results
+
+    def _done(self, future: Future) -> Iterator[ShardResult]:
+        for result in future.result():
             self._rows.inc(result.rows)
             self._errors.inc(result.errors)
             yield result
+
+    def process(self, block: TokenBlock, plan: RunPlan) -> Iterator[ShardResult]:
+        while self._pending:  # the previous block first: one in flight
+            yield from self._done(self._pending.popleft())
+        self._pending.append(self._pool.submit(self._write, block, plan.run_dir))
+
+    def finish_bundle(self):
+        while self._pending:
+            for result in self._done(self._pending.popleft()):
+                yield GlobalWindows.windowed_value(result)
 
 
 class WriteTokenShards(beam.PTransform):

@@ -12,7 +12,9 @@ Decompression bombs are refused from the header, before any pixel is decoded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import apache_beam as beam
@@ -109,28 +111,43 @@ def decode_image(data: bytes, policy: SizePolicy = SizePolicy(), max_pixels: int
     return np.asarray(im, dtype=np.uint8), info
 
 
-def decode_image_block(raw: "RawBlock", policy: SizePolicy, max_pixels: int) -> "ImageBlock":
-    """Decode every record of a block; each failure becomes an error record with its reason."""
+def _decode_or_error(item: tuple[str, str, bytes], policy: SizePolicy, max_pixels: int) -> Any:
+    """(image, info), or the ErrorRecord that says why the record could not be decoded."""
     from PIL import UnidentifiedImageError
 
+    from transforms.records import ErrorRecord
+
+    loc, src, data = item
+    try:
+        return decode_image(data, policy, max_pixels)
+    except DecompressionBomb as e:
+        return ErrorRecord(src, loc, "decode", "DecompressionBomb", str(e))
+    except UnidentifiedImageError:
+        return ErrorRecord(src, loc, "decode", "NotAnImage", "not a decodable image (unknown format or corrupt header)")
+    except Exception as e:  # truncated data, broken streams, codec errors
+        return ErrorRecord(src, loc, "decode", type(e).__name__, f"cannot decode image: {e}")
+
+
+def decode_image_block(raw: "RawBlock", policy: SizePolicy, max_pixels: int,
+                       pool: ThreadPoolExecutor | None = None) -> "ImageBlock":
+    """Decode every record of a block; each failure becomes an error record with its reason.
+
+    With a thread pool the records decode in parallel (Pillow releases the GIL
+    while it decodes and resizes); results keep the block's order either way.
+    """
     from transforms.records import ErrorRecord, ImageBlock
 
     sources = raw.sources or [raw.source] * len(raw.locators)
     metas = raw.metas or [None] * len(raw.locators)
+    items = list(zip(raw.locators, sources, raw.payloads))
+    decode = functools.partial(_decode_or_error, policy=policy, max_pixels=max_pixels)
+    results = pool.map(decode, items) if pool is not None and len(items) > 1 else map(decode, items)
     out = ImageBlock(raw.source, raw.block, [], [], [], [], [], list(raw.errors), raw.nbytes)
-    for loc, src, meta, data in zip(raw.locators, sources, metas, raw.payloads):
-        try:
-            image, info = decode_image(data, policy, max_pixels)
-        except DecompressionBomb as e:
-            out.errors.append(ErrorRecord(src, loc, "decode", "DecompressionBomb", str(e)))
+    for (loc, src, _), meta, result in zip(items, metas, results):
+        if isinstance(result, ErrorRecord):
+            out.errors.append(result)
             continue
-        except UnidentifiedImageError:
-            out.errors.append(ErrorRecord(src, loc, "decode", "NotAnImage",
-                                          "not a decodable image (unknown format or corrupt header)"))
-            continue
-        except Exception as e:  # truncated data, broken streams, codec errors
-            out.errors.append(ErrorRecord(src, loc, "decode", type(e).__name__, f"cannot decode image: {e}"))
-            continue
+        image, info = result
         out.locators.append(loc)
         out.sources.append(src)
         out.images.append(image)
@@ -141,12 +158,22 @@ def decode_image_block(raw: "RawBlock", policy: SizePolicy, max_pixels: int) -> 
 
 @beam.typehints.with_output_types(ImageBlock)
 class _DecodeImageBlocks(beam.DoFn):
-    def __init__(self, policy: str, max_pixels: int):
+    def __init__(self, policy: str, max_pixels: int, threads: int = 1):
         self._policy, self._max_pixels = SizePolicy.parse(policy), max_pixels
+        self._threads = max(1, threads)
         self._rejected = Metrics.counter("tokenmill", "decode_errors")
+        self._pool: ThreadPoolExecutor | None = None
+
+    def setup(self):
+        if self._threads > 1:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="tokenmill-decode")
+
+    def teardown(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
     def process(self, raw):
-        block = decode_image_block(raw, self._policy, self._max_pixels)
+        block = decode_image_block(raw, self._policy, self._max_pixels, self._pool)
         self._rejected.inc(len(block.errors) - len(raw.errors))
         yield block
 
@@ -154,11 +181,11 @@ class _DecodeImageBlocks(beam.DoFn):
 class DecodeImages(beam.PTransform):
     """RawBlocks of encoded images → ImageBlocks. Returns (blocks, failed)."""
 
-    def __init__(self, policy: str = "native:1024", max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, policy: str = "native:1024", max_pixels: int = DEFAULT_MAX_PIXELS, threads: int = 1):
         super().__init__()
         SizePolicy.parse(policy)  # fail at construction on a bad policy
-        self._policy, self._max_pixels = policy, max_pixels
+        self._policy, self._max_pixels, self._threads = policy, max_pixels, threads
 
     def expand(self, raw_blocks):
         return raw_blocks | "DecodeImageBlocks" >> beam.ParDo(
-            _DecodeImageBlocks(self._policy, self._max_pixels)).with_exception_handling()
+            _DecodeImageBlocks(self._policy, self._max_pixels, self._threads)).with_exception_handling()

@@ -1,0 +1,119 @@
+"""Local SDK workers forked warm from a zygote (pipelines/local_workers.py).
+
+Each case runs in a fresh Python process, as the `tokenmill` commands do: a
+zygote is only forked before the process has run any pipeline.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="warm workers are Linux only")
+
+PIPELINE = textwrap.dedent("""
+    import json, os, sys
+    import apache_beam as beam
+    from pipelines import runners
+
+    class Facts(beam.DoFn):
+        def process(self, x):
+            from threadpoolctl import threadpool_info
+            blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+            yield x * x, os.getpid(), os.getppid(), blas
+
+    beam_args, _ = runners.local_defaults(["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
+    options = runners.pipeline_options(beam_args)
+    runners.one_blas_thread_per_worker(options)
+    import numpy  # noqa: F401  (loads OpenBLAS in the launcher, as tokenmill's commands do)
+    p = beam.Pipeline(runner=runners.make_runner(options), options=options)
+    out = p | beam.Create(list(range(40))) | beam.Reshuffle() | beam.ParDo(Facts())
+    _ = out | beam.combiners.ToList() | beam.FlatMap(lambda rows: [print("ROW " + json.dumps(r)) for r in rows])
+    zygote = []
+    from pipelines import local_workers
+    start = local_workers.WorkerZygote.__init__
+    def remember(self, *a):
+        start(self, *a)
+        zygote.append(self.pid)
+    local_workers.WorkerZygote.__init__ = remember
+    result = runners.execute(p, "test")
+    print("ZYGOTE " + json.dumps(zygote))
+    print("LAUNCHER " + json.dumps(os.getpid()))
+""")
+
+
+def _run(code: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def _rows(out: str, tag: str) -> list:
+    return [json.loads(line[len(tag) + 1:]) for line in out.splitlines() if line.startswith(tag + " ")]
+
+
+def test_workers_are_forked_from_the_zygote_with_one_blas_thread_and_give_the_same_rows():
+    warm = _run(PIPELINE)
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    rows = _rows(warm.stdout, "ROW")
+    (zygote,) = _rows(warm.stdout, "ZYGOTE")[0]
+    assert sorted(r[0] for r in rows) == [x * x for x in range(40)]
+    assert {r[2] for r in rows} == {zygote}, "every worker is a child of the zygote"
+    assert len({r[1] for r in rows}) == 2, "two worker processes"
+    assert {b for r in rows for b in r[3]} == {1}, "OPENBLAS_NUM_THREADS=1 applies to the inherited OpenBLAS"
+    assert not _alive(zygote), "gone with the run"
+
+    cold = _run(PIPELINE, {"TOKENMILL_FORK_WORKERS": "0"})
+    assert cold.returncode == 0, cold.stderr[-3000:]
+    assert _rows(cold.stdout, "ZYGOTE") == [[]]
+    assert sorted(r[0] for r in _rows(cold.stdout, "ROW")) == sorted(r[0] for r in rows)
+    assert {r[3][0] for r in _rows(cold.stdout, "ROW")} == {1}
+
+
+def test_a_second_pipeline_in_the_same_process_starts_workers_the_usual_way():
+    code = PIPELINE + textwrap.dedent("""
+        p2 = beam.Pipeline(runner=runners.make_runner(options), options=options)
+        _ = (p2 | beam.Create([1, 2, 3]) | beam.Reshuffle() | beam.combiners.ToList()
+             | beam.FlatMap(lambda xs: [print("AGAIN", x) for x in xs]))
+        assert runners.execute(p2, "test") is not None
+        print("ZYGOTES " + json.dumps(zygote))
+    """)
+    done = _run(code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(_rows(done.stdout, "ZYGOTES")[0]) == 1, "no zygote forked after gRPC has run in the process"
+    assert sorted(line for line in done.stdout.splitlines() if line.startswith("AGAIN")) == \
+        ["AGAIN 1", "AGAIN 2", "AGAIN 3"]
+
+
+def test_the_zygote_ends_when_the_launcher_is_killed():
+    code = textwrap.dedent("""
+        import os, signal, time
+        from pipelines.local_workers import WorkerZygote
+        z = WorkerZygote()
+        print(z.pid, z.folder, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    pid = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            pytest.fail(f"zygote {pid} outlived its launcher")
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # an exited process its new parent has not reaped yet is gone
