@@ -185,6 +185,22 @@ def test_decode_threads_give_the_same_shards_and_errors(tmp_path, image_inputs):
     assert digests[0] == digests[1]
 
 
+def test_compression_codec_changes_the_files_not_the_rows(tmp_path, image_inputs):
+    tables = {}
+    for codec, want in (("zstd", "ZSTD"), ("lz4", "LZ4"), ("none", "UNCOMPRESSED"), ("zstd:-3", "ZSTD")):
+        out = tmp_path / codec.replace(":", "")
+        assert run_build(["--input", str(image_inputs / "*.png"), "--output", str(out), "--tokenizer", "patch:16",
+                          "--compression", codec]) == 0
+        m = read_manifest(str(out))
+        for shard in m.shards:
+            column = pq.ParquetFile(out / shard["path"]).metadata.row_group(0).column(
+                pq.ParquetFile(out / shard["path"]).schema_arrow.get_field_index("latents"))
+            assert column.compression == want, (codec, column.compression)
+        tables[codec] = read_rows(out)
+        assert validate(str(out)) == []
+    assert all(t.equals(tables["zstd"]) for t in tables.values())
+
+
 def test_parquet_image_column_with_bytes_or_hf_struct(tmp_path):
     images = [encode(Image.fromarray(structured(16, 16, k)), "PNG") for k in range(3)]
     pq.write_table(pa.table({"image": [{"bytes": images[0], "path": "a.png"}, {"bytes": images[1], "path": None},
@@ -207,7 +223,9 @@ def test_image_cli_misuse_exits_2(tmp_path):
     for args, message in [(["--tokenizer", "patch:x"], "patch spec needs a size"),
                           (["--tokenizer", "bytes"], "the inputs are image files but --tokenizer bytes is a text"),
                           (["--tokenizer", "patch:16", "--size", "square"], "unknown size policy"),
-                          (["--tokenizer", "patch:16", "--decode-threads", "0"], "--decode-threads must be 1 or more")]:
+                          (["--tokenizer", "patch:16", "--decode-threads", "0"], "--decode-threads must be 1 or more"),
+                          (["--tokenizer", "patch:16", "--compression", "lzma"], "unknown compression 'lzma'"),
+                          (["--tokenizer", "patch:16", "--compression", "lz4:3"], "only zstd, gzip and brotli")]:
         proc = run_cli("pipelines.build", "--input", str(tmp_path / "a.png"), "--output", str(tmp_path / "o"), *args)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 

@@ -21,6 +21,7 @@ Peak memory is one clip (plus the decoder's own buffers), whatever the video len
 from __future__ import annotations
 
 import abc
+import collections
 import concurrent.futures
 import dataclasses
 import math
@@ -340,12 +341,17 @@ class Deadline:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenmill-decode")
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        left = self._end - time.monotonic()
-        if left <= 0:
+        return self.wait(self.submit(fn, *args))
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        """Start a call in the helper thread (calls run one at a time, in order); `wait` for its result."""
+        if self._end - time.monotonic() <= 0:
             raise DecodeTimeout(f"decoding took longer than --decode-timeout={self._seconds:g} s")
-        future = self._pool.submit(fn, *args)
+        return self._pool.submit(fn, *args)
+
+    def wait(self, future: concurrent.futures.Future) -> Any:
         try:
-            return future.result(timeout=left)
+            return future.result(timeout=max(0.0, self._end - time.monotonic()))
         except concurrent.futures.TimeoutError:
             raise DecodeTimeout(f"decoding took longer than --decode-timeout={self._seconds:g} s") from None
 
@@ -365,16 +371,21 @@ class Clip:
 
 
 def iter_clips(path: str, spec: ClipSpec, policy: SizePolicy, *, decoder: str = "decord",
-               timeout: float = DEFAULT_DECODE_TIMEOUT, recycle_clips: int = DEFAULT_RECYCLE_CLIPS
-               ) -> Iterator[Clip | tuple[int, Exception]]:
+               timeout: float = DEFAULT_DECODE_TIMEOUT, recycle_clips: int = DEFAULT_RECYCLE_CLIPS,
+               ahead_bytes: int = 0) -> Iterator[Clip | tuple[int, Exception]]:
     """Clips of one video file, in order; a clip that cannot be decoded is (its number, the error).
 
     Raises VideoDecodeError (or the decoder's error) when the file yields no clip
     plan at all. When decord fails on a clip, PyAV takes over the file from that
     clip (its own count of frames, from the packets, replaces a container's
     over-reported one); when the stand-in fails too, decoding stops at that clip.
+
+    Later clips decode in the helper thread while the caller tokenizes and
+    writes this one (decord and PyAV release the GIL): as many as fit in
+    `ahead_bytes`, and at least one. Memory stays bounded by clips, never by
+    the length of the video.
     """
-    deadline, reader = Deadline(timeout), None
+    deadline, reader, pending = Deadline(timeout), None, collections.deque()
     try:
         reader = deadline.call(open_reader, path, decoder, policy, recycle_clips)
         plans = plan_clips(reader.timestamps(), reader.duration(), spec)
@@ -382,11 +393,13 @@ def iter_clips(path: str, spec: ClipSpec, policy: SizePolicy, *, decoder: str = 
             raise VideoDecodeError(f"no frames between --start {spec.start:g} s and --end "
                                    f"{spec.end if spec.end is not None else 'the end'} (the video is "
                                    f"{reader.duration():.3f} s, {reader.num_frames} frames)")
-        n = 0
+        n, ahead = 0, 1
         while n < len(plans):
+            while len(pending) < ahead and n + len(pending) < len(plans):
+                pending.append(deadline.submit(reader.get_batch, plans[n + len(pending)].frame_indices))
             plan = plans[n]
             try:
-                frames = deadline.call(reader.get_batch, plan.frame_indices)
+                frames = deadline.wait(pending.popleft())
                 if len(frames) != len(plan.frame_indices):
                     raise VideoDecodeError(f"{len(frames)} frames decoded, {len(plan.frame_indices)} asked for")
             except DecodeTimeout as e:
@@ -394,6 +407,7 @@ def iter_clips(path: str, spec: ClipSpec, policy: SizePolicy, *, decoder: str = 
                 yield plan.index, e
                 return
             except Exception as e:
+                _settle(deadline, pending)  # the old reader's later clips, before it is closed
                 if reader.name != "decord":
                     yield plan.index, e if isinstance(e, VideoDecodeError) else VideoDecodeError(
                         f"{type(e).__name__}: {e}")
@@ -410,12 +424,28 @@ def iter_clips(path: str, spec: ClipSpec, policy: SizePolicy, *, decoder: str = 
                         f"decord: {e}; pyav finds only {len(plans)} clips in the stream")
                     return
                 continue
+            ahead = max(1, ahead_bytes // max(frames.nbytes, 1))
             yield Clip(plan, frames, reader.width, reader.height, reader.name)
             n += 1
     finally:
+        if reader is not None and not _settle(deadline, pending):
+            reader = None  # still decoding in the abandoned thread: leave it alone
         if reader is not None:
             reader.close()
         deadline.close()
+
+
+def _settle(deadline: "Deadline", pending: "collections.deque") -> bool:
+    """Wait for clips decoded ahead that nobody will take; False if the time budget ran out first."""
+    while pending:
+        try:
+            deadline.wait(pending.popleft())
+        except DecodeTimeout:
+            pending.clear()
+            return False
+        except Exception:  # noqa: BLE001 - a clip nobody asked for any more
+            pass
+    return True
 
 
 class local_copy:
@@ -476,7 +506,7 @@ def decode_video_task(task: "VideoTask", spec: ClipSpec, policy: SizePolicy, *, 
             if os.path.getsize(path) == 0:
                 raise VideoDecodeError("zero-byte file")
             for item in iter_clips(path, spec, policy, decoder=decoder, timeout=timeout,
-                                   recycle_clips=recycle_clips):
+                                   recycle_clips=recycle_clips, ahead_bytes=block_bytes):
                 produced += 1
                 if isinstance(item, tuple):
                     n, e = item
