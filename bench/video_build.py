@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--content", choices=("textured", "gradient"), default="textured",
                     help="textured: decodes at about the issue's 550 frames/s (default); gradient: nearly free "
                          "to decode, so the run measures tokenizing and writing alone")
-    ap.add_argument("--compression", default="zstd", help="tokenmill's --compression (default zstd)")
+    ap.add_argument("--compression", default="auto", help="tokenmill's --compression (default: its own default)")
     ap.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--write", help=argparse.SUPPRESS)
     ap.add_argument("paths", nargs="*", help=argparse.SUPPRESS)

@@ -39,7 +39,8 @@ from transforms.tokenizers.spec import (IMAGE_FAMILIES, IMAGE_SPECS, TEXT_SPECS,
 from transforms.incremental import Incremental
 from transforms.records import InputFile
 from transforms.write import (DEFAULT_ROW_GROUP_BYTES, DEFAULT_SHARD_BYTES, CarryOverShards, CommitManifest,
-                              ShardLayout, WriteTokenShards, error_to_block, failed_to_block, parse_compression)
+                              ShardLayout, WriteTokenShards, error_to_block, failed_to_block, parse_compression,
+                              default_compression)
 
 _SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 MAX_BYTES = 1 << 30  # keeps a block's token offsets within Arrow's 32-bit list offsets
@@ -98,9 +99,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--row-group-size", type=byte_size, default=DEFAULT_ROW_GROUP_BYTES, metavar="BYTES",
                    help="bytes of rows per Parquet row group, the unit the training reader shuffles and splits "
                         "among workers (default: 16MiB)")
-    p.add_argument("--compression", default="zstd", metavar="CODEC[:LEVEL]",
-                   help="Parquet codec of the data shards: zstd (default), zstd:LEVEL, lz4, snappy, gzip, brotli or "
-                        "none; lz4 or none write image and video patches with far less CPU")
+    p.add_argument("--compression", default="auto", metavar="CODEC[:LEVEL]",
+                   help="Parquet codec of the data shards: auto (default: zstd for token IDs, lz4 for soft latents, "
+                        "which compress little and are read at training speed), zstd, zstd:LEVEL, lz4, snappy, "
+                        "gzip, brotli or none")
     p.add_argument("--max-doc-bytes", type=byte_size, default=DEFAULT_MAX_DOC_BYTES, metavar="BYTES",
                    help="whole-file .txt documents larger than this become error rows (default: 64MiB)")
     p.add_argument("--overwrite", action="store_true",
@@ -288,7 +290,8 @@ class BuildDataset(beam.PTransform):
             (tokenize_failed | "TokenizeFailuresAsErrors" >> beam.Map(failed_to_block, "tokenize")),
             (read["errors"] | "FileErrorsAsBlocks" >> beam.Map(error_to_block)),
         ) | "JoinRejected" >> beam.Flatten()
-        layout = ShardLayout(args.shard_size, args.row_group_size, args.compression)
+        compression = default_compression(self._meta.get("kind", "hard")) if args.compression == "auto" else args.compression
+        layout = ShardLayout(args.shard_size, args.row_group_size, compression)
         results = (
             (tokens | "WriteTokenShards" >> WriteTokenShards(args.output, read["plan"], layout)),
             (rejected | "WriteRejectedShards" >> WriteTokenShards(args.output, read["plan"], layout)),
@@ -437,7 +440,8 @@ def make_pipeline(argv: Sequence[str] | None = None
     if not args.progress_every > 0:
         raise UsageError(f"--progress-every must be a positive number of seconds, not {args.progress_every}")
     try:
-        parse_compression(args.compression)
+        if args.compression != "auto":
+            parse_compression(args.compression)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.decode_threads is not None and args.decode_threads < 1:

@@ -187,7 +187,8 @@ def test_decode_threads_give_the_same_shards_and_errors(tmp_path, image_inputs):
 
 def test_compression_codec_changes_the_files_not_the_rows(tmp_path, image_inputs):
     tables = {}
-    for codec, want in (("zstd", "ZSTD"), ("lz4", "LZ4"), ("none", "UNCOMPRESSED"), ("zstd:-3", "ZSTD")):
+    for codec, want in (("zstd", "ZSTD"), ("lz4", "LZ4"), ("none", "UNCOMPRESSED"), ("zstd:-3", "ZSTD"),
+                        ("auto", "LZ4")):  # auto: lz4 for soft latents
         out = tmp_path / codec.replace(":", "")
         assert run_build(["--input", str(image_inputs / "*.png"), "--output", str(out), "--tokenizer", "patch:16",
                           "--compression", codec]) == 0

@@ -15,11 +15,12 @@ import dataclasses
 import functools
 import io
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindows
 from PIL import Image, ImageOps
 
 from transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
@@ -158,24 +159,64 @@ def decode_image_block(raw: "RawBlock", policy: SizePolicy, max_pixels: int,
 
 @beam.typehints.with_output_types(ImageBlock)
 class _DecodeImageBlocks(beam.DoFn):
+    """Decodes each block in a helper thread while the previous one is tokenized and written.
+
+    Pillow releases the GIL while it decodes, so a block's decoding overlaps
+    the tokenizer's work on the one before (numpy or BLAS, which release it
+    too): blocks come out one behind, in order, the last at the end of the
+    bundle. A block whose decoding fails outright becomes error rows for all
+    its records, since the failure surfaces after its own element was done.
+    """
+
     def __init__(self, policy: str, max_pixels: int, threads: int = 1):
         self._policy, self._max_pixels = SizePolicy.parse(policy), max_pixels
         self._threads = max(1, threads)
         self._rejected = Metrics.counter("tokenmill", "decode_errors")
         self._pool: ThreadPoolExecutor | None = None
+        self._ahead: ThreadPoolExecutor | None = None
+        self._pending: tuple[Any, Any] | None = None
 
     def setup(self):
         if self._threads > 1:
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="tokenmill-decode")
+        self._ahead = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-decode-ahead")
 
     def teardown(self):
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
+        for pool in (self._pool, self._ahead):
+            if pool is not None:
+                pool.shutdown(wait=False)
+
+    def start_bundle(self):
+        self._pending = None
+
+    def _decode(self, raw: "RawBlock") -> ImageBlock:
+        try:
+            return decode_image_block(raw, self._policy, self._max_pixels, self._pool)
+        except Exception as e:  # noqa: BLE001 - every record still ends as a row or an error row
+            from transforms.records import ErrorRecord
+
+            sources = raw.sources or [raw.source] * len(raw.locators)
+            errors = list(raw.errors) + [
+                ErrorRecord(src, loc, "decode", type(e).__name__, f"decode failed for the whole block: {e}")
+                for loc, src in zip(raw.locators, sources)]
+            return ImageBlock(raw.source, raw.block, [], [], [], [], [], errors, raw.nbytes)
+
+    def _done(self) -> Iterator[ImageBlock]:
+        if self._pending is not None:
+            raw, future = self._pending
+            self._pending = None
+            block = future.result()
+            self._rejected.inc(len(block.errors) - len(raw.errors))
+            yield block
 
     def process(self, raw):
-        block = decode_image_block(raw, self._policy, self._max_pixels, self._pool)
-        self._rejected.inc(len(block.errors) - len(raw.errors))
-        yield block
+        future = self._ahead.submit(self._decode, raw)
+        yield from self._done()
+        self._pending = (raw, future)
+
+    def finish_bundle(self):
+        for block in self._done():
+            yield GlobalWindows.windowed_value(block)
 
 
 class DecodeImages(beam.PTransform):
