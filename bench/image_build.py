@@ -42,6 +42,8 @@ def make_images(folder: Path, count: int, size: int) -> list[Path]:
     if stamp.exists() and json.loads(stamp.read_text()) == {"count": count, "size": size} and all(
             f.exists() for f in files):
         return files
+    for stray in set(folder.glob("img-*.jpg")) - set(files):  # the build reads folder/*.jpg
+        stray.unlink()
     y, x = np.mgrid[0:size, 0:size]
     for i, f in enumerate(files):
         rng = np.random.default_rng(i)

@@ -214,7 +214,8 @@ def _read_decode_tokenize(p: beam.Pipeline, args: argparse.Namespace, incrementa
         read = p | "ReadVideoShards" >> ReadVideoShards(args.input, incremental=incremental)
         decoded, decode_failed = read["blocks"] | "DecodeVideos" >> DecodeVideos(
             clip_spec(args), args.size, decoder=args.decoder, timeout=args.decode_timeout)
-        tokens, tokenize_failed = decoded | "TokenizeVideos" >> TokenizeVideos(args.tokenizer, video_options(args))
+        tokens, tokenize_failed = decoded | "TokenizeVideos" >> TokenizeVideos(
+            args.tokenizer, video_options(args), runners.cores_per_worker(getattr(p, "pipeline", p).options))
     elif args.modality == "image":
         read = p | "ReadImageShards" >> ReadImageShards(args.input, image_field=args.image_field,
                                                         incremental=incremental)
@@ -223,7 +224,8 @@ def _read_decode_tokenize(p: beam.Pipeline, args: argparse.Namespace, incrementa
         threads = args.decode_threads or (runners.cores_per_worker(getattr(p, "pipeline", p).options)
                                           if args.tokenizer.startswith("patch:") else 1)
         decoded, decode_failed = read["blocks"] | "DecodeImages" >> DecodeImages(args.size, args.max_pixels, threads)
-        tokens, tokenize_failed = decoded | "TokenizeImages" >> TokenizeImages(args.tokenizer, image_options(args))
+        tokens, tokenize_failed = decoded | "TokenizeImages" >> TokenizeImages(
+            args.tokenizer, image_options(args), runners.cores_per_worker(getattr(p, "pipeline", p).options))
     else:
         read = p | "ReadTextShards" >> ReadTextShards(
             args.input, text_field=args.text_field, txt_per_line=args.txt_per_line,

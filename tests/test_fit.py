@@ -125,3 +125,34 @@ def test_tokenizer_files_are_never_unpickled(tmp_path):
                                 "components": np.zeros((4, 192))}))
     with pytest.raises(TokenizerSpecError, match="is not a vq file"):
         load_image_tokenizer(f"vq:{wrong}")
+
+
+def test_items_encoded_on_threads_give_the_same_codes_and_shards(tmp_path, scenes):
+    """vq:/pca: encode a block's images on a thread pool (one BLAS thread each) when a worker has spare cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from schemas.manifest import read_manifest
+
+    vq, pca = tmp_path / "vq.npz", tmp_path / "pca.npz"
+    assert run_fit(["--kind", "vq", "--input", str(scenes / "*.png"), "--output", str(vq), "--patch", "8",
+                    "--codes", "32"]) == 0
+    assert run_fit(["--kind", "pca", "--input", str(scenes / "*.png"), "--output", str(pca), "--patch", "8",
+                    "--dim", "24"]) == 0
+    images = [decode_image((scenes / f"s{i:02d}.png").read_bytes(), SizePolicy())[0] for i in range(12)]
+    for spec in (f"vq:{vq}", f"pca:{pca}"):
+        tok = load_image_tokenizer(spec)
+        assert tok.parallel_items
+        alone = tok.encode_batch(images)
+        with ThreadPoolExecutor(3) as pool:
+            tok.item_pool = pool
+            threaded = tok.encode_batch(images)
+        tok.item_pool = None
+        assert alone[0].equals(threaded[0]) and alone[1] == threaded[1]
+
+        digests = []  # one in-memory worker uses the cores on threads; two processes encode one item at a time
+        for name, runner in (("one", ONE_WORKER), ("two", TWO_PROCESSES)):
+            out = tmp_path / f"{spec[:3]}-{name}"
+            assert run_build(["--input", str(scenes / "*.png"), "--output", str(out), "--tokenizer", spec],
+                             runner) == 0
+            digests.append(sorted((s["path"].rsplit("/", 1)[-1], s["sha256"]) for s in read_manifest(str(out)).shards))
+        assert digests[0] == digests[1]

@@ -180,6 +180,11 @@ class _ArrayTokenizer(Tokenizer):
     dim: int = 0
     latent_dtype: str | None = None
     vocab_size: int | None = None
+    # Tokenizers whose per-item work is numpy that releases the GIL (vq:, pca:)
+    # may encode a block's items on a thread pool (`item_pool`, set by the
+    # pipeline): see transforms/tokenize.py.
+    parallel_items: bool = False
+    item_pool: Any = None
 
     @abc.abstractmethod
     def _encode_each(self, items: Sequence[np.ndarray]) -> list[Any]:
@@ -233,14 +238,17 @@ class _ArrayTokenizer(Tokenizer):
         return column, grids, failures
 
 
-def _each(encode, items: Sequence[np.ndarray]) -> list[Any]:
-    results: list[Any] = []
-    for item in items:
+def _each(encode, items: Sequence[np.ndarray], pool: Any = None) -> list[Any]:
+    """encode(item) for each item, in order, or the exception in its place; on `pool`'s threads if given."""
+    def one(item: np.ndarray) -> Any:
         try:
-            results.append(encode(item))
+            return encode(item)
         except Exception as e:  # one bad item must not sink the block
-            results.append(e)
-    return results
+            return e
+
+    if pool is not None and len(items) > 1:
+        return list(pool.map(one, items))
+    return [one(item) for item in items]
 
 
 class ImageTokenizer(_ArrayTokenizer):
@@ -265,7 +273,7 @@ class ImageTokenizer(_ArrayTokenizer):
 
         Tokenizers that gain from batching (a neural encoder) override this.
         """
-        return _each(self.encode_image, images)
+        return _each(self.encode_image, images, self.item_pool)
 
     def _encode_each(self, items: Sequence[np.ndarray]) -> list[Any]:
         return self.encode_images(items)
@@ -294,7 +302,7 @@ class VideoTokenizer(_ArrayTokenizer):
 
     def encode_clips(self, clips: Sequence[np.ndarray]) -> list[Any]:
         """encode_clip for each clip, with an exception in place of a failed one (batching encoders override)."""
-        return _each(self.encode_clip, clips)
+        return _each(self.encode_clip, clips, self.item_pool)
 
     def _encode_each(self, items: Sequence[np.ndarray]) -> list[Any]:
         return self.encode_clips(items)

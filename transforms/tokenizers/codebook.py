@@ -78,6 +78,7 @@ class _PatchFitted:
 
     modality: str
     spec: str
+    parallel_items = True  # per-item numpy (code search, projection): threads scale where BLAS threads do not
 
     def __init__(self, spec: str, uri: str, kind: str):
         self.spec, self.uri = spec, uri
