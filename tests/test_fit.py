@@ -80,12 +80,20 @@ def test_pca_reconstructs_better_as_d_grows(tmp_path, scenes):
     assert scores[2] > 26  # dB: 32 of 192 dimensions keep these scenes well (about 30 dB measured)
 
 
-def test_build_with_fitted_tokenizers_and_decode_back(tmp_path, scenes):
-    vq, pca = tmp_path / "vq.npz", tmp_path / "pca.npz"
+@pytest.fixture(scope="module")
+def fitted(scenes, tmp_path_factory):
+    """(vq, pca) codebook files fitted on the scenes with 8x8 patches: 32 codes, 24 dimensions."""
+    folder = tmp_path_factory.mktemp("fitted")
+    vq, pca = folder / "vq.npz", folder / "pca.npz"
     assert run_fit(["--kind", "vq", "--input", str(scenes / "*.png"), "--output", str(vq), "--patch", "8",
                     "--codes", "32"]) == 0
     assert run_fit(["--kind", "pca", "--input", str(scenes / "*.png"), "--output", str(pca), "--patch", "8",
                     "--dim", "24"]) == 0
+    return vq, pca
+
+
+def test_build_with_fitted_tokenizers_and_decode_back(tmp_path, scenes, fitted):
+    vq, pca = fitted
     for spec in (f"vq:{vq}", f"pca:{pca}"):
         out = tmp_path / spec.split(":")[0]
         assert run_build(["--input", str(scenes / "*.png"), "--output", str(out), "--tokenizer", spec]) == 0
@@ -127,17 +135,13 @@ def test_tokenizer_files_are_never_unpickled(tmp_path):
         load_image_tokenizer(f"vq:{wrong}")
 
 
-def test_items_encoded_on_threads_give_the_same_codes_and_shards(tmp_path, scenes):
+def test_items_encoded_on_threads_give_the_same_codes_and_shards(tmp_path, scenes, fitted):
     """vq:/pca: encode a block's images on a thread pool (one BLAS thread each) when a worker has spare cores."""
     from concurrent.futures import ThreadPoolExecutor
 
     from schemas.manifest import read_manifest
 
-    vq, pca = tmp_path / "vq.npz", tmp_path / "pca.npz"
-    assert run_fit(["--kind", "vq", "--input", str(scenes / "*.png"), "--output", str(vq), "--patch", "8",
-                    "--codes", "32"]) == 0
-    assert run_fit(["--kind", "pca", "--input", str(scenes / "*.png"), "--output", str(pca), "--patch", "8",
-                    "--dim", "24"]) == 0
+    vq, pca = fitted
     images = [decode_image((scenes / f"s{i:02d}.png").read_bytes(), SizePolicy())[0] for i in range(12)]
     for spec in (f"vq:{vq}", f"pca:{pca}"):
         tok = load_image_tokenizer(spec)
