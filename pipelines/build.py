@@ -292,7 +292,8 @@ class BuildDataset(beam.PTransform):
             (tokenize_failed | "TokenizeFailuresAsErrors" >> beam.Map(failed_to_block, "tokenize")),
             (read["errors"] | "FileErrorsAsBlocks" >> beam.Map(error_to_block)),
         ) | "JoinRejected" >> beam.Flatten()
-        compression = default_compression(self._meta.get("kind", "hard")) if args.compression == "auto" else args.compression
+        compression = args.compression if args.compression != "auto" else \
+            default_compression(self._meta.get("kind", "hard"))
         layout = ShardLayout(args.shard_size, args.row_group_size, compression)
         results = (
             (tokens | "WriteTokenShards" >> WriteTokenShards(args.output, read["plan"], layout)),
