@@ -80,9 +80,13 @@ def best_of(repeat: int, run) -> dict:
     """The fastest of `repeat` runs of `run()` (by its "seconds"), with every run's seconds under "runs".
 
     This machine is a shared VM whose timings move by 10-20% between runs;
-    baseline and tokenmill get the same number of tries.
+    baseline and tokenmill get the same number of tries. Each starts after
+    os.sync(), so that no run pays for the disk writeback of the one before.
     """
-    results = [run() for _ in range(max(1, repeat))]
+    results = []
+    for _ in range(max(1, repeat)):
+        os.sync()
+        results.append(run())
     return {**min(results, key=lambda r: r["seconds"]), "runs": [round(r["seconds"], 3) for r in results]}
 
 
