@@ -89,7 +89,7 @@ def one_blas_thread_per_worker(options: PipelineOptions) -> None:
 
 
 def cores_per_worker(options: PipelineOptions) -> int:
-    """CPU cores each worker may keep busy with its own threads (image decoding).
+    """CPU cores each worker may keep busy with its own threads (image decoding, vq:/pca: items).
 
     Local: this machine's cores over the worker processes (in_memory and
     multi_threading run one process). Remote runners start a worker process

@@ -6,12 +6,13 @@ never from tokenmill's code. Transient failures are retried here, in one place.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import time
 import uuid
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -88,6 +89,19 @@ def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
+@contextlib.contextmanager
+def local_atomic_path(path: str) -> Iterator[str]:
+    """A temporary path beside local `path`: renamed to `path` when the block succeeds, else removed."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_bytes_atomic(uri: str, data: bytes | memoryview | Any) -> None:
     """Write a whole file so that readers see either nothing or all of it.
 
@@ -96,11 +110,8 @@ def write_bytes_atomic(uri: str, data: bytes | memoryview | Any) -> None:
     """
     fs, path = fsspec.core.url_to_fs(uri)
     if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as f:
+        with local_atomic_path(path) as tmp, open(tmp, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
     else:
         payload = bytes(data)
         with_retries(lambda: fs.pipe_file(path, payload), f"writing {uri}")

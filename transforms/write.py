@@ -17,7 +17,6 @@ import json
 import math
 import os
 import time
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Iterator
 
@@ -31,7 +30,7 @@ from apache_beam.transforms.window import GlobalWindows
 from fsspec.implementations.local import LocalFileSystem
 
 from schemas.manifest import DATA_DIR, ERRORS_DIR, Manifest, now_iso, tokenmill_version
-from schemas.storage import join, read_bytes, write_bytes_atomic
+from schemas.storage import join, local_atomic_path, read_bytes, write_bytes_atomic
 from schemas.tables import ERROR_SCHEMA, read_metadata
 from schemas.versions import commit
 from transforms.incremental import RunPlan, plan_run
@@ -138,17 +137,11 @@ def write_parquet_shard(uri: str, table: pa.Table, row_group_rows: int | None, c
         write_bytes_atomic(uri, payload)
         groups = _row_groups(pq.read_metadata(pa.BufferReader(payload)))
         return payload.size, hashlib.sha256(payload).hexdigest(), groups
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
+    with local_atomic_path(path) as tmp:
         _write_parquet(table, tmp, row_group_rows, compression)
         with open(tmp, "rb") as f:
             sha = hashlib.file_digest(f, "sha256").hexdigest()
         size, groups = os.path.getsize(tmp), _row_groups(pq.read_metadata(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return size, sha, groups
 
 
