@@ -77,8 +77,13 @@ class WorkerZygote:
         self.folder = tempfile.mkdtemp(prefix="tokenmill-workers-")
         self.address = os.path.join(self.folder, "zygote.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(self.address)
-        listener.listen(64)
+        try:
+            listener.bind(self.address)  # OSError when the path is longer than AF_UNIX allows (~107 bytes)
+            listener.listen(64)
+        except OSError:
+            listener.close()
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
         # The zygote lives while this pipe is open: closed by close(), or by
         # the kernel when the launcher dies, however it dies.
         life_r, self._life_w = os.pipe()

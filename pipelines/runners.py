@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Sequence
 
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
@@ -262,7 +263,10 @@ def execute(pipeline, prog: str, progress=None):
         from pipelines import local_workers
 
         if hasattr(pipeline.runner, "zygote") and local_workers.safe_to_fork():  # now, before any thread starts
-            pipeline.runner.zygote = stack.enter_context(local_workers.WorkerZygote())
+            try:
+                pipeline.runner.zygote = stack.enter_context(local_workers.WorkerZygote())
+            except OSError as e:  # e.g. a socket path too long under $TMPDIR: workers start Beam's way
+                print(f"{prog}: workers start cold (cannot fork them warm: {e})", file=sys.stderr)
         shown = stack.enter_context(progress or contextlib.nullcontext())
         result = run_pipeline(pipeline, prog)
         if shown is not None:

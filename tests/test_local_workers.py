@@ -117,3 +117,19 @@ def _alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state != "Z"  # an exited process its new parent has not reaped yet is gone
+
+
+def test_a_build_whose_zygote_cannot_listen_starts_workers_cold(tmp_path):
+    """A $TMPDIR too deep for an AF_UNIX socket path: one line on stderr, and the build still runs."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    (tmp_path / "a.txt").write_text("hello warm and cold workers")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "pipelines.build", "--input", str(tmp_path / "a.txt"), "--output",
+                           str(out), "--tokenizer", "bytes", "--direct_num_workers=2", "--progress", "none"],
+                          cwd=REPO, capture_output=True, text=True, timeout=180, env={**os.environ, "TMPDIR": str(deep)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "workers start cold (cannot fork them warm" in proc.stderr
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["rows"] == 1 and manifest["tokens"] == len("hello warm and cold workers")
+    assert not list(deep.iterdir()), "the zygote's folder was removed"
