@@ -145,13 +145,13 @@ def main(argv: list[str] | None = None) -> int:
             for n in (1, 2):
                 # Same rule as tokenmill's local workers: one BLAS thread per process when there are several.
                 blas = {v: "1" for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")} if n > 1 else {}
-                def loop(*extra: str) -> dict:
+                def run_loop(*extra: str) -> dict:
                     out, wall, peak = run_measured([sys.executable, "-m", "bench.image_build", "--loop", str(n),
                                                     *extra, *map(str, files)], env=blas)
                     return {**bench_result(out), "wall_s": wall, "peak_rss": peak}
 
                 loop_name = f"loop {label}, {n} proc"
-                results[loop_name] = best_of(args.repeat, lambda: loop(*(["--codebook", cb] if cb else [])))
+                results[loop_name] = best_of(args.repeat, lambda: run_loop(*(["--codebook", cb] if cb else [])))
                 written = None
                 if cb is None:  # the same loop, also writing its patches to Parquet (zstd) as the build must
                     sink = Path(tmp) / f"loop-write-{n}"
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                     def loop_writing() -> dict:
                         shutil.rmtree(sink, ignore_errors=True)
                         sink.mkdir()
-                        return loop("--write", str(sink))
+                        return run_loop("--write", str(sink))
 
                     written = f"loop {label} + Parquet write, {n} proc"
                     results[written] = best_of(args.repeat, loop_writing)
