@@ -103,6 +103,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="Parquet codec of the data shards: auto (default: zstd for token IDs, lz4 for soft latents, "
                         "which compress little and are read at training speed), zstd, zstd:LEVEL, lz4, snappy, "
                         "gzip, brotli or none")
+    p.add_argument("--direct-io", choices=("auto", "off"), default="auto",
+                   help="auto (default): write local data shards of 8MiB or more with O_DIRECT, past the page "
+                        "cache, where the filesystem allows it (not tmpfs); off: always through the page cache")
     p.add_argument("--max-doc-bytes", type=byte_size, default=DEFAULT_MAX_DOC_BYTES, metavar="BYTES",
                    help="whole-file .txt documents larger than this become error rows (default: 64MiB)")
     p.add_argument("--overwrite", action="store_true",
@@ -128,8 +131,9 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-field", default="image", metavar="NAME",
                    help="Parquet column with the image bytes (default: image)")
     g.add_argument("--decode-threads", type=int, metavar="N",
-                   help="threads that decode a block's images in parallel in each worker (default: for patch:, "
-                        "the CPU cores per worker on a local runner, else 1; remote runners run a worker per core)")
+                   help="decoding in parallel in each worker: threads that decode a block's images, or videos "
+                        "decoded at once (default: for patch:, the CPU cores per worker on a local runner, else "
+                        "1; remote runners run a worker per core)")
     v = p.add_argument_group("video")
     v.add_argument("--fps", type=float, metavar="F", help="sample clips at F frames per second (default: the "
                    "source frames as they are)")
@@ -210,19 +214,20 @@ def prepare_output(root: str) -> None:
 
 def _read_decode_tokenize(p: beam.Pipeline, args: argparse.Namespace, incremental: Incremental):
     """The modality-specific front of the graph: (read outputs, tokens, decode failures, tokenize failures)."""
+    # patch: is cheap next to decoding, so decoding gets the worker's cores; vq:,
+    # pca: and torchscript: keep them busy with BLAS or torch threads already,
+    # and decode threads would only contend with them (measured: vq slower).
+    threads = args.decode_threads or (runners.cores_per_worker(getattr(p, "pipeline", p).options)
+                                      if args.tokenizer.startswith("patch:") else 1)
     if args.modality == "video":
         read = p | "ReadVideoShards" >> ReadVideoShards(args.input, incremental=incremental)
         decoded, decode_failed = read["blocks"] | "DecodeVideos" >> DecodeVideos(
-            clip_spec(args), args.size, decoder=args.decoder, timeout=args.decode_timeout)
+            clip_spec(args), args.size, decoder=args.decoder, timeout=args.decode_timeout, decoders=threads)
         tokens, tokenize_failed = decoded | "TokenizeVideos" >> TokenizeVideos(
             args.tokenizer, video_options(args), runners.cores_per_worker(getattr(p, "pipeline", p).options))
     elif args.modality == "image":
         read = p | "ReadImageShards" >> ReadImageShards(args.input, image_field=args.image_field,
                                                         incremental=incremental)
-        # vq:, pca: and torchscript: keep the cores busy with BLAS or torch threads
-        # already; decode threads would only contend with them (measured: vq slower).
-        threads = args.decode_threads or (runners.cores_per_worker(getattr(p, "pipeline", p).options)
-                                          if args.tokenizer.startswith("patch:") else 1)
         decoded, decode_failed = read["blocks"] | "DecodeImages" >> DecodeImages(args.size, args.max_pixels, threads)
         tokens, tokenize_failed = decoded | "TokenizeImages" >> TokenizeImages(
             args.tokenizer, image_options(args), runners.cores_per_worker(getattr(p, "pipeline", p).options))
@@ -294,7 +299,7 @@ class BuildDataset(beam.PTransform):
         ) | "JoinRejected" >> beam.Flatten()
         compression = args.compression if args.compression != "auto" else \
             default_compression(self._meta.get("kind", "hard"))
-        layout = ShardLayout(args.shard_size, args.row_group_size, compression)
+        layout = ShardLayout(args.shard_size, args.row_group_size, compression, args.direct_io == "auto")
         results = (
             (tokens | "WriteTokenShards" >> WriteTokenShards(args.output, read["plan"], layout)),
             (rejected | "WriteRejectedShards" >> WriteTokenShards(args.output, read["plan"], layout)),

@@ -7,9 +7,12 @@ never from tokenmill's code. Transient failures are retried here, in one place.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import mmap
 import os
 import random
+import threading
 import time
 import uuid
 from typing import Any, Callable, Iterator, TypeVar
@@ -100,6 +103,83 @@ def local_atomic_path(path: str) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# O_DIRECT needs file offsets, lengths and memory aligned to the device's logical
+# block: 4096 covers 512-byte and 4K devices.
+DIRECT_ALIGN = 4096
+_DIRECT_CHUNK = 64 << 20
+
+
+class RenderBuffer:
+    """Page-aligned memory that a file is rendered into before it is written, reused call after call.
+
+    One per thread (`local_render_buffer`): a shard of patch pixels is tens of
+    MB, and fresh memory for each costs a page fault per page. Its spare room
+    past the file lets the last O_DIRECT write be padded in place.
+    """
+
+    GRANULE = 4 << 20
+
+    def __init__(self):
+        self._map: mmap.mmap | None = None
+
+    def reserve(self, nbytes: int) -> memoryview:
+        """Writable memory of at least nbytes (contents undefined), valid until the next reserve()."""
+        if self._map is None or len(self._map) < nbytes:
+            size = -(-nbytes // self.GRANULE) * self.GRANULE
+            self._map = mmap.mmap(-1, size)  # the old map goes once nothing refers to it
+        return memoryview(self._map)
+
+
+_RENDER = threading.local()
+
+
+def local_render_buffer() -> RenderBuffer:
+    if not hasattr(_RENDER, "buffer"):
+        _RENDER.buffer = RenderBuffer()
+    return _RENDER.buffer
+
+
+def write_file_direct(path: str, view: memoryview, size: int) -> bool:
+    """Write the first `size` bytes of page-aligned `view` to a new local file with O_DIRECT.
+
+    Why: shards are written once and not read back by the build, so the page
+    cache only costs here: copying into it, and finding a free page for every
+    4 KiB (on VMs whose freed memory goes back to the host, each one a
+    hypervisor fault; measured on this project's machines: 1.8 GB took 4.4 s
+    of system time buffered, 0.23 s direct). `view` must have room for `size`
+    rounded up to DIRECT_ALIGN: the tail is zero-padded in place and the file
+    truncated back to `size`. Returns False, having written nothing that
+    stays, where the platform or filesystem refuses O_DIRECT (tmpfs, some
+    FUSE and network filesystems); the caller then writes it the usual way.
+    """
+    flag = getattr(os, "O_DIRECT", 0)
+    padded = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
+    if not flag or len(view) < padded:
+        return False
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o644)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return False
+        raise
+    try:
+        view[size:padded] = bytes(padded - size)
+        done = 0
+        while done < padded:
+            n = os.write(fd, view[done:min(padded, done + _DIRECT_CHUNK)])
+            if n <= 0 or n % DIRECT_ALIGN:
+                return False  # a short, unaligned write: the caller rewrites the file
+            done += n
+        os.ftruncate(fd, size)
+        return True
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        return False  # an alignment the device will not take: the caller rewrites the file
+    finally:
+        os.close(fd)
 
 
 def write_bytes_atomic(uri: str, data: bytes | memoryview | Any) -> None:

@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import av
@@ -24,7 +26,7 @@ from tests.conftest import ONE_WORKER, REPO, TWO_PROCESSES, read_errors, read_ro
 from transforms.decoders.images import SizePolicy
 from transforms.decoders.video import ClipSpec, decode_video_task, iter_clips, plan_clips
 from transforms.records import VideoTask, row_id
-from transforms.tokenizers.patches import VideoPatchTokenizer, clip_to_patches, patches_to_clip
+from transforms.tokenizers.patches import Patches, VideoPatchTokenizer, clip_to_patches, patches_to_clip
 from transforms.tokenizers.spec import load_video_tokenizer
 
 NATIVE = SizePolicy.parse("native:1024")
@@ -157,6 +159,42 @@ def test_spacetime_patch_holds_frames_rows_columns_in_order():
     patches, grid = clip_to_patches(clip, 2, 2)
     assert grid == (1, 2, 2)
     assert np.array_equal(patches[1].reshape(2, 2, 2, 3), clip[:, 0:2, 2:4])  # (t, row 0, column 1)
+
+
+def test_patches_are_cut_as_from_an_edge_padded_copy():
+    """Patches pads only the last cells of each axis, yet gives what np.pad of the whole array then cutting gives."""
+    def reference(array, size):
+        padded = np.pad(array, [(0, -n % s) for n, s in zip(array.shape[:-1], size)] + [(0, 0)], mode="edge")
+        k, grid = len(size), [n // s for n, s in zip(padded.shape[:-1], size)]
+        split = [d for g, c in zip(grid, size) for d in (g, c)]
+        cut = padded.reshape(*split, 3).transpose(*range(0, 2 * k, 2), *range(1, 2 * k, 2), 2 * k)
+        return cut.reshape(int(np.prod(grid)), -1)
+
+    rng = np.random.default_rng(0)
+    for shape in itertools.product([1, 2, 5, 16], [1, 7, 16, 33], [1, 16, 31]):
+        clip = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        for size in [(2, 16, 16), (1, 4, 4), (3, 5, 7)]:
+            patches = Patches(clip, size)
+            out = np.empty(patches.size, np.uint8)
+            patches.copy_into(out)
+            assert np.array_equal(out.reshape(patches.shape), reference(clip, size)), (shape, size)
+        assert np.array_equal(np.asarray(Patches(clip[0], (16, 16))), reference(clip[0], (16, 16)))
+
+
+def test_decord_frames_are_shared_not_copied(tmp_path):
+    import decord
+
+    from transforms.decoders.video import as_numpy
+
+    reader = decord.VideoReader(str(make_video(tmp_path / "a.mp4", n=8)), ctx=decord.cpu(0), num_threads=1)
+    batch = reader.get_batch([0, 3, 5])
+    frames = as_numpy(batch)
+    assert frames.shape == (3, 48, 64, 3) and frames.dtype == np.uint8 and not frames.flags.writeable
+    assert np.array_equal(frames, batch.asnumpy())
+    kept = frames.copy()
+    reader.get_batch([1, 2])  # the next batch has memory of its own
+    del reader, batch
+    assert np.array_equal(frames, kept)
 
 
 def test_decoded_clip_patches_round_trip_to_frames(tmp_path):
@@ -433,6 +471,89 @@ def test_build_reads_back_every_clip_and_error(tmp_path, bad_videos):
     clip = list(iter_clips(str(bad_videos["good"]), ClipSpec(frames=8), NATIVE))[1]
     assert np.array_equal(frames, clip.frames)
     assert m.options["clip_frames"] == 8 and m.options["decoder"] == "decord"
+
+
+def test_concurrent_decoders_give_the_same_shards_and_errors(tmp_path, bad_videos):
+    """Videos decoded several at once hand out blocks interleaved; the dataset is byte for byte the same."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for path in bad_videos.values():
+        (inputs / path.name).write_bytes(path.read_bytes())
+    for i in range(3):
+        make_video(inputs / f"more{i}.mp4", n=20 + 4 * i)
+    digests = []
+    for threads in ("1", "3"):
+        out = tmp_path / f"out{threads}"
+        assert run_build(["--input", str(inputs), "--output", str(out), "--tokenizer", "patch:2,16",
+                          "--clip-frames", "4", "--modality", "video", "--decode-threads", threads],
+                         runner=ONE_WORKER) == 0
+        m = read_manifest(str(out))
+        digests.append((m.rows, m.errors, sorted((Path(s["path"]).name, s["sha256"])
+                                                 for s in m.shards + m.error_shards)))
+    assert digests[0] == digests[1] and digests[0][0] > 20 and digests[0][1] >= 4
+
+
+def _video_blocks(log: list, gates: dict):
+    """Stand-in decode_video_task for ConcurrentVideos: logs what happens, waits at gates the test opens."""
+    def blocks(task, decoded):
+        name, count = task
+        log.append(("start", name))
+        for k in range(count):
+            gates.get((name, k), threading.Event()).wait(5) if (name, k) in gates else None
+            if k == count - 1:
+                decoded()
+            yield f"{name}{k}"
+        log.append(("end", name))
+        if name == "bad":
+            raise RuntimeError("a bug in decoding")
+    return blocks
+
+
+def test_one_decoder_starts_the_next_video_before_the_last_block_is_dealt_with():
+    from transforms.decoders.video import ConcurrentVideos
+
+    log: list = []
+    videos = ConcurrentVideos(1, _video_blocks(log, {}))
+    videos.add(("a", 3))
+    got = []
+    for block in videos.take(until_running=1):  # nothing: only one video in flight
+        got.append(block)
+    videos.add(("b", 2))
+    for block in videos.take(until_running=1):
+        got.append(block)
+        if block == "a2":  # a's last block, not yet dealt with: b is decoding already
+            deadline = time.monotonic() + 5
+            while ("start", "b") not in log and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert ("start", "b") in log
+    got += list(videos.take(until_running=0))
+    assert sorted(got) == ["a0", "a1", "a2", "b0", "b1"] and videos.running == 0
+    assert [b for b in got if b[0] == "a"] == ["a0", "a1", "a2"]  # each video's blocks in order
+    assert [b for b in got if b[0] == "b"] == ["b0", "b1"]
+    videos.close()
+
+
+def test_two_decoders_decode_two_videos_at_once_and_a_failure_reaches_the_consumer():
+    from transforms.decoders.video import ConcurrentVideos
+
+    log: list = []
+    a_waits = threading.Event()  # a's second block waits until b has started: both decode at once
+    videos = ConcurrentVideos(2, _video_blocks(log, {("a", 1): a_waits}))
+    videos.add(("a", 2))
+    videos.add(("b", 2))
+    got = []
+    for block in videos.take(until_running=0):
+        got.append(block)
+        if ("start", "b") in log:
+            a_waits.set()
+    assert sorted(got) == ["a0", "a1", "b0", "b1"] and ("start", "b") in log
+    videos.add(("bad", 1))
+    with pytest.raises(RuntimeError, match="a bug in decoding"):
+        list(videos.take(until_running=0))
+    assert videos.running == 0
+    videos.add(("stuck", 3))  # close() lets a thread waiting to hand over its next block go
+    next(iter(videos.take(until_running=0)))
+    videos.close()
 
 
 def test_build_usage_errors_are_one_line(tmp_path, capsys):

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from schemas.tables import token_type_for_vocab
+from transforms.buffers import BufferPool
 
 
 class TokenizerSpecError(ValueError):
@@ -185,13 +186,17 @@ class _ArrayTokenizer(Tokenizer):
     # pipeline): see transforms/tokenize.py.
     parallel_items: bool = False
     item_pool: Any = None
+    # Where token columns get their memory: reused across blocks (transforms/buffers.py).
+    buffers: BufferPool = BufferPool()
 
     @abc.abstractmethod
     def _encode_each(self, items: Sequence[np.ndarray]) -> list[Any]:
         """(tokens, grid) for each item, or an exception in place of a failed one.
 
         `tokens` may be any array whose elements in C order are the (n,) codes or
-        the (n, dim) latents (a view is fine: encode_batch copies it once).
+        the (n, dim) latents (a view is fine: encode_batch copies it once), or
+        an object with `shape`, `size`, `dtype` and `copy_into(out)` that writes
+        them itself (patches.Patches).
         """
 
     @property
@@ -219,12 +224,17 @@ class _ArrayTokenizer(Tokenizer):
             grids.append(grid)
         numpy_type = np.dtype(self.token_type.to_pandas_dtype()).newbyteorder("<")
         # One copy of every item, in C order, into the column's buffer: items
-        # may be views (patch_view), which a reshape(-1) would copy first.
+        # may be views, which a reshape(-1) would copy first, or Patches that
+        # write themselves (patches.py).
         lengths = [p.size for p in parts]
-        flat = np.empty(sum(lengths), numpy_type)
+        flat = self.buffers.empty(sum(lengths), numpy_type)
         start = 0
         for part, n in zip(parts, lengths):
-            np.copyto(flat[start:start + n].reshape(part.shape), part, casting="unsafe")
+            into = flat[start:start + n].reshape(part.shape)
+            if hasattr(part, "copy_into") and part.dtype == numpy_type:
+                part.copy_into(into)
+            else:
+                np.copyto(into, np.asarray(part), casting="unsafe")
             start += n
         offsets = np.zeros(len(parts) + 1, dtype=np.int32)
         np.cumsum(lengths, out=offsets[1:])

@@ -1,0 +1,113 @@
+"""Reusable output buffers for blocks of image and video tokens.
+
+Why our own pool: a block's token column is one buffer of tens of MB (a
+64 MB block of video clips gives 67 MB of patches). numpy takes each from
+glibc, which maps buffers over 32 MB afresh and unmaps them when freed, so
+the kernel zeroes every page again on first touch: on this project's VMs that
+was 12% of a video build's CPU (perf: clear_page_erms under the copy into the
+column). Neither numpy nor pyarrow (whose mimalloc pool also hands such pages
+back after 10 ms) keeps big buffers for reuse, and their allocator knobs are
+process-wide environment settings read at start-up.
+
+A buffer is free again once nothing but the pool refers to it: every numpy
+view of it and every Arrow buffer made from one holds a reference to the
+array that owns the memory (numpy collapses view chains to the owner), so
+CPython's reference count says exactly when the writer is done with it.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import sys
+import threading
+
+import numpy as np
+
+# Below this, malloc reuses freed memory on its own.
+MIN_POOLED_BYTES = 1 << 20
+# Sizes are rounded up to this, so that blocks of slightly different sizes share buffers.
+GRANULE = 4 << 20
+
+
+class BufferPool:
+    """Up to `keep` big uint8 arrays, lent out as typed views and reused once no one holds them."""
+
+    def __init__(self, keep: int = 4):
+        self._keep = keep
+        self._arrays: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def empty(self, count: int, dtype: np.dtype | str) -> np.ndarray:
+        """An uninitialized 1-d array of `count` items, like np.empty, from a free pooled buffer when one fits."""
+        dtype = np.dtype(dtype)
+        nbytes = count * dtype.itemsize
+        if nbytes < MIN_POOLED_BYTES:
+            return np.empty(count, dtype)
+        with self._lock:
+            owner = self._take(nbytes)
+            if owner is None:
+                owner = np.empty(-(-nbytes // GRANULE) * GRANULE, np.uint8)
+                if len(self._arrays) >= self._keep:
+                    self._drop_one_free()
+                if len(self._arrays) < self._keep:
+                    self._arrays.append(owner)
+        return owner[:nbytes].view(dtype)
+
+    def _take(self, nbytes: int) -> np.ndarray | None:
+        """The smallest free buffer of at least nbytes (and at most about twice that, not to pin a huge one)."""
+        fits = [i for i in range(len(self._arrays))  # by index: a loop variable would be one more reference
+                if nbytes <= self._arrays[i].nbytes <= 2 * nbytes + GRANULE and self._free(i)]
+        return self._arrays[min(fits, key=lambda i: self._arrays[i].nbytes)] if fits else None
+
+    def _free(self, i: int) -> bool:
+        # References: the pool's list and getrefcount's own argument. Any lent view adds one.
+        return sys.getrefcount(self._arrays[i]) <= 2
+
+    def _drop_one_free(self) -> None:
+        for i in range(len(self._arrays)):
+            if self._free(i):
+                del self._arrays[i]
+                return
+
+    def pooled_bytes(self) -> int:
+        with self._lock:
+            return sum(a.nbytes for a in self._arrays)
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_TUNED = False
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory for reuse instead of handing it back to the kernel at once.
+
+    Why: decoders allocate each clip's frames (10-100 MB) in their own thread,
+    and glibc gives such memory back as soon as a burst of it is freed
+    (trimming the heap, or dropping a whole thread heap); the next clip then
+    faults in fresh, zeroed pages. That was 85% of a video build's page
+    faults (perf), and on VMs whose freed memory returns to the host each
+    fault is a hypervisor exit. These are the settings glibc also reads from
+    MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_ and MALLOC_MMAP_THRESHOLD_, set
+    here because a worker's environment is fixed before our code runs: free
+    memory up to 128 MiB stays with the process, heaps grow and shrink in 32
+    MiB steps, and blocks up to 32 MiB (glibc's most) come from the heap
+    rather than fresh mappings. Measured on 2,560 frames of 640x360 video:
+    300-460k page faults became 250-300k and the build 5.5-5.9 s became
+    4.8-5.3 s. Once per process; glibc only; TOKENMILL_MALLOC_TUNING=0 skips it.
+    Returns whether the settings were applied.
+    """
+    global _TUNED
+    if _TUNED:
+        return True
+    if os.environ.get("TOKENMILL_MALLOC_TUNING") == "0" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _TUNED = all(mallopt(param, value) == 1 for param, value in (
+        (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 128 << 20), (_M_TOP_PAD, 32 << 20)))
+    return _TUNED
