@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -88,6 +89,21 @@ def best_of(repeat: int, run) -> dict:
         os.sync()
         results.append(run())
     return {**min(results, key=lambda r: r["seconds"]), "runs": [round(r["seconds"], 3) for r in results]}
+
+
+def best_of_rounds(repeat: int, runs: dict[str, Any]) -> dict[str, dict]:
+    """best_of for several measurements, taken in rounds (each once per round, in order).
+
+    Run one after the other, a slow spell of the shared VM would fall on one
+    side only; in rounds every side meets it alike.
+    """
+    results: dict[str, list[dict]] = {name: [] for name in runs}
+    for _ in range(max(1, repeat)):
+        for name, run in runs.items():
+            os.sync()
+            results[name].append(run())
+    return {name: {**min(rs, key=lambda r: r["seconds"]), "runs": [round(r["seconds"], 3) for r in rs]}
+            for name, rs in results.items()}
 
 
 def manifest_seconds(manifest: dict) -> float:

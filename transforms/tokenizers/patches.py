@@ -47,18 +47,30 @@ class Patches:
         self.size, self.dtype = math.prod(self.shape), array.dtype
 
     def copy_into(self, out: np.ndarray) -> None:
-        """Write the (cells, values) patches into `out`, any C-contiguous array of self.size elements."""
+        """Write the (cells, values) patches into `out`, any C-contiguous array of self.size elements.
+
+        A cell's row (its last-axis pixels and channels, 48 bytes for P=16) is
+        contiguous in the array and in the patch, so each is moved as one
+        opaque item of that many bytes: numpy then copies a row per step
+        instead of looping over its bytes (measured: 0.28 s instead of 0.50 s
+        for 1.8 GB of video patches).
+        """
         k, channels = len(self.cell), self.array.shape[-1]
-        cells = out.reshape(*self.grid, *self.cell, channels)
-        order = (*range(0, 2 * k, 2), *range(1, 2 * k, 2), 2 * k)  # (n0, s0, n1, s1, .., C) → (n.., s.., C)
+        row = np.dtype((np.void, self.cell[-1] * channels * self.dtype.itemsize))
+        cells = out.reshape(-1).view(row).reshape(*self.grid, *self.cell[:-1])
+        order = (*range(0, 2 * k - 1, 2), *range(1, 2 * k - 1, 2))  # (n0, s0, .., n_last) → (n.., s..)
         for part in itertools.product(*(_axis_parts(n, s) for n, s in zip(self.array.shape, self.cell))):
             source = self.array[tuple(slice(lo, hi) for _, (lo, hi), _ in part)]
             pads = [(0, pad) for _, _, pad in part]
             if any(pad for _, pad in pads):
                 source = np.pad(source, [*pads, (0, 0)], mode="edge")
+            if not source.flags.c_contiguous and source.strides[-2:] != (channels * source.itemsize,
+                                                                         source.itemsize):
+                source = np.ascontiguousarray(source)  # rows must be contiguous to be moved whole
             counts = [c.stop - c.start for c, _, _ in part]
-            split = [d for c, s in zip(counts, self.cell) for d in (c, s)]
-            cells[tuple(c for c, _, _ in part)] = source.reshape(*split, channels).transpose(order)
+            split = [d for c, s in zip(counts[:-1], self.cell) for d in (c, s)] + [counts[-1]]
+            rows = source.reshape(*source.shape[:-2], -1).view(row)
+            cells[tuple(c for c, _, _ in part)] = rows.reshape(split).transpose(order)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = np.empty(self.shape, self.dtype)
