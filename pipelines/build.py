@@ -105,7 +105,7 @@ def make_parser() -> argparse.ArgumentParser:
                         "gzip, brotli or none")
     p.add_argument("--direct-io", choices=("auto", "off"), default="auto",
                    help="auto (default): write local data shards of 8MiB or more with O_DIRECT, past the page "
-                        "cache, where the filesystem allows it (not tmpfs); off: always through the page cache")
+                        "cache, where the filesystem allows it; off: always through the page cache")
     p.add_argument("--max-doc-bytes", type=byte_size, default=DEFAULT_MAX_DOC_BYTES, metavar="BYTES",
                    help="whole-file .txt documents larger than this become error rows (default: 64MiB)")
     p.add_argument("--overwrite", action="store_true",

@@ -151,8 +151,8 @@ def write_file_direct(path: str, view: memoryview, size: int) -> bool:
     of system time buffered, 0.23 s direct). `view` must have room for `size`
     rounded up to DIRECT_ALIGN: the tail is zero-padded in place and the file
     truncated back to `size`. Returns False, having written nothing that
-    stays, where the platform or filesystem refuses O_DIRECT (tmpfs, some
-    FUSE and network filesystems); the caller then writes it the usual way.
+    stays, where the platform or filesystem refuses O_DIRECT (tmpfs before
+    Linux 6.6, some FUSE and network filesystems); the caller then writes it the usual way.
     """
     flag = getattr(os, "O_DIRECT", 0)
     padded = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN

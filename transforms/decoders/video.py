@@ -416,9 +416,10 @@ def iter_clips(path: str, spec: ClipSpec, policy: SizePolicy, *, decoder: str = 
     Later clips decode in the helper thread while the caller tokenizes and
     writes this one (decord and PyAV release the GIL): as many as fit in
     `ahead_bytes`, and at least one. Memory stays bounded by clips, never by
-    the length of the video. `decoded()` is called once the decoder has no
+    the length of the video. `decoded()` is called when the decoder has no
     more work for this file: as soon as the last clip is decoded, before it
-    is yielded, or when decoding stops early.
+    is yielded, or when decoding stops early; it may be called again at the
+    end, so it must not mind a second call.
     """
     deadline, reader, pending = Deadline(timeout), None, collections.deque()
     try:
