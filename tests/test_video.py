@@ -499,7 +499,8 @@ def _video_blocks(log: list, gates: dict):
         name, count = task
         log.append(("start", name))
         for k in range(count):
-            gates.get((name, k), threading.Event()).wait(5) if (name, k) in gates else None
+            if (name, k) in gates:
+                gates[(name, k)].wait(5)
             if k == count - 1:
                 decoded()
             yield f"{name}{k}"
