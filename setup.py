@@ -1,13 +1,22 @@
-"""The tokenmill package. Dataflow workers install it with --setup_file ./setup.py."""
+"""The tokenmill package. Dataflow workers install it with --setup_file ./setup.py.
+
+The code lives in the repository's root folders (pipelines/, transforms/, ...)
+and installs under one import name: `tokenmill.pipelines`, `tokenmill.transforms`,
+... (package_dir below), so that tokenmill adds no generic top-level module
+names (`schemas`, `transforms`, ...) to a user's environment.
+"""
 from setuptools import find_packages, setup
+
+SUBPACKAGES = ("pipelines", "transforms", "schemas", "loaders", "reports")
 
 setup(
     name="tokenmill",
     version="0.1.0",
     description="Apache Beam pipelines that turn raw text, image and video shards into Parquet token datasets",
     python_requires=">=3.10",
-    packages=find_packages(include=["pipelines", "pipelines.*", "transforms", "transforms.*",
-                                    "schemas", "schemas.*", "loaders", "loaders.*", "reports", "reports.*"]),
+    packages=["tokenmill"] + [f"tokenmill.{p}" for p in find_packages(
+        include=[name for sub in SUBPACKAGES for name in (sub, f"{sub}.*")])],
+    package_dir={"tokenmill": "tokenmill", **{f"tokenmill.{sub}": sub for sub in SUBPACKAGES}},
     install_requires=[
         "apache-beam>=2.77,<3",
         "pyarrow>=17",
@@ -19,7 +28,9 @@ setup(
         "pillow>=10",
         "zstandard>=0.22",
         "pyyaml>=6",
-        # BLAS/OpenMP thread limits in forked local workers (pipelines/local_workers.py).
+        # The progress bar of `tokenmill build` on a terminal (pipelines/progress.py).
+        "tqdm>=4.60",
+        # BLAS/OpenMP thread limits in forked local workers (pipelines/local/zygote.py).
         "threadpoolctl>=3.1",
     ],
     extras_require={
@@ -41,6 +52,6 @@ setup(
     # Data files workers need (vocabularies, JSON) travel in the sdist through
     # MANIFEST.in and are installed with their package.
     include_package_data=True,
-    package_data={"transforms.tokenizers": ["data/*.tiktoken.gz"]},
-    entry_points={"console_scripts": ["tokenmill=pipelines.cli:main"]},
+    package_data={"tokenmill.transforms.tokenizers": ["data/*.tiktoken.gz"]},
+    entry_points={"console_scripts": ["tokenmill=tokenmill.pipelines.cli:main"]},
 )

@@ -68,9 +68,9 @@ def _loop(paths: list[str]) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from transforms.decoders.images import SizePolicy, decode_image
-    from transforms.tokenizers.codebook import nearest_codes, to_unit
-    from transforms.tokenizers.patches import image_to_patches
+    from tokenmill.transforms.decoders.images import SizePolicy, decode_image
+    from tokenmill.transforms.tokenizers.codebook import nearest_codes, to_unit
+    from tokenmill.transforms.tokenizers.patches import image_to_patches
 
     codes = norms = None
     if _CODEBOOK:
@@ -99,8 +99,8 @@ def _loop(paths: list[str]) -> int:
 
 def loop_main(processes: int, paths: list[str], codebook: str | None, write: str | None = None) -> None:
     global _CODEBOOK, _WRITE
-    import transforms.decoders.images  # noqa: F401  (imports outside the timed part)
-    import transforms.tokenizers.codebook  # noqa: F401
+    import tokenmill.transforms.decoders.images  # noqa: F401  (imports outside the timed part)
+    import tokenmill.transforms.tokenizers.codebook  # noqa: F401
 
     _CODEBOOK, _WRITE = codebook, write
     start = time.perf_counter()
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"images: {len(files)} JPEGs of {args.size}x{args.size}, {mb:.1f} MB ({folder})", flush=True)
     codebook = folder / f"codebook-p{PATCH}-k{args.codes}.npz"
     if not codebook.exists():  # fitted once on these images with tokenmill's own fit pipeline
-        run_measured([sys.executable, "-m", "pipelines.fit", "--kind", "vq", "--input", str(folder / "*.jpg"),
+        run_measured([sys.executable, "-m", "tokenmill.pipelines.fit", "--kind", "vq", "--input", str(folder / "*.jpg"),
                       "--output", str(codebook), "--patch", str(PATCH), "--codes", str(args.codes),
                       "--samples-per-image", "32", "--max-samples", "20000", "--iterations", "10"])
     results: dict[str, dict] = {}
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 def build() -> dict:
                     shutil.rmtree(target, ignore_errors=True)
-                    out, wall, peak = run_measured([sys.executable, "-m", "pipelines.build", "--input",
+                    out, wall, peak = run_measured([sys.executable, "-m", "tokenmill.pipelines.build", "--input",
                                                     str(folder / "*.jpg"), "--output", str(target), "--tokenizer",
                                                     spec, "--size", POLICY, *runner])
                     m = json.loads((target / "_manifest.json").read_text())

@@ -22,7 +22,7 @@ from pathlib import Path
 from bench.corpus import build_corpus
 from bench.text_build import REPO, run_measured
 
-TOKENMILL = [sys.executable, "-m", "pipelines.build"]
+TOKENMILL = [sys.executable, "-m", "tokenmill.pipelines.build"]
 
 
 def timed_build(folder: Path, out: Path, workers: int, *extra: str) -> dict:

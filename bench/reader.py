@@ -40,7 +40,7 @@ def _raw(root: str) -> dict:
 
 
 def _reader(root: str, seq_len: int) -> dict:
-    from loaders import TokenReader
+    from tokenmill.loaders import TokenReader
 
     start = time.perf_counter()
     windows = sum(1 for _ in TokenReader(root, seq_len=seq_len, seed=0))
@@ -50,7 +50,7 @@ def _reader(root: str, seq_len: int) -> dict:
 def _torch(root: str, seq_len: int, workers: int, batch_size: int) -> dict:
     from torch.utils.data import DataLoader
 
-    from loaders import TorchTokenDataset
+    from tokenmill.loaders import TorchTokenDataset
 
     start = time.perf_counter()
     batches = samples = 0
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     files = build_corpus(REPO / "bench" / "data" / "text-corpus", args.corpus_mb)
     if not (args.dataset / "_manifest.json").exists():
-        subprocess.run([sys.executable, "-m", "pipelines.build", "--input", str(files[0].parent / "*.jsonl"),
+        subprocess.run([sys.executable, "-m", "tokenmill.pipelines.build", "--input", str(files[0].parent / "*.jsonl"),
                         "--output", str(args.dataset), "--tokenizer", "tiktoken:cl100k_base", "--eos",
                         "--overwrite"], check=True, cwd=REPO, capture_output=True)
     results = {}

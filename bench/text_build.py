@@ -35,7 +35,7 @@ import psutil
 from bench.corpus import build_corpus
 
 REPO = Path(__file__).resolve().parent.parent
-TOKENMILL = [sys.executable, "-m", "pipelines.build"]
+TOKENMILL = [sys.executable, "-m", "tokenmill.pipelines.build"]
 
 
 def _tree_rss(proc: psutil.Process) -> int:

@@ -94,7 +94,7 @@ def raw_main(paths: list[str], write: str | None = None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from transforms.tokenizers.patches import clip_to_patches
+    from tokenmill.transforms.tokenizers.patches import clip_to_patches
 
     start = time.perf_counter()
     frames = tokens = 0
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def build(*runner: str) -> dict:
             shutil.rmtree(target, ignore_errors=True)
-            out, wall, peak = run_measured([sys.executable, "-m", "pipelines.build", "--input", str(folder / "*.mp4"),
+            out, wall, peak = run_measured([sys.executable, "-m", "tokenmill.pipelines.build", "--input", str(folder / "*.mp4"),
                                             "--output", str(target), "--tokenizer", SPEC, "--clip-frames", str(CLIP),
                                             "--compression", args.compression, *runner])
             m = json.loads((target / "_manifest.json").read_text())

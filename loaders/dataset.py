@@ -31,10 +31,10 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
-from schemas.manifest import MANIFEST_NAME, Manifest
-from schemas.storage import join, read_bytes
-from schemas.tables import LATENT_NUMPY
-from transforms.fs import open_binary
+from tokenmill.schemas.manifest import MANIFEST_NAME, Manifest
+from tokenmill.schemas.storage import join, read_bytes
+from tokenmill.schemas.tables import LATENT_NUMPY
+from tokenmill.transforms.fs import open_binary
 
 
 class DatasetMismatchError(ValueError):
@@ -139,7 +139,7 @@ class TokenReader:
     def _check(self, tok: dict, fingerprint: str | None, vocab_size: int | None, spec: str | None) -> None:
         where = f"dataset {self.root} (tokenizer {tok.get('spec')}, fingerprint {str(tok.get('fingerprint'))[:12]})"
         if spec is not None:
-            from transforms.tokenizers.spec import load_text_tokenizer
+            from tokenmill.transforms.tokenizers.spec import load_text_tokenizer
 
             policy = tok.get("special_token_policy") or {}
             want = load_text_tokenizer(spec, bos=policy.get("bos_id") is not None,

@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import IterableDataset
 
-from loaders.dataset import TokenReader
+from tokenmill.loaders.dataset import TokenReader
 
 
 def _to_torch(sample: Any, latent_dtype: str | None) -> Any:

@@ -15,15 +15,16 @@
         size: native:512
 
 A source's keys are the long options of `tokenmill build` with '_' for '-'
-(input, tokenizer, modality, text_field, eos, size, ...), so the file and the
-command line are validated by the same parser; unknown keys are an error.
+(input, tokenizer, modality, text_field, eos, size, ...): each source becomes
+a BuildSpec through the same option table as the command line (pipelines/spec.py),
+and unknown keys are an error.
 Everything runs as one Beam pipeline with a branch per source; each dataset is
 versioned and committed on its own, and OUTPUT/_manifest.json then lists them.
 The YAML is read with yaml.safe_load: no tags, no objects.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import re
 import sys
 import time
@@ -31,49 +32,21 @@ from typing import Any, Sequence
 
 import apache_beam as beam
 
-from pipelines import runners
-from pipelines.build import (BuildDataset, _summary, make_parser, prepare_source, recorded_args)
-from pipelines.cli_errors import OneLineArgumentParser, UsageError, usage_errors
-from schemas.manifest import MANIFEST_NAME, now_iso, tokenmill_version
-from schemas.storage import join, read_bytes, write_bytes_atomic
-from transforms import fs
+from tokenmill.pipelines import runners
+from tokenmill.pipelines.build import BuildDataset, _summary, prepare
+from tokenmill.pipelines.cli_errors import OneLineArgumentParser, UsageError, usage_errors
+from tokenmill.pipelines.spec import BuildSpec, SpecError, from_loose_values
+from tokenmill.schemas.manifest import MANIFEST_NAME, now_iso, tokenmill_version
+from tokenmill.schemas.storage import join, read_bytes, write_bytes_atomic
+from tokenmill.transforms import fs, registry
 
 TOP_KEYS = {"output", "defaults", "sources"}
 NOT_PER_SOURCE = {"output", "overwrite", "config", "help"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-def source_keys() -> dict[str, argparse.Action]:
-    """The YAML keys a source may use: build's long options, '-' as '_'."""
-    return {a.option_strings[-1][2:].replace("-", "_"): a for a in make_parser()._actions
-            if a.option_strings and a.dest not in NOT_PER_SOURCE}
-
-
-def _argv(where: str, options: dict[str, Any]) -> list[str]:
-    keys = source_keys()
-    unknown = sorted(set(options) - set(keys))
-    if unknown:
-        raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(keys))})")
-    out: list[str] = []
-    for key, value in options.items():
-        action, flag = keys[key], keys[key].option_strings[-1]
-        if action.nargs == 0:  # a switch
-            if not isinstance(value, bool):
-                raise UsageError(f"{where}: {key} must be true or false, not {value!r}")
-            out += [flag] if value else []
-            continue
-        values = value if isinstance(value, list) else [value]
-        if isinstance(value, list) and not isinstance(action, argparse._AppendAction):
-            raise UsageError(f"{where}: {key} takes one value, not a list")
-        for v in values:
-            if isinstance(v, (dict, list)) or v is None:
-                raise UsageError(f"{where}: {key} must be a string or number, not {v!r}")
-            out += [flag, str(v).lower() if isinstance(v, bool) else str(v)]
-    return out
-
-
-def load_build_spec(text: str, origin: str = "build.yaml") -> tuple[str, list[tuple[str, argparse.Namespace]]]:
-    """(output root, [(source name, build arguments)]) from a YAML build spec; raises UsageError."""
+def load_build_spec(text: str, origin: str = "build.yaml") -> tuple[str, list[tuple[str, BuildSpec]]]:
+    """(output root, [(source name, its BuildSpec)]) from a YAML build spec; raises UsageError."""
     import yaml
 
     try:
@@ -95,7 +68,7 @@ def load_build_spec(text: str, origin: str = "build.yaml") -> tuple[str, list[tu
         raise UsageError(f"{origin}: 'defaults' must be a mapping of options")
     if not isinstance(sources, list) or not sources:
         raise UsageError(f"{origin}: 'sources' must be a non-empty list")
-    out: list[tuple[str, argparse.Namespace]] = []
+    out: list[tuple[str, BuildSpec]] = []
     seen: set[str] = set()
     for i, source in enumerate(sources):
         where = f"{origin}: sources[{i}]"
@@ -109,14 +82,14 @@ def load_build_spec(text: str, origin: str = "build.yaml") -> tuple[str, list[tu
         seen.add(name)
         where = f"{origin}: source {name!r}"
         options = {**defaults, **{k: v for k, v in source.items() if k != "name"}}
-        argv = _argv(where, options) + ["--output", join(output, name)]
+        refused = sorted(set(options) & NOT_PER_SOURCE)
+        if refused:
+            raise UsageError(f"{where}: unknown key(s) {', '.join(refused)} ('output' is the file's, "
+                             "'overwrite' a command-line switch)")
         try:
-            args, extra = make_parser().parse_known_args(argv)
-        except UsageError as e:
-            raise UsageError(f"{where}: {e}") from None
-        if extra:
-            raise UsageError(f"{where}: unexpected {' '.join(extra)}")
-        out.append((name, args))
+            out.append((name, from_loose_values({**options, "output": join(output, name)}, where)))
+        except SpecError as e:
+            raise UsageError(str(e)) from None
     return output, out
 
 
@@ -153,12 +126,12 @@ def _named(outcome: dict[str, Any], name: str) -> dict[str, Any]:
     return {**outcome, "name": name}
 
 
-def build_config_pipeline(output: str, config_text: str, sources: list[tuple[str, argparse.Namespace]],
+def build_config_pipeline(output: str, config_text: str, sources: list[tuple[str, BuildSpec]],
                           metas: dict[str, dict[str, Any]], options, pipeline: beam.Pipeline | None = None):
-    """The un-run Beam graph: a BuildDataset branch per source, then the root manifest."""
+    """The un-run Beam graph: a BuildDataset branch per (resolved) source, then the root manifest."""
     p = pipeline or beam.Pipeline(runner=runners.make_runner(options), options=options)
-    outcomes = [p | f"Build {name}" >> BuildDataset(args, metas[name], recorded_args(args))
-                | f"Name {name}" >> beam.Map(_named, name) for name, args in sources]
+    outcomes = [p | f"Build {name}" >> BuildDataset(spec, metas[name])
+                | f"Name {name}" >> beam.Map(_named, name) for name, spec in sources]
     _ = (outcomes
          | "JoinDatasets" >> beam.Flatten()
          | "GatherDatasets" >> beam.combiners.ToList()
@@ -177,22 +150,25 @@ def run_config(argv: Sequence[str]) -> int:
         output = fs.canonical(output)
         beam_args, runner = runners.local_defaults(beam_args)
         options = runners.pipeline_options(beam_args)
-        runners.one_blas_thread_per_worker(options)
         local = runners.runs_locally(options)
-        metas = {}
+        metas, resolved = {}, []
         for name, source in sources:
-            source.output = join(output, name)
-            source.overwrite = source.overwrite or args.overwrite
+            source = dataclasses.replace(source, output=join(output, name),
+                                         overwrite=source.overwrite or args.overwrite)
             try:
-                metas[name] = prepare_source(source, local=local)[0]
+                source, metas[name], _ = prepare(source, local=local)
             except UsageError as e:
                 raise UsageError(f"source {name!r}: {e}") from None
+            resolved.append((name, source))
+        sources = resolved
+        runners.tune_local(options, allocator=any(registry.modality(s.modality).allocator_tuning for _, s in sources))
         pipeline = build_config_pipeline(output, text, sources, metas, options)
     print(f"tokenmill build: runner {runner}, {len(sources)} sources", file=sys.stderr)
     start = time.perf_counter()
-    result = runners.execute(pipeline, "tokenmill build")
-    if isinstance(result, int):
-        return result
+    outcome = runners.execute(pipeline, "tokenmill build")
+    if outcome.result is None:
+        return outcome.code
+    result = outcome.result
     seconds = time.perf_counter() - start
     counters = runners.counters(result)
     for name, source in sources:

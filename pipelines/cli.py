@@ -5,15 +5,15 @@ import sys
 from typing import Sequence
 
 COMMANDS = {
-    "build": ("pipelines.build:run", "tokenize raw shards into a Parquet token dataset"),
-    "decode": ("pipelines.commands:decode", "turn an image row's tokens back into an image"),
-    "fit": ("pipelines.fit:run", "fit a vq codebook or a pca bottleneck on your images"),
-    "gc": ("pipelines.commands:gc", "remove old versions and unreferenced files of a dataset"),
-    "retokenize": ("pipelines.retokenize:run", "build a new version of a dataset with another tokenizer"),
-    "inspect": ("pipelines.commands:inspect", "show a dataset's schema, counts and sample rows, tokens marked"),
-    "report": ("pipelines.commands:report", "write an HTML report with plots on what the tokens are"),
-    "schema": ("pipelines.commands:schema", "print a dataset schema definition (JSON or Arrow)"),
-    "validate": ("pipelines.commands:validate", "check a dataset against its manifest and schema"),
+    "build": ("tokenmill.pipelines.build:run", "tokenize raw shards into a Parquet token dataset"),
+    "decode": ("tokenmill.pipelines.commands:decode", "turn an image row's tokens back into an image"),
+    "fit": ("tokenmill.pipelines.fit:run", "fit a vq codebook or a pca bottleneck on your images"),
+    "gc": ("tokenmill.pipelines.commands:gc", "remove old versions and unreferenced files of a dataset"),
+    "retokenize": ("tokenmill.pipelines.retokenize:run", "build a new version of a dataset with another tokenizer"),
+    "inspect": ("tokenmill.pipelines.commands:inspect", "show a dataset's schema, counts and sample rows, tokens marked"),
+    "report": ("tokenmill.pipelines.commands:report", "write an HTML report with plots on what the tokens are"),
+    "schema": ("tokenmill.pipelines.commands:schema", "print a dataset schema definition (JSON or Arrow)"),
+    "validate": ("tokenmill.pipelines.commands:validate", "check a dataset against its manifest and schema"),
 }
 
 

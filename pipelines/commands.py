@@ -5,8 +5,8 @@ import json
 import sys
 from typing import Sequence
 
-from pipelines.cli_errors import OneLineArgumentParser, UsageError, usage_errors
-from schemas.tables import DEFINED, KINDS, LATENT_STORAGE, MODALITIES, dataset_schema, describe
+from tokenmill.pipelines.cli_errors import OneLineArgumentParser, UsageError, usage_errors
+from tokenmill.schemas.tables import DEFINED, KINDS, LATENT_STORAGE, MODALITIES, dataset_schema, describe
 
 
 def dataset_parser(prog: str, description: str) -> OneLineArgumentParser:
@@ -43,7 +43,7 @@ def schema(argv: Sequence[str] | None = None) -> int:
 
 def validate(argv: Sequence[str] | None = None) -> int:
     """`tokenmill validate DIR`: exit 0 if the dataset is sound, 1 with one line per problem if not."""
-    from schemas.validate import validate as check
+    from tokenmill.schemas.validate import validate as check
 
     with usage_errors("tokenmill validate"):
         p = dataset_parser("tokenmill validate", "Check every shard of a dataset against its manifest and schema.")
@@ -61,9 +61,9 @@ def decode(argv: Sequence[str] | None = None) -> int:
     import numpy as np
     from PIL import Image
 
-    from transforms.fs import open_binary
-    from schemas.manifest import read_manifest
-    from transforms.tokenizers.spec import load_image_tokenizer, load_video_tokenizer
+    from tokenmill.transforms.fs import open_binary
+    from tokenmill.schemas.manifest import read_manifest
+    from tokenmill.transforms.tokenizers.spec import load_image_tokenizer, load_video_tokenizer
 
     with usage_errors("tokenmill decode"):
         p = dataset_parser("tokenmill decode", "Turn an image row's tokens (patches, vq codes, pca latents) "
@@ -89,7 +89,7 @@ def decode(argv: Sequence[str] | None = None) -> int:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from schemas.storage import join
+    from tokenmill.schemas.storage import join
 
     for shard in manifest.files:
         with open_binary(join(args.dir, shard)) as f:
@@ -104,12 +104,12 @@ def decode(argv: Sequence[str] | None = None) -> int:
     if "tokens" in row:
         values = np.asarray(row["tokens"])
     else:
-        from schemas.tables import LATENT_NUMPY
+        from tokenmill.schemas.tables import LATENT_NUMPY
 
         values = np.frombuffer(row["latents"], LATENT_NUMPY[manifest.tokenizer["latent_dtype"]]).reshape(
             row["num_tokens"], -1)
     if manifest.modality == "video":
-        from reports.render import contact_sheet
+        from tokenmill.reports.render import contact_sheet
 
         try:
             frames = tok.decode_clip(values, grid, len(row["frame_indices"]), row["height"], row["width"])
@@ -126,8 +126,8 @@ def decode(argv: Sequence[str] | None = None) -> int:
 
 def gc(argv: Sequence[str] | None = None) -> int:
     """`tokenmill gc DIR --keep N`: remove old versions and files no kept commit names."""
-    from schemas.manifest import MultiDatasetRoot
-    from schemas.versions import gc as collect
+    from tokenmill.schemas.manifest import MultiDatasetRoot
+    from tokenmill.schemas.versions import gc as collect
 
     with usage_errors("tokenmill gc"):
         p = OneLineArgumentParser(prog="tokenmill gc",
@@ -160,7 +160,7 @@ def inspect(argv: Sequence[str] | None = None) -> int:
     """`tokenmill inspect DIR`: schema, metadata, versions, counts and sample rows."""
     import tempfile
 
-    from reports.inspect import format_inspection, inspect_dataset
+    from tokenmill.reports.inspect import format_inspection, inspect_dataset
 
     with usage_errors("tokenmill inspect"):
         p = dataset_parser("tokenmill inspect", "Show a dataset's schema, metadata, version history and counts, "
@@ -187,7 +187,7 @@ def inspect(argv: Sequence[str] | None = None) -> int:
 
 def report(argv: Sequence[str] | None = None) -> int:
     """`tokenmill report DIR --out report/`: a self-contained HTML page with plots."""
-    from reports.html import write_report
+    from tokenmill.reports.html import write_report
 
     with usage_errors("tokenmill report"):
         p = dataset_parser("tokenmill report", "Write a self-contained HTML report (PNG plots embedded, no "

@@ -21,18 +21,18 @@ from typing import Any, Iterator, Sequence
 import apache_beam as beam
 import numpy as np
 
-from pipelines import runners
-from pipelines.build import check_inputs
-from pipelines.cli_errors import OneLineArgumentParser, UsageError, usage_errors
-from schemas.storage import write_bytes_atomic
-from transforms import fs
-from transforms.decoders.images import DEFAULT_MAX_PIXELS, DecodeImages, SizePolicy
-from transforms.decoders.video import DECODERS, ClipSpec, DecodeVideos
-from transforms.records import ImageBlock, VideoBlock, row_id
-from transforms.sources.images import ReadImageShards
-from transforms.sources.videos import ReadVideoShards
-from transforms.tokenizers.codebook import psnr, save_npz, to_unit
-from transforms.tokenizers.patches import clip_to_patches, image_to_patches
+from tokenmill.pipelines import runners
+from tokenmill.pipelines.build import check_inputs
+from tokenmill.pipelines.cli_errors import OneLineArgumentParser, UsageError, usage_errors
+from tokenmill.schemas.storage import write_bytes_atomic
+from tokenmill.transforms import fs
+from tokenmill.transforms.decoders.images import DEFAULT_MAX_PIXELS, DecodeImages, SizePolicy
+from tokenmill.transforms.decoders.video import DECODERS, ClipSpec, DecodeVideos
+from tokenmill.transforms.records import ImageBlock, VideoBlock, row_id
+from tokenmill.transforms.sources.images import ReadImageShards
+from tokenmill.transforms.sources.videos import ReadVideoShards
+from tokenmill.transforms.tokenizers.codebook import psnr, save_npz, to_unit
+from tokenmill.transforms.tokenizers.patches import clip_to_patches, image_to_patches
 
 
 def _unit_hash(seed: int, key: str) -> int:
@@ -85,7 +85,7 @@ def fit_pca(data: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
 def _fit_and_write(samples: list[tuple[str, np.ndarray]], holdout: list[tuple[str, np.ndarray]],
                    *, kind: str, patch: int, size: int, output: str, iterations: int, seed: int,
                    max_samples: int, holdout_images: int, frames: int = 0) -> dict[str, Any]:
-    from transforms.tokenizers.codebook import PCATokenizer, VideoPCATokenizer, VideoVQTokenizer, VQTokenizer
+    from tokenmill.transforms.tokenizers.codebook import PCATokenizer, VideoPCATokenizer, VideoVQTokenizer, VQTokenizer
 
     samples = sorted(samples, key=lambda kv: kv[0])
     values = (frames or 1) * patch * patch * 3
@@ -173,12 +173,12 @@ def build_pipeline(args: argparse.Namespace, options) -> beam.Pipeline:
 def make_pipeline(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, beam.Pipeline, str]:
     """Parse and check the command line and build the un-run graph: (args, pipeline, runner description).
 
-    Inputs are checked only on a local runner (see runners.is_local_runner). Raises UsageError.
+    Inputs are checked only on a local runner (see pipelines/local.is_local_runner). Raises UsageError.
     """
     args, beam_args = make_parser().parse_known_args(argv)
     beam_args, runner = runners.local_defaults(beam_args)
     options = runners.pipeline_options(beam_args)
-    runners.one_blas_thread_per_worker(options)
+    runners.tune_local(options)
     try:
         SizePolicy.parse(args.size)
     except ValueError as e:
@@ -187,7 +187,7 @@ def make_pipeline(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace
         raise UsageError("need 1 <= --patch <= 256, --codes >= 2, --dim >= 1, 0 <= --holdout < 1")
     uris = [f.uri for f in check_inputs(args.input)] if runners.runs_locally(options) else []
     if args.modality == "auto":
-        from pipelines.build import modality_of_files
+        from tokenmill.transforms.registry import modality_of_files
 
         args.modality = "video" if modality_of_files(uris) == "video" else "image"
     if args.modality == "video" and not (1 <= args.frames <= args.clip_frames):
@@ -201,10 +201,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         args, pipeline, runner = make_pipeline(argv)
     print(f"tokenmill fit: runner {runner}", file=sys.stderr)
     start = time.perf_counter()
-    result = runners.execute(pipeline, "tokenmill fit")
-    if isinstance(result, int):
-        return result
-    from schemas.storage import read_bytes
+    outcome = runners.execute(pipeline, "tokenmill fit")
+    if outcome.result is None:
+        return outcome.code
+    from tokenmill.schemas.storage import read_bytes
 
     report = json.loads(read_bytes(args.output + ".json"))
     print(f"tokenmill fit: {args.kind} written to {args.output} in {time.perf_counter() - start:.1f} s\n"

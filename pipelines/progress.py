@@ -19,8 +19,8 @@ import threading
 import time
 from typing import Any, Mapping, TextIO
 
-from schemas.storage import join
-from transforms.write import PROGRESS_DIR
+from tokenmill.schemas.storage import join
+from tokenmill.transforms.write import PROGRESS_DIR
 
 MODES = ("auto", "bar", "log", "none")
 

@@ -1,9 +1,8 @@
-"""Choosing and describing the Beam runner.
+"""Choosing, running and describing the Beam runner, whichever it is.
 
-Beam's DirectRunner first tries Prism, which downloads a binary; offline that
-fails after a delay and falls back. tokenmill therefore defaults to the
-FnApiRunner, Beam's local portable runner, in multi_processing mode with one
-worker per CPU core. Any --runner the user gives is used as is.
+What only a local run gets (the default FnApiRunner, warm workers, thread and
+allocator tuning) lives behind pipelines/local; this module hands over to it
+for a local runner and nowhere else.
 """
 from __future__ import annotations
 
@@ -14,50 +13,14 @@ from typing import Sequence
 
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from pipelines.cli_errors import UsageError
+from tokenmill.pipelines import local
+from tokenmill.pipelines.cli_errors import UsageError
+from tokenmill.pipelines.local import DEFAULT_LOCAL_RUNNER, is_local_runner, local_defaults  # noqa: F401 (API)
 
-DEFAULT_LOCAL_RUNNER = "FnApiRunner"
-_LOCAL = {"fnapirunner", "directrunner", "switchingdirectrunner", "bundlebaseddirectrunner"}
-
-
-def _given(args: Sequence[str], name: str) -> bool:
-    return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in args)
-
-
-def is_local_runner(runner: str | None) -> bool:
-    """Whether the named runner runs the job on this machine (FnApiRunner, DirectRunner).
-
-    Only then may the launcher list inputs and probe the output before the run.
-    A remote runner (DataflowRunner, PortableRunner, FlinkRunner, SparkRunner, ...)
-    runs on workers with their own credentials, and a job must translate on a
-    launcher that has none: the pipeline lists its inputs itself.
-    """
-    name = (runner or DEFAULT_LOCAL_RUNNER).lower()
-    return name in _LOCAL or name + "runner" in _LOCAL
 
 
 def runs_locally(options: PipelineOptions) -> bool:
     return is_local_runner(options.view_as(StandardOptions).runner)
-
-
-def local_defaults(beam_args: Sequence[str]) -> tuple[list[str], str]:
-    """Beam args with tokenmill's local defaults filled in, and a description of the runner."""
-    args = list(beam_args)
-    if not _given(args, "runner"):
-        args.append(f"--runner={DEFAULT_LOCAL_RUNNER}")
-    runner = PipelineOptions(args).view_as(StandardOptions).runner or DEFAULT_LOCAL_RUNNER
-    if not is_local_runner(runner):
-        return args, runner
-    if not _given(args, "direct_num_workers"):
-        args.append(f"--direct_num_workers={os.cpu_count() or 1}")
-    direct = PipelineOptions(args).view_as(DirectOptions)
-    workers = direct.direct_num_workers
-    if not _given(args, "direct_running_mode") and workers != 1:
-        args.append("--direct_running_mode=multi_processing")
-    if not _given(args, "default_sdk_harness_log_level"):
-        args.append("--default_sdk_harness_log_level=ERROR")  # keep worker chatter (WARN: unparsed args, ...) off the terminal
-    mode = PipelineOptions(args).view_as(DirectOptions).direct_running_mode
-    return args, f"{runner} ({mode}, {workers} worker{'s' if workers != 1 else ''})"
 
 
 def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
@@ -71,22 +34,6 @@ def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
     if unknown:
         raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
     return PipelineOptions(list(beam_args))
-
-
-BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def one_blas_thread_per_worker(options: PipelineOptions) -> None:
-    """With one local worker process per core, give each one BLAS thread.
-
-    numpy's matrix products (vq code search, pca) otherwise start a thread per
-    core in every worker, and N workers fight over N cores (measured: 2 workers
-    took 7.1 s where 1 took 4.8). Variables the user set are left alone.
-    """
-    direct = options.view_as(DirectOptions)
-    if direct.direct_running_mode == "multi_processing" and (direct.direct_num_workers or 0) > 1:
-        for name in BLAS_THREAD_VARIABLES:
-            os.environ.setdefault(name, "1")
 
 
 def cores_per_worker(options: PipelineOptions) -> int:
@@ -104,52 +51,15 @@ def cores_per_worker(options: PipelineOptions) -> int:
     return max(1, (os.cpu_count() or 1) // processes)
 
 
+def tune_local(options: PipelineOptions, *, allocator: bool = False) -> None:
+    """The local seam's tunings for a local runner (pipelines/local.tune); nothing for a remote one."""
+    if runs_locally(options):
+        local.tune(options, allocator=allocator)
+
+
 def make_runner(options: PipelineOptions):
-    """A runner instance for `options`, or None to let Beam create it.
-
-    A FnApiRunner created by name hands its SDK workers no pipeline options, so
-    they log at INFO and ignore --default_sdk_harness_log_level. Build it the
-    way Beam's DirectRunner does, with the options in its provision info.
-    """
-    runner = (options.view_as(StandardOptions).runner or "").lower()
-    if runner not in ("fnapirunner", "fnapi"):
-        return None
-    from apache_beam.portability.api import beam_provision_api_pb2
-    from apache_beam.runners.portability.fn_api_runner import fn_runner
-    from apache_beam.runners.portability.portable_runner import JobServiceHandle
-
-    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
-    info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
-    direct = options.view_as(DirectOptions)
-    if direct.direct_running_mode == "multi_processing" and (direct.direct_num_workers or 0) != 1:
-        from pipelines.local_workers import fork_supported
-
-        if fork_supported():
-            return _warm_start_runner()(provision_info=info)
-    return fn_runner.FnApiRunner(provision_info=info)
-
-
-def _warm_start_runner() -> type:
-    from apache_beam.portability import python_urns
-    from apache_beam.runners.portability.fn_api_runner import fn_runner
-
-    class WarmStartFnApiRunner(fn_runner.FnApiRunner):
-        """The FnApiRunner, with multi_processing workers forked warm from a WorkerZygote.
-
-        See pipelines/local_workers.py; `execute` starts the zygote. Without one
-        (a pipeline run some other way) workers start Beam's way.
-        """
-
-        zygote = None
-
-        def run_via_runner_api(self, pipeline_proto, options):
-            if self.zygote is not None:
-                for env in pipeline_proto.components.environments.values():
-                    if env.urn == python_urns.SUBPROCESS_SDK:
-                        env.payload = self.zygote.command().encode()
-            return super().run_via_runner_api(pipeline_proto, options)
-
-    return WarmStartFnApiRunner
+    """A runner instance for `options` (the local seam's, for the FnApiRunner), or None to let Beam create it."""
+    return local.make_runner(options) if runs_locally(options) else None
 
 
 def _all_subclasses(cls: type) -> list[type]:
@@ -167,14 +77,11 @@ def run_pipeline(pipeline, prog: str):
     """
     import logging
     import os
-    import sys
 
     if not os.environ.get("TOKENMILL_DEBUG"):
         # The failure is reported below in one line; Beam's own traceback of the
         # failing DoFn (logged in-process by local runners) is for debugging.
         logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
-    from pipelines.local_workers import pipeline_ran
-
     try:
         result = pipeline.run()
         result.wait_until_finish()
@@ -184,8 +91,6 @@ def run_pipeline(pipeline, prog: str):
         reason = next((line for line in text.splitlines() if "Error" in line), text.splitlines()[0])
         print(f"{prog}: failed: {reason.strip()[:500]}", file=sys.stderr)
         return None
-    finally:
-        pipeline_ran()
 
 
 def counters(result, step: str | None = None) -> dict[str, int]:
@@ -250,30 +155,32 @@ def translated_job(result) -> TranslatedJob | None:
     return TranslatedJob(steps, staged)
 
 
-def execute(pipeline, prog: str, progress=None):
-    """Run a pipeline for a command: its result, or the exit code when there is nothing more to do.
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """How a command's pipeline ended: the exit code, and the finished result when there is one to report on.
 
-    1 after one line on stderr if the job failed; 0 after printing the
-    translated job of a dry run (--dry_run=True on Dataflow). `progress`, a
-    context manager with a `succeeded` attribute, wraps the run.
+    `result` is None when the job failed (code 1, after one line on stderr) or
+    was only translated (a dry run, code 0, after printing the translated job).
     """
+
+    code: int
+    result: object | None = None
+
+
+def execute(pipeline, prog: str, progress=None) -> Outcome:
+    """Run a pipeline for a command. `progress`, a context manager with a `succeeded` attribute, wraps the run."""
     import contextlib
 
     with contextlib.ExitStack() as stack:
-        from pipelines import local_workers
-
-        if hasattr(pipeline.runner, "zygote") and local_workers.safe_to_fork():  # now, before any thread starts
-            try:
-                pipeline.runner.zygote = stack.enter_context(local_workers.WorkerZygote())
-            except OSError as e:  # e.g. a socket path too long under $TMPDIR: workers start Beam's way
-                print(f"{prog}: workers start cold (cannot fork them warm: {e})", file=sys.stderr)
+        if runs_locally(pipeline.options):
+            stack.enter_context(local.warm_workers(pipeline, prog))
         shown = stack.enter_context(progress or contextlib.nullcontext())
         result = run_pipeline(pipeline, prog)
         if shown is not None:
             shown.succeeded = result is not None
     if result is None:
-        return 1
+        return Outcome(1)
     if (job := translated_job(result)) is not None:
         print(job.describe())
-        return 0
-    return result
+        return Outcome(0)
+    return Outcome(0, result)

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas.manifest import MANIFEST_NAME, read_manifest
-from schemas.storage import join, read_bytes
-from schemas.tables import ERROR_SCHEMA, LATENT_NUMPY, read_metadata, schema_for_manifest
-from transforms.fs import open_binary
+from tokenmill.schemas.manifest import MANIFEST_NAME, read_manifest
+from tokenmill.schemas.storage import join, read_bytes
+from tokenmill.schemas.tables import ERROR_SCHEMA, LATENT_NUMPY, read_metadata, schema_for_manifest
+from tokenmill.transforms.fs import open_binary
 
 
 class DatasetView:
@@ -109,12 +109,12 @@ class DatasetView:
         tok_meta = self.manifest.tokenizer
         spec = tok_meta["spec"]
         if self.modality == "text":
-            from transforms.tokenizers.spec import load_text_tokenizer
+            from tokenmill.transforms.tokenizers.spec import load_text_tokenizer
 
             policy = tok_meta.get("special_token_policy") or {}
             tok = load_text_tokenizer(spec, bos=policy.get("bos") is not None, eos=policy.get("eos") is not None)
         else:
-            from transforms.tokenizers.spec import load_image_tokenizer
+            from tokenmill.transforms.tokenizers.spec import load_image_tokenizer
 
             tok = load_image_tokenizer(spec)
         if tok.fingerprint() != tok_meta.get("fingerprint") and self.modality != "video":
@@ -126,7 +126,7 @@ class DatasetView:
 
         Reads image files ('file'), tar members ('member:NAME') and Parquet rows ('row:N').
         """
-        from transforms.decoders.images import DEFAULT_MAX_PIXELS, SizePolicy, decode_image
+        from tokenmill.transforms.decoders.images import DEFAULT_MAX_PIXELS, SizePolicy, decode_image
 
         options = self.manifest.options
         source, locator = row["source"], row["locator"]

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from reports.dataset import DatasetView, png_bytes
-from reports.render import visible
-from reports.stats import LONG_TOKEN_CHARS, codebook_usage, error_summary, throughput, token_granularity
-from transforms.tokenizers.codebook import psnr
+from tokenmill.reports.dataset import DatasetView, png_bytes
+from tokenmill.reports.render import visible
+from tokenmill.reports.stats import LONG_TOKEN_CHARS, codebook_usage, error_summary, throughput, token_granularity
+from tokenmill.transforms.tokenizers.codebook import psnr
 
 UNIT = {"text": "document", "image": "image", "video": "clip"}
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}

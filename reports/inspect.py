@@ -6,10 +6,10 @@ from typing import Any
 
 import numpy as np
 
-from reports.dataset import DatasetView, png_bytes
-from reports.render import (code_grid_lines, contact_sheet, marked_text, token_pieces, token_pixels,
+from tokenmill.reports.dataset import DatasetView, png_bytes
+from tokenmill.reports.render import (code_grid_lines, contact_sheet, marked_text, token_pieces, token_pixels,
                             video_frames, visible)
-from schemas.tables import type_json
+from tokenmill.schemas.tables import type_json
 
 
 def describe_text_row(view: DatasetView, row: dict[str, Any]) -> dict[str, Any]:

@@ -54,7 +54,7 @@ def video_frames(pixels: np.ndarray, grid: Sequence[int], patch: int, height: in
     transforms/tokenizers/patches.py), T = values per token / (P * P * 3). Padding past
     height, width and `frames` (when given) is cut off.
     """
-    from transforms.tokenizers.patches import patches_to_clip
+    from tokenmill.transforms.tokenizers.patches import patches_to_clip
 
     t, h, w = grid
     values = np.asarray(pixels, np.uint8).reshape(t * h * w, -1)
@@ -76,7 +76,7 @@ def contact_sheet(frames: np.ndarray, columns: int = 8, gap: int = 2) -> np.ndar
 
 def token_pixels(tokenizer, values: np.ndarray) -> np.ndarray:
     """(n, P*P*3 [* T]) uint8 pixels of each token: patches as stored, vq codes and pca latents decoded."""
-    from transforms.tokenizers.codebook import PCATokenizer, VQTokenizer, to_pixels
+    from tokenmill.transforms.tokenizers.codebook import PCATokenizer, VQTokenizer, to_pixels
 
     if isinstance(tokenizer, VQTokenizer):
         return to_pixels(tokenizer.codes[np.asarray(values, np.int64)])

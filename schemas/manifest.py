@@ -17,8 +17,8 @@ import datetime as _dt
 import json
 from typing import Any
 
-from schemas.storage import join, read_bytes, write_bytes_atomic
-from schemas.tables import SCHEMA_VERSION
+from tokenmill.schemas.storage import join, read_bytes, write_bytes_atomic
+from tokenmill.schemas.tables import SCHEMA_VERSION
 
 MANIFEST_NAME = "_manifest.json"
 SCHEMA_NAME = "_schema.json"
@@ -33,17 +33,6 @@ def tokenmill_version() -> str:
         return version("tokenmill")
     except Exception:  # running from a source tree that is not installed
         return "0+unknown"
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardInfo:
-    """One written Parquet file, as recorded in the manifest."""
-
-    path: str  # relative to the dataset root, posix separators
-    rows: int
-    tokens: int
-    bytes: int
-    sha256: str
 
 
 @dataclasses.dataclass
@@ -73,6 +62,8 @@ class Manifest:
     versions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     error_shards: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     build_args: list[str] = dataclasses.field(default_factory=list)
+    # The BuildSpec's JSON form (pipelines/spec.py); manifests written before it have build_args only.
+    spec: dict[str, Any] = dataclasses.field(default_factory=dict)
     # started_at, finished_at and when each block was written (see transforms/write.py run_timing)
     timing: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -110,7 +101,7 @@ def write_manifest(root: str, manifest: Manifest) -> str:
 
 def write_schema_json(root: str, manifest: Manifest) -> str:
     """The dataset's schema as JSON (see schemas.tables.describe), next to its manifest."""
-    from schemas.tables import describe
+    from tokenmill.schemas.tables import describe
 
     tok = manifest.tokenizer
     kind = tok.get("kind", "hard")

@@ -52,6 +52,20 @@ def token_type_for_vocab(vocab_size: int) -> pa.DataType:
     return pa.uint64()
 
 
+def numpy_dtype(arrow_type: pa.DataType) -> Any:
+    """The numpy dtype of a fixed-width Arrow integer or float type.
+
+    Why not `arrow_type.to_pandas_dtype()`: pyarrow imports pandas for it, and
+    pandas is no dependency of tokenmill (a plain install has none).
+    """
+    import numpy as np
+
+    if not (pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)):
+        raise TypeError(f"not a numeric Arrow type: {arrow_type}")
+    kind = "f" if pa.types.is_floating(arrow_type) else "i" if pa.types.is_signed_integer(arrow_type) else "u"
+    return np.dtype(f"{kind}{arrow_type.bit_width // 8}")
+
+
 def _field(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
     return pa.field(name, type_, nullable=nullable, metadata={b"doc": doc.encode()})
 

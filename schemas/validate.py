@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas.manifest import Manifest, read_manifest
-from schemas.storage import join, read_bytes
-from schemas.tables import (ERROR_SCHEMA, LATENT_NUMPY, SCHEMA_VERSION, read_metadata, schema_differences,
+from tokenmill.schemas.manifest import Manifest, read_manifest
+from tokenmill.schemas.storage import join, read_bytes
+from tokenmill.schemas.tables import (ERROR_SCHEMA, LATENT_NUMPY, SCHEMA_VERSION, read_metadata, schema_differences,
                             schema_for_manifest)
 
 

@@ -36,8 +36,8 @@ from typing import Any, Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from schemas.manifest import MANIFEST_NAME, Manifest, read_manifest, write_manifest, write_schema_json
-from schemas.storage import join
+from tokenmill.schemas.manifest import MANIFEST_NAME, Manifest, read_manifest, write_manifest, write_schema_json
+from tokenmill.schemas.storage import join
 
 VERSIONS_DIR = "versions"
 LEASE_NAME = "_commit.lease"

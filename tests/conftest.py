@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import build
-from schemas.manifest import read_manifest
+from tokenmill.pipelines import build
+from tokenmill.schemas.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -120,7 +120,7 @@ def reference_cl100k(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cl100k():
-    from transforms.tokenizers.spec import load_text_tokenizer
+    from tokenmill.transforms.tokenizers.spec import load_text_tokenizer
 
     return load_text_tokenizer("tiktoken:cl100k_base")
 
@@ -144,7 +144,7 @@ def image_datasets(tmp_path_factory) -> dict[str, Any]:
     import numpy as np
     from PIL import Image
 
-    from pipelines import fit
+    from tokenmill.pipelines import fit
 
     folder = tmp_path_factory.mktemp("image-ds")
     images = folder / "images"
@@ -187,8 +187,8 @@ def video_dataset(tmp_path_factory) -> Path:
     """
     import numpy as np
 
-    from schemas.manifest import Manifest, write_manifest
-    from schemas.tables import dataset_schema, table_from_columns
+    from tokenmill.schemas.manifest import Manifest, write_manifest
+    from tokenmill.schemas.tables import dataset_schema, table_from_columns
 
     frames = video_frames_fixture()
     T, P = VIDEO_TUBE, VIDEO_PATCH

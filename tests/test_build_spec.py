@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from schemas.manifest import MultiDatasetRoot, read_manifest
-from schemas.validate import validate
+from tokenmill.schemas.manifest import MultiDatasetRoot, read_manifest
+from tokenmill.schemas.validate import validate
 from tests.conftest import ONE_WORKER, read_rows, run_build, run_cli, write_jsonl
-from pipelines import build
 
 
 def _inputs(tmp_path: Path) -> tuple[Path, Path]:
@@ -91,7 +90,7 @@ def test_config_builds_one_versioned_dataset_per_source_and_a_root_manifest(tmp_
 def test_bad_build_specs_are_one_line_usage_errors(tmp_path, body, message):
     spec = tmp_path / "build.yaml"
     spec.write_text(body)
-    result = run_cli("pipelines.build", "--config", str(spec), *ONE_WORKER)
+    result = run_cli("tokenmill.pipelines.build", "--config", str(spec), *ONE_WORKER)
     assert result.returncode == 2, result.stderr
     lines = [x for x in result.stderr.splitlines() if "tokenmill" in x]
     assert len(lines) == 1 and message in lines[0], result.stderr

@@ -9,11 +9,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from schemas.manifest import read_manifest
-from schemas.tables import read_metadata
+from tokenmill.schemas.manifest import read_manifest
+from tokenmill.schemas.tables import read_metadata
 from tests.conftest import (MULTILINGUAL, TWO_PROCESSES, read_errors, read_rows, run_build, run_cli,
                             write_jsonl, write_jsonl_zst, write_parquet_text)
-from transforms.records import row_ids
+from tokenmill.transforms.records import row_ids
 
 
 @pytest.fixture
@@ -215,7 +215,7 @@ def test_cli_misuse_is_one_line_and_exit_code_2(tmp_path, args, message):
     argv = [x for kv in base.items() for x in kv]
     if args[0] not in base:
         argv += args
-    proc = run_cli("pipelines.build", *argv)
+    proc = run_cli("tokenmill.pipelines.build", *argv)
     assert proc.returncode == 2, proc.stderr
     lines = [l for l in proc.stderr.splitlines() if "tokenmill" in l]
     assert len(lines) == 1 and message in lines[0], proc.stderr
@@ -223,7 +223,7 @@ def test_cli_misuse_is_one_line_and_exit_code_2(tmp_path, args, message):
 
 
 def test_help_documents_every_option():
-    proc = run_cli("pipelines.cli", "build", "--help")
+    proc = run_cli("tokenmill.pipelines.cli", "build", "--help")
     assert proc.returncode == 0
     for flag in ["--input", "--output", "--tokenizer", "--text-field", "--eos", "--bos",
                  "--txt-per-line", "--block-size", "--overwrite", "tiktoken:cl100k_base", "hf:PATH_OR_URI"]:

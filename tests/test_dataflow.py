@@ -16,9 +16,9 @@ import pytest
 
 pytest.importorskip("apache_beam.runners.dataflow.internal.apiclient", reason="needs tokenmill[gcp]")
 
-from pipelines import build, fit, runners  # noqa: E402
+from tokenmill.pipelines import build, fit, runners  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
-from transforms.tokenizers.spec import load_text_tokenizer  # noqa: E402
+from tokenmill.transforms.tokenizers.spec import load_text_tokenizer  # noqa: E402
 
 DATAFLOW = ["--runner=DataflowRunner", "--dry_run=True", "--no_auth", "--sdk_location=container",
             "--project=my-project", "--region=us-central1", "--temp_location=gs://my-bucket/tmp",
@@ -79,7 +79,7 @@ def test_video_build_translates_to_the_expected_dataflow_steps():
 
 
 def test_config_build_translates_to_one_branch_per_source(tmp_path):
-    from pipelines import build_spec
+    from tokenmill.pipelines import build_spec
 
     spec = tmp_path / "build.yaml"
     spec.write_text("output: gs://my-bucket/mix\nsources:\n"
@@ -88,11 +88,11 @@ def test_config_build_translates_to_one_branch_per_source(tmp_path):
                     "  - {name: clips, input: 'gs://my-bucket/videos/*.mp4', tokenizer: 'patch:2,16'}\n")
     _, sources = build_spec.load_build_spec(spec.read_text())
     options = runners.pipeline_options(DATAFLOW)
-    metas = {}
-    for name, args in sources:
-        args.output = f"gs://my-bucket/mix/{name}"
-        metas[name] = build.prepare_source(args, local=False)[0]
-    pipeline = build_spec.build_config_pipeline("gs://my-bucket/mix", spec.read_text(), sources, metas, options)
+    metas, resolved = {}, []
+    for name, source in sources:
+        source, metas[name], _ = build.prepare(source, local=False)
+        resolved.append((name, source))
+    pipeline = build_spec.build_config_pipeline("gs://my-bucket/mix", spec.read_text(), resolved, metas, options)
     job = runners.translated_job(pipeline.run())
     assert outer_steps(job) == ["Build web", "Name web", "Build photos", "Name photos", "Build clips",
                                 "Name clips", "JoinDatasets", "GatherDatasets", "WriteRootManifest"]
@@ -157,7 +157,7 @@ def test_staged_sdist_installs_and_loads_the_bundled_vocabulary(text_job, tmp_pa
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
                     "--no-build-isolation", "--no-index", "--target", str(target),
                     text_job.staged["workflow.tar.gz"]], check=True, capture_output=True, timeout=300)
-    code = ("import transforms, sys; from transforms.tokenizers.spec import load_text_tokenizer; "
+    code = ("import tokenmill.transforms as transforms, sys; from tokenmill.transforms.tokenizers.spec import load_text_tokenizer; "
             "t = load_text_tokenizer('tiktoken:o200k_base'); "
             "print(transforms.__file__); print(t.encode('hello world').tolist())")
     env = {**os.environ, "PYTHONPATH": str(target)}

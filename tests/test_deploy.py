@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import build_spec
-from schemas.manifest import read_manifest
-from schemas.validate import validate
+from tokenmill.pipelines import build_spec
+from tokenmill.schemas.manifest import read_manifest
+from tokenmill.schemas.validate import validate
 from tests.conftest import ONE_WORKER, REPO, write_jsonl
 
 DEPLOY = REPO / "deploy"
@@ -110,7 +110,7 @@ print(json.dumps({"dag": m.dag.dag_id, "tasks": sorted(m.dag.task_ids), "type": 
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info["dag"] == "tokenmill_nightly" and info["type"] == "BeamRunPythonPipelineOperator"
     assert info["tasks"] == ["tokenmill_build", "tokenmill_gc_pics", "tokenmill_gc_web"]
-    assert info["runner"] == "DataflowRunner" and [*info["py_options"], info["py_file"]] == ["-m", "pipelines.build"]
+    assert info["runner"] == "DataflowRunner" and [*info["py_options"], info["py_file"]] == ["-m", "tokenmill.pipelines.build"]
     assert info["options"]["config"] == "gs://my-bucket/tokenmill/build.yaml"
     assert Path(info["options"]["setup_file"]).resolve() == REPO / "setup.py"
     # the options the Beam operator passes (--name=value) are what `tokenmill build --config` accepts

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from tests.conftest import MULTILINGUAL, read_rows, run_build, write_jsonl
-from transforms.tokenizers import engines
-from transforms.tokenizers.base import TokenizerSpecError
-from transforms.tokenizers.engines import DIFFERENTIAL_CORPUS, EngineMismatchError
-from transforms.tokenizers.spec import load_text_tokenizer
+from tokenmill.transforms.tokenizers import engines
+from tokenmill.transforms.tokenizers.base import TokenizerSpecError
+from tokenmill.transforms.tokenizers.engines import DIFFERENTIAL_CORPUS, EngineMismatchError
+from tokenmill.transforms.tokenizers.spec import load_text_tokenizer
 
 O200K_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
 
@@ -30,7 +30,7 @@ def reference_o200k(tmp_path_factory):
     import tiktoken
 
     cache = tmp_path_factory.mktemp("tiktoken-o200k")
-    data = gzip.decompress(resources.files("transforms.tokenizers.data").joinpath(
+    data = gzip.decompress(resources.files("tokenmill.transforms.tokenizers.data").joinpath(
         "o200k_base.tiktoken.gz").read_bytes())
     (cache / hashlib.sha1(O200K_URL.encode()).hexdigest()).write_bytes(data)
     old = os.environ.get("TIKTOKEN_CACHE_DIR")
@@ -170,6 +170,6 @@ def test_engine_flag_is_rejected_for_other_tokenizers(tmp_path):
     from tests.conftest import run_cli
 
     write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
-    proc = run_cli("pipelines.build", "--input", str(tmp_path / "a.jsonl"), "--output", str(tmp_path / "o"),
+    proc = run_cli("tokenmill.pipelines.build", "--input", str(tmp_path / "a.jsonl"), "--output", str(tmp_path / "o"),
                    "--tokenizer", "bytes", "--engine", "bpe-openai")
-    assert proc.returncode == 2 and "applies to tiktoken vocabularies" in proc.stderr
+    assert proc.returncode == 2 and "--engine does not apply to 'bytes'" in proc.stderr

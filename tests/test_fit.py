@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loaders import TokenReader
-from pipelines import fit
-from schemas.validate import validate
+from tokenmill.loaders import TokenReader
+from tokenmill.pipelines import fit
+from tokenmill.schemas.validate import validate
 from tests.conftest import ONE_WORKER, TWO_PROCESSES, run_build
-from transforms.decoders.images import SizePolicy, decode_image
-from transforms.records import row_id
-from transforms.tokenizers.base import TokenizerSpecError
-from transforms.tokenizers.codebook import psnr, save_npz
-from transforms.tokenizers.spec import load_image_tokenizer
+from tokenmill.transforms.decoders.images import SizePolicy, decode_image
+from tokenmill.transforms.records import row_id
+from tokenmill.transforms.tokenizers.base import TokenizerSpecError
+from tokenmill.transforms.tokenizers.codebook import psnr, save_npz
+from tokenmill.transforms.tokenizers.spec import load_image_tokenizer
 
 
 def scene(i: int, size: int = 64) -> np.ndarray:
@@ -139,7 +139,7 @@ def test_items_encoded_on_threads_give_the_same_codes_and_shards(tmp_path, scene
     """vq:/pca: encode a block's images on a thread pool (one BLAS thread each) when a worker has spare cores."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from schemas.manifest import read_manifest
+    from tokenmill.schemas.manifest import read_manifest
 
     vq, pca = fitted
     images = [decode_image((scenes / f"s{i:02d}.png").read_bytes(), SizePolicy())[0] for i in range(12)]

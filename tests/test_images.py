@@ -12,13 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from loaders import TokenReader
-from schemas.manifest import read_manifest
-from schemas.validate import validate
+from tokenmill.loaders import TokenReader
+from tokenmill.schemas.manifest import read_manifest
+from tokenmill.schemas.validate import validate
 from tests.conftest import read_errors, read_rows, run_build
-from transforms.decoders.images import DecompressionBomb, SizePolicy, decode_image
-from transforms.tokenizers.patches import image_to_patches, patches_to_image
-from transforms.tokenizers.spec import load_image_tokenizer
+from tokenmill.transforms.decoders.images import DecompressionBomb, SizePolicy, decode_image
+from tokenmill.transforms.tokenizers.patches import image_to_patches, patches_to_image
+from tokenmill.transforms.tokenizers.spec import load_image_tokenizer
 
 
 def structured(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -227,7 +227,7 @@ def test_image_cli_misuse_exits_2(tmp_path):
                           (["--tokenizer", "patch:16", "--decode-threads", "0"], "--decode-threads must be 1 or more"),
                           (["--tokenizer", "patch:16", "--compression", "lzma"], "unknown compression 'lzma'"),
                           (["--tokenizer", "patch:16", "--compression", "lz4:3"], "only zstd, gzip and brotli")]:
-        proc = run_cli("pipelines.build", "--input", str(tmp_path / "a.png"), "--output", str(tmp_path / "o"), *args)
+        proc = run_cli("tokenmill.pipelines.build", "--input", str(tmp_path / "a.png"), "--output", str(tmp_path / "o"), *args)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
@@ -238,17 +238,17 @@ def test_decode_command_gives_back_the_tokenized_image(tmp_path):
     out = tmp_path / "ds"
     assert run_build(["--input", str(tmp_path / "a.png"), "--output", str(out), "--tokenizer", "patch:16"]) == 0
     row = read_rows(out).to_pylist()[0]
-    proc = run_cli("pipelines.cli", "decode", str(out), "--id", row["id"], "--out", str(tmp_path / "back.png"))
+    proc = run_cli("tokenmill.pipelines.cli", "decode", str(out), "--id", row["id"], "--out", str(tmp_path / "back.png"))
     assert proc.returncode == 0, proc.stderr
     assert np.array_equal(np.asarray(Image.open(tmp_path / "back.png")), structured(37, 53, 2))
-    missing = run_cli("pipelines.cli", "decode", str(out), "--id", "nope", "--out", str(tmp_path / "x.png"))
+    missing = run_cli("tokenmill.pipelines.cli", "decode", str(out), "--id", "nope", "--out", str(tmp_path / "x.png"))
     assert missing.returncode == 2 and "no row with id nope" in missing.stderr
 
 
 def test_a_big_tar_is_split_into_member_ranges_read_in_parallel(tmp_path):
     from tests.conftest import TWO_PROCESSES
-    from transforms.records import BlockTask
-    from transforms.sources.images import INDEX_TAR, split_tar
+    from tokenmill.transforms.records import BlockTask
+    from tokenmill.transforms.sources.images import INDEX_TAR, split_tar
 
     src = tmp_path / "in"
     src.mkdir()

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import commands
-from reports.render import contact_sheet, token_pieces
+from tokenmill.pipelines import commands
+from tokenmill.reports.render import contact_sheet, token_pieces
 from tests.conftest import MULTILINGUAL, read_rows, video_frames_fixture
-from transforms.decoders.images import decode_image
-from transforms.tokenizers.spec import load_image_tokenizer
+from tokenmill.transforms.decoders.images import decode_image
+from tokenmill.transforms.tokenizers.spec import load_image_tokenizer
 
 
 def run_inspect(capsys, *argv: str) -> dict:

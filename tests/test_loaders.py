@@ -9,13 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from loaders import DatasetMismatchError, TokenReader, TorchTokenDataset
-from schemas.manifest import read_manifest, write_manifest
-from schemas.tables import dataset_schema, table_from_columns
-from schemas.validate import validate
+from tokenmill.loaders import DatasetMismatchError, TokenReader, TorchTokenDataset
+from tokenmill.schemas.manifest import read_manifest, write_manifest
+from tokenmill.schemas.tables import dataset_schema, table_from_columns
+from tokenmill.schemas.validate import validate
 from tests.conftest import read_rows, run_build, write_jsonl
-from transforms.records import TokenBlock, row_ids
-from transforms.write import build_manifest, write_block
+from tokenmill.transforms.records import TokenBlock, row_ids
+from tokenmill.transforms.write import build_manifest, write_block
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +162,9 @@ def test_validate_accepts_a_build_and_reports_each_kind_of_damage(tmp_path, text
 def test_validate_cli_exit_codes(tmp_path, text_dataset):
     from tests.conftest import run_cli
 
-    ok = run_cli("pipelines.cli", "validate", str(text_dataset))
+    ok = run_cli("tokenmill.pipelines.cli", "validate", str(text_dataset))
     assert ok.returncode == 0 and "ok" in ok.stdout
-    missing = run_cli("pipelines.cli", "validate", str(tmp_path))
+    missing = run_cli("tokenmill.pipelines.cli", "validate", str(tmp_path))
     assert missing.returncode == 1 and "no _manifest.json" in missing.stderr
 
 

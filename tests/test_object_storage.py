@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import logging
-import sys
 import socket
 import threading
 import time
@@ -27,11 +26,11 @@ pytestmark = pytest.mark.skipif(
 
 import fsspec  # noqa: E402
 
-from loaders.dataset import TokenReader  # noqa: E402
-from schemas.manifest import read_manifest  # noqa: E402
-from schemas.storage import is_transient, read_bytes, with_retries, write_bytes_atomic  # noqa: E402
+from tokenmill.loaders.dataset import TokenReader  # noqa: E402
+from tokenmill.schemas.manifest import read_manifest  # noqa: E402
+from tokenmill.schemas.storage import is_transient, read_bytes, with_retries, write_bytes_atomic  # noqa: E402
 from tests.conftest import MULTILINGUAL, TWO_PROCESSES, run_build, write_jsonl  # noqa: E402
-from transforms import fs  # noqa: E402
+from tokenmill.transforms import fs  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 
@@ -274,7 +273,7 @@ def test_image_bytes_round_trip_through_the_retrying_reader(stores):
 @pytest.mark.parametrize("scheme", ["s3", "gs"])
 def test_commit_lease_is_exclusive_and_reruns_are_incremental_on_object_storage(stores, text_inputs, scheme,
                                                                                  capsys):
-    from schemas.versions import ConcurrentCommitError, lease
+    from tokenmill.schemas.versions import ConcurrentCommitError, lease
 
     root = f"{scheme}://bucket/lease-{scheme}"
     # The lease is an exclusive create: S3's If-None-Match (moto honours it). For GCS,

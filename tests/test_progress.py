@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import re
 
-from schemas.manifest import read_manifest
+from tokenmill.schemas.manifest import read_manifest
 from tests.conftest import TWO_PROCESSES, run_build, write_jsonl
-from transforms.write import PROGRESS_DIR
+from tokenmill.transforms.write import PROGRESS_DIR
 
 LINE = re.compile(r"tokenmill build: progress: +(\d+)% of .*, inputs (\d+)/(\d+), rows (\d+), tokens (\d+) "
                   r"\(.*tokens/s\), errors (\d+), (.*)")

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from pipelines import commands
-from reports.stats import codebook_usage, error_summary, throughput, token_granularity
+from tokenmill.pipelines import commands
+from tokenmill.reports.stats import codebook_usage, error_summary, throughput, token_granularity
 from tests.conftest import read_rows
 
 IMG = re.compile(r'<img alt="([^"]*)" src="data:image/png;base64,([^"]+)">')

@@ -6,7 +6,7 @@ import json
 import pyarrow as pa
 import pytest
 
-from schemas.tables import DEFINED, dataset_schema, describe, read_metadata, schema_differences
+from tokenmill.schemas.tables import DEFINED, dataset_schema, describe, read_metadata, schema_differences
 from tests.conftest import run_build, run_cli, write_jsonl
 
 
@@ -46,12 +46,12 @@ def test_json_definition_names_parameters_until_given():
 
 
 def test_schema_command_prints_json_and_refuses_undefined_pairs():
-    proc = run_cli("pipelines.cli", "schema", "--modality", "image", "--kind", "soft", "--format", "json")
+    proc = run_cli("tokenmill.pipelines.cli", "schema", "--modality", "image", "--kind", "soft", "--format", "json")
     assert proc.returncode == 0
     parsed = json.loads(proc.stdout)
     assert parsed["modality"] == "image" and parsed["kind"] == "soft"
     assert [f["name"] for f in parsed["fields"]][:4] == ["id", "source", "locator", "modality"]
-    bad = run_cli("pipelines.cli", "schema", "--modality", "text", "--kind", "soft")
+    bad = run_cli("tokenmill.pipelines.cli", "schema", "--modality", "text", "--kind", "soft")
     assert bad.returncode == 2 and "no text/soft schema" in bad.stderr
 
 

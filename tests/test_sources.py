@@ -7,9 +7,9 @@ import io
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from transforms.decoders.text import decode_block
-from transforms.records import InputFile
-from transforms.sources.text import detect_format, plan_blocks, read_line_stream, read_task
+from tokenmill.transforms.decoders.text import decode_block
+from tokenmill.transforms.records import InputFile
+from tokenmill.transforms.sources.text import detect_format, plan_blocks, read_line_stream, read_task
 
 LINES = st.lists(st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\n\r"),
                          max_size=40), max_size=60)
@@ -62,7 +62,7 @@ def test_compressed_stream_blocks_cover_every_line_once(tmp_path_factory, lines,
 def test_truncated_gzip_keeps_complete_lines_and_reports_the_rest():
     data = b"".join(b'{"text": "line %d"}\n' % i for i in range(2000))
     cut = gzip.compress(data)[:-200]
-    from transforms.records import BlockTask
+    from tokenmill.transforms.records import BlockTask
 
     task = BlockTask("mem.jsonl.gz", "jsonl", "gzip", 0, len(cut), 0, len(cut))
     blocks = list(read_line_stream(io.BytesIO(cut), task, 1 << 20))
@@ -83,7 +83,7 @@ def test_detect_format(name, expected):
 
 
 def test_decode_rejects_each_bad_record_with_its_reason():
-    from transforms.records import RawBlock
+    from tokenmill.transforms.records import RawBlock
 
     lines = [b'{"text": "ok"}', b'{"text": ', b'{"body": "x"}', b'{"text": 5}', b'{"text": null}',
              b'{"meta": {"text": "nested"}}', b'\xff\xfe']
@@ -115,7 +115,7 @@ class _CountingReader(io.RawIOBase):
 
 
 def test_compressed_stream_is_read_block_by_block_not_whole():
-    from transforms.records import BlockTask
+    from tokenmill.transforms.records import BlockTask
 
     data = b"".join(b'{"text": "%d %s"}\n' % (i, bytes(str(i * 7919 % 104729), "ascii") * 20)
                     for i in range(60000))
@@ -141,9 +141,9 @@ def test_every_record_is_a_row_or_an_error(tmp_path_factory, records, block):
     """The invariant, on the pure read → decode → tokenize chain."""
     import json
 
-    from transforms.tokenize import tokenize_block
-    from transforms.tokenizers.spec import shared_text_tokenizer
-    from schemas.tables import text_hard_schema
+    from tokenmill.transforms.tokenize import tokenize_block
+    from tokenmill.transforms.tokenizers.spec import shared_text_tokenizer
+    from tokenmill.schemas.tables import text_hard_schema
 
     lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
     path = tmp_path_factory.mktemp("inv") / "x.jsonl"
@@ -171,8 +171,8 @@ def test_a_big_parquet_file_is_read_by_row_groups_in_parallel_tasks(tmp_path):
     import pyarrow.parquet as pq
 
     from tests.conftest import TWO_PROCESSES, read_rows, run_build
-    from transforms.records import InputFile
-    from transforms.sources.common import plan_parquet
+    from tokenmill.transforms.records import InputFile
+    from tokenmill.transforms.sources.common import plan_parquet
 
     path = tmp_path / "big.parquet"
     texts = [f"document {i} " + "x" * (i % 300) for i in range(4000)]

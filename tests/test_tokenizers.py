@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from tests.conftest import MULTILINGUAL
-from transforms.tokenizers.base import TokenizerSpecError
-from transforms.tokenizers.spec import load_text_tokenizer
+from tokenmill.transforms.tokenizers.base import TokenizerSpecError
+from tokenmill.transforms.tokenizers.spec import load_text_tokenizer
 
 
 def ids(tok, text):

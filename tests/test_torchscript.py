@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from loaders import TokenReader
-from schemas.manifest import read_manifest
-from schemas.validate import validate
+from tokenmill.loaders import TokenReader
+from tokenmill.schemas.manifest import read_manifest
+from tokenmill.schemas.validate import validate
 from tests.conftest import read_rows, run_build, run_cli
-from transforms.decoders.images import decode_image
-from transforms.records import row_id
+from tokenmill.transforms.decoders.images import decode_image
+from tokenmill.transforms.records import row_id
 
 
 class ContinuousEncoder(torch.nn.Module):
@@ -119,6 +119,6 @@ def test_bf16_and_misuse(tmp_path, images):
     sample = next(iter(TokenReader(str(out), shuffle=False)))
     assert sample["latents"].dtype == np.uint16  # raw bfloat16 bits; torch views them as bfloat16
     (tmp_path / "junk.jit").write_bytes(b"not a model")
-    proc = run_cli("pipelines.build", "--input", str(images / "*.png"), "--output", str(tmp_path / "o"),
+    proc = run_cli("tokenmill.pipelines.build", "--input", str(images / "*.png"), "--output", str(tmp_path / "o"),
                    "--tokenizer", f"torchscript:{tmp_path / 'junk.jit'}")
     assert proc.returncode == 2 and "cannot load TorchScript model" in proc.stderr

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from loaders.dataset import TokenReader
-from schemas.manifest import read_manifest
-from schemas.validate import validate
-from schemas.versions import ConcurrentCommitError, commit, gc
+from tokenmill.loaders.dataset import TokenReader
+from tokenmill.schemas.manifest import read_manifest
+from tokenmill.schemas.validate import validate
+from tokenmill.schemas.versions import ConcurrentCommitError, commit, gc
 from tests.conftest import read_errors, read_rows, run_build, write_jsonl
 
 
@@ -153,7 +153,7 @@ def _big_shards(folder: Path, n: int, start: int = 0, lines: int = 300) -> None:
 def _build_cmd(src: Path, out: Path, tokenizer: str = "tiktoken:cl100k_base") -> list[str]:
     import sys
 
-    return [sys.executable, "-m", "pipelines.build", "--input", str(src), "--output", str(out),
+    return [sys.executable, "-m", "tokenmill.pipelines.build", "--input", str(src), "--output", str(out),
             "--tokenizer", tokenizer, "--runner=FnApiRunner", "--direct_num_workers=1",
             "--direct_running_mode=in_memory"]
 
@@ -225,7 +225,7 @@ def test_two_concurrent_runs_leave_a_valid_dataset(tmp_path):
 
 
 def test_retokenize_builds_a_new_version_from_the_recorded_sources(tmp_path, capsys):
-    from pipelines import retokenize
+    from tokenmill.pipelines import retokenize
 
     from tests.conftest import ONE_WORKER
 
@@ -252,14 +252,14 @@ def test_gc_command_and_its_misuse(tmp_path, capsys):
     make_shards(src, 1)
     for spec in ("bytes", "tiktoken:cl100k_base"):
         assert build(capsys, src, out, tokenizer=spec)[0] == 0
-    dry = run_cli("pipelines.cli", "gc", str(out), "--keep", "1", "--dry-run")
+    dry = run_cli("tokenmill.pipelines.cli", "gc", str(out), "--keep", "1", "--dry-run")
     assert dry.returncode == 0 and "would remove 1 version(s)" in dry.stdout
     assert len(read_manifest(str(out)).versions) == 2
-    done = run_cli("pipelines.cli", "gc", str(out), "--keep", "1")
+    done = run_cli("tokenmill.pipelines.cli", "gc", str(out), "--keep", "1")
     assert done.returncode == 0 and "removed 1 version(s)" in done.stdout
     assert len(read_manifest(str(out)).versions) == 1 and validate(str(out)) == []
     for bad in (["gc", str(out), "--keep", "0"], ["gc", str(tmp_path / "nothing"), "--keep", "2"]):
-        r = run_cli("pipelines.cli", *bad)
+        r = run_cli("tokenmill.pipelines.cli", *bad)
         assert r.returncode == 2 and len([x for x in r.stderr.splitlines() if "tokenmill" in x]) == 1
 
 
@@ -268,7 +268,7 @@ def test_a_lease_left_by_a_killed_commit_is_broken(tmp_path):
     import subprocess
     import sys
 
-    from schemas.versions import LEASE_NAME, lease
+    from tokenmill.schemas.versions import LEASE_NAME, lease
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()

@@ -8,7 +8,6 @@ import fractions
 import io
 import itertools
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -21,13 +20,13 @@ import numpy as np
 import pytest
 import torch
 
-from schemas.manifest import read_manifest
+from tokenmill.schemas.manifest import read_manifest
 from tests.conftest import ONE_WORKER, REPO, TWO_PROCESSES, read_errors, read_rows, run_build
-from transforms.decoders.images import SizePolicy
-from transforms.decoders.video import ClipSpec, decode_video_task, iter_clips, plan_clips
-from transforms.records import VideoTask, row_id
-from transforms.tokenizers.patches import Patches, VideoPatchTokenizer, clip_to_patches, patches_to_clip
-from transforms.tokenizers.spec import load_video_tokenizer
+from tokenmill.transforms.decoders.images import SizePolicy
+from tokenmill.transforms.decoders.video import ClipSpec, decode_video_task, iter_clips, plan_clips
+from tokenmill.transforms.records import VideoTask, row_id
+from tokenmill.transforms.tokenizers.patches import Patches, VideoPatchTokenizer, clip_to_patches, patches_to_clip
+from tokenmill.transforms.tokenizers.spec import load_video_tokenizer
 
 NATIVE = SizePolicy.parse("native:1024")
 
@@ -184,7 +183,7 @@ def test_patches_are_cut_as_from_an_edge_padded_copy():
 def test_decord_frames_are_shared_not_copied(tmp_path):
     import decord
 
-    from transforms.decoders.video import as_numpy
+    from tokenmill.transforms.decoders.video import as_numpy
 
     reader = decord.VideoReader(str(make_video(tmp_path / "a.mp4", n=8)), ctx=decord.cpu(0), num_threads=1)
     batch = reader.get_batch([0, 3, 5])
@@ -210,7 +209,7 @@ def test_decoded_clip_patches_round_trip_to_frames(tmp_path):
 # -- codebooks ------------------------------------------------------------------
 
 def test_video_vq_and_pca_codebooks(tmp_path):
-    from transforms.tokenizers.codebook import save_npz, to_unit
+    from tokenmill.transforms.tokenizers.codebook import save_npz, to_unit
 
     rng = np.random.default_rng(0)
     codes = rng.uniform(-1, 1, (8, 2 * 4 * 4 * 3)).astype(np.float32)
@@ -229,8 +228,8 @@ def test_video_vq_and_pca_codebooks(tmp_path):
     pca = load_video_tokenizer(f"pca:{tmp_path / 'pca.npz'}")
     lat, grid = pca.encode_clip(clip)
     assert lat.shape == (8, 96) and np.array_equal(pca.decode_clip(lat, grid, 4, 8, 8), clip)
-    from transforms.tokenizers.base import TokenizerSpecError
-    from transforms.tokenizers.spec import load_image_tokenizer
+    from tokenmill.transforms.tokenizers.base import TokenizerSpecError
+    from tokenmill.transforms.tokenizers.spec import load_image_tokenizer
 
     with pytest.raises(TokenizerSpecError, match="fitted on video"):
         load_image_tokenizer(f"vq:{tmp_path / 'vq.npz'}")
@@ -312,9 +311,9 @@ def test_torchscript_video_through_the_pipeline_equals_direct_call(tmp_path, mod
 
 MEMORY_PROBE = r"""
 import sys, psutil, numpy as np
-from transforms.decoders.images import SizePolicy
-from transforms.decoders.video import ClipSpec, decode_video_task
-from transforms.records import VideoTask
+from tokenmill.transforms.decoders.images import SizePolicy
+from tokenmill.transforms.decoders.video import ClipSpec, decode_video_task
+from tokenmill.transforms.records import VideoTask
 path, decoder = sys.argv[1], sys.argv[2]
 proc = psutil.Process()
 peak, clips, base = 0, 0, None
@@ -511,7 +510,7 @@ def _video_blocks(log: list, gates: dict):
 
 
 def test_one_decoder_starts_the_next_video_before_the_last_block_is_dealt_with():
-    from transforms.decoders.video import ConcurrentVideos
+    from tokenmill.transforms.decoders.video import ConcurrentVideos
 
     log: list = []
     videos = ConcurrentVideos(1, _video_blocks(log, {}))
@@ -535,7 +534,7 @@ def test_one_decoder_starts_the_next_video_before_the_last_block_is_dealt_with()
 
 
 def test_two_decoders_decode_two_videos_at_once_and_a_failure_reaches_the_consumer():
-    from transforms.decoders.video import ConcurrentVideos
+    from tokenmill.transforms.decoders.video import ConcurrentVideos
 
     log: list = []
     a_waits = threading.Event()  # a's second block waits until b has started: both decode at once
@@ -570,7 +569,7 @@ def test_build_usage_errors_are_one_line(tmp_path, capsys):
 
 
 def test_fit_a_spacetime_codebook_then_build_with_it(tmp_path):
-    from pipelines import fit
+    from tokenmill.pipelines import fit
 
     videos = tmp_path / "in"
     videos.mkdir()
@@ -597,7 +596,7 @@ def test_fit_a_spacetime_codebook_then_build_with_it(tmp_path):
 def test_a_hung_decoder_is_abandoned_at_the_timeout(bad_videos, monkeypatch):
     import time
 
-    from transforms.decoders import video
+    from tokenmill.transforms.decoders import video
 
     def hang(self, indices):
         time.sleep(3)  # stands for a decoder stuck in native code
@@ -621,7 +620,7 @@ def build_small_patch_video(tmp_path: Path, frames: int) -> tuple[Path, Path]:
 
 
 def test_training_reader_yields_normalized_spacetime_patches_with_their_grid(tmp_path):
-    from loaders.dataset import TokenReader
+    from tokenmill.loaders.dataset import TokenReader
 
     videos, out = build_small_patch_video(tmp_path, frames=12)
     rows = {r["id"]: r for r in read_rows(out).to_pylist()}
@@ -638,13 +637,13 @@ def test_training_reader_yields_normalized_spacetime_patches_with_their_grid(tmp
 def test_decode_writes_a_contact_sheet_of_a_clips_frames(tmp_path):
     from PIL import Image
 
-    from reports.render import contact_sheet
+    from tokenmill.reports.render import contact_sheet
     from tests.conftest import run_cli
 
     videos, out = build_small_patch_video(tmp_path, frames=6)
     (row,) = read_rows(out).to_pylist()
     sheet = tmp_path / "sheet.png"
-    done = run_cli("pipelines.cli", "decode", str(out), "--id", row["id"], "--out", str(sheet))
+    done = run_cli("tokenmill.pipelines.cli", "decode", str(out), "--id", row["id"], "--out", str(sheet))
     assert done.returncode == 0, done.stderr
     (clip,) = iter_clips(str(videos / "a.mp4"), ClipSpec(frames=6), SizePolicy.parse("native:1024"))
     assert np.array_equal(np.asarray(Image.open(sheet)), contact_sheet(clip.frames))  # patches are lossless

@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from schemas.manifest import read_manifest
-from schemas.storage import RenderBuffer, write_file_direct
+from tokenmill.schemas.manifest import read_manifest
+from tokenmill.schemas.storage import RenderBuffer, write_file_direct
 from tests.conftest import REPO, read_rows, run_build
-from transforms.buffers import BufferPool
-from transforms.write import DIRECT_MIN_BYTES, write_parquet_shard
+from tokenmill.transforms.buffers import BufferPool
+from tokenmill.transforms.write import DIRECT_MIN_BYTES, write_parquet_shard
 
 
 def patch_table(rows: int, row_bytes: int, seed: int = 0) -> pa.Table:
@@ -88,7 +88,7 @@ def test_direct_io_falls_back_where_the_filesystem_refuses_it(tmp_path, monkeypa
 
 def test_render_buffer_grows_when_the_file_outgrows_it(tmp_path):
     """A table whose Parquet file is much bigger than its Arrow size (a row group per 10 bytes) still fits."""
-    from transforms.write import _render_parquet
+    from tokenmill.transforms.write import _render_parquet
 
     table = pa.table({"v": pa.array(np.arange(1 << 20) % 3, pa.int8())})
     view, size = _render_parquet(table, 10, "none")
@@ -135,7 +135,7 @@ def test_direct_io_build_equals_a_page_cache_build(tmp_path):
 
 
 def test_freed_memory_settings_apply_once_and_can_be_turned_off():
-    code = ("import ctypes; from transforms.buffers import keep_freed_memory as k; "
+    code = ("import ctypes; from tokenmill.pipelines.local import keep_freed_memory as k; "
             "print(k(), k())")
     on = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     off = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,

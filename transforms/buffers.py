@@ -16,9 +16,6 @@ CPython's reference count says exactly when the writer is done with it.
 """
 from __future__ import annotations
 
-import ctypes
-import os
-import platform
 import sys
 import threading
 
@@ -73,41 +70,3 @@ class BufferPool:
     def pooled_bytes(self) -> int:
         with self._lock:
             return sum(a.nbytes for a in self._arrays)
-
-
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_TUNED = False
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc keep freed memory for reuse instead of handing it back to the kernel at once.
-
-    Why: decoders allocate each clip's frames (10-100 MB) in their own thread,
-    and glibc gives such memory back as soon as a burst of it is freed
-    (trimming the heap, or dropping a whole thread heap); the next clip then
-    faults in fresh, zeroed pages. That was 85% of a video build's page
-    faults (perf), and on VMs whose freed memory returns to the host each
-    fault is a hypervisor exit. These are the settings glibc also reads from
-    MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_ and MALLOC_MMAP_THRESHOLD_, set
-    here because a worker's environment is fixed before our code runs: free
-    memory up to 128 MiB stays with the process, heaps grow and shrink in 32
-    MiB steps, and blocks up to 32 MiB (glibc's most) come from the heap
-    rather than fresh mappings. Measured on 2,560 frames of 640x360 video:
-    300-460k page faults became 250-300k and the build 5.5-5.9 s became
-    4.8-5.3 s. Once per process; glibc only; TOKENMILL_MALLOC_TUNING=0 skips it.
-    Returns whether the settings were applied.
-    """
-    global _TUNED
-    if _TUNED:
-        return True
-    if os.environ.get("TOKENMILL_MALLOC_TUNING") == "0" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _TUNED = all(mallopt(param, value) == 1 for param, value in (
-        (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 128 << 20), (_M_TOP_PAD, 32 << 20)))
-    return _TUNED

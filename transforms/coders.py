@@ -15,7 +15,7 @@ from typing import Any
 from apache_beam import coders
 from apache_beam.coders import coder_impl
 
-from transforms.records import ImageBlock, RawBlock, TextBlock, TokenBlock, VideoBlock
+from tokenmill.transforms.records import ImageBlock, RawBlock, TextBlock, TokenBlock, VideoBlock
 
 
 def estimated_size(block: Any) -> int:

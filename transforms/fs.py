@@ -13,8 +13,8 @@ from typing import IO, Any
 
 import fsspec
 
-from schemas.storage import with_retries
-from transforms.records import InputFile
+from tokenmill.schemas.storage import with_retries
+from tokenmill.transforms.records import InputFile
 
 GLOB_CHARS = "*?["
 

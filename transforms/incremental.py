@@ -24,10 +24,10 @@ from typing import Any, Iterator
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from schemas.manifest import Manifest
-from schemas.versions import read_current, version_dir
-from transforms.records import InputFile
-from transforms.sources.common import list_files
+from tokenmill.schemas.manifest import Manifest
+from tokenmill.schemas.versions import read_current, version_dir
+from tokenmill.transforms.records import InputFile
+from tokenmill.transforms.sources.common import list_files
 
 
 @dataclasses.dataclass(frozen=True)

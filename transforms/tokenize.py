@@ -1,4 +1,4 @@
-"""TokenizeText, TokenizeImages and TokenizeVideos: blocks → TokenBlocks (Arrow tables in the dataset schema).
+"""TokenizeBlocks: decoded blocks of any modality → TokenBlocks (Arrow tables in the dataset schema).
 
 The tokenizer is loaded once per worker in setup(); each block of documents is
 encoded in one call, straight into an Arrow list column.
@@ -13,11 +13,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 
-from schemas.tables import dataset_schema, table_from_columns, text_hard_schema
-from transforms.records import ErrorRecord, ImageBlock, TextBlock, TokenBlock, VideoBlock, row_id, row_ids
-from transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
-from transforms.tokenizers.base import ImageTokenizer, TextTokenizer, VideoTokenizer
-from transforms.tokenizers.spec import shared_image_tokenizer, shared_text_tokenizer, shared_video_tokenizer
+from tokenmill.schemas.tables import dataset_schema, table_from_columns, text_hard_schema
+from tokenmill.transforms.records import ErrorRecord, ImageBlock, TextBlock, TokenBlock, VideoBlock, row_id, row_ids
+from tokenmill.transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
+from tokenmill.transforms.tokenizers.base import ImageTokenizer, TextTokenizer, VideoTokenizer
+from tokenmill.transforms.registry import shared_tokenizer
 
 
 def tokenize_block(tokenizer: TextTokenizer, block: TextBlock, schema: pa.Schema) -> TokenBlock:
@@ -55,32 +55,6 @@ class _CountingTokenizeDoFn(beam.DoFn):
         self._tokens.inc(int(pc.sum(out.table.column("num_tokens")).as_py() or 0))
         self._rejected.inc(len(out.errors) - errors_before)
         return out
-
-
-@beam.typehints.with_output_types(TokenBlock)
-class _TokenizeBlocks(_CountingTokenizeDoFn):
-    def __init__(self, spec: str, bos: bool, eos: bool, engine: str):
-        super().__init__()
-        self._spec, self._bos, self._eos, self._engine = spec, bos, eos, engine
-
-    def setup(self) -> None:
-        self._tokenizer = shared_text_tokenizer(self._spec, self._bos, self._eos, self._engine)
-        self._schema = text_hard_schema(self._tokenizer.token_type, self._tokenizer.metadata())
-
-    def process(self, block: TextBlock) -> Iterator[TokenBlock]:
-        yield self._counted(tokenize_block(self._tokenizer, block, self._schema), len(block.errors))
-
-
-class TokenizeText(beam.PTransform):
-    """TextBlocks → TokenBlocks. Returns (blocks, failed) where failed holds blocks that raised."""
-
-    def __init__(self, spec: str, *, bos: bool = False, eos: bool = False, engine: str = "tiktoken"):
-        super().__init__()
-        self._spec, self._bos, self._eos, self._engine = spec, bos, eos, engine
-
-    def expand(self, text_blocks):
-        return text_blocks | "EncodeBlocks" >> beam.ParDo(
-            _TokenizeBlocks(self._spec, self._bos, self._eos, self._engine)).with_exception_handling()
 
 
 def _array_rows(tokenizer: ImageTokenizer | VideoTokenizer, block: ImageBlock | VideoBlock, items: list[Any],
@@ -125,23 +99,35 @@ def tokenize_video_block(tokenizer: VideoTokenizer, block: VideoBlock, schema: p
     return _array_rows(tokenizer, block, block.clips, schema, timing)
 
 
+def image_schema(tokenizer: ImageTokenizer | VideoTokenizer) -> pa.Schema:
+    return dataset_schema(tokenizer.modality, tokenizer.kind, token_dtype=str(tokenizer.token_type)
+                          if tokenizer.kind == "hard" else None, latent_dtype=tokenizer.latent_dtype,
+                          dim=tokenizer.dim or None, metadata=tokenizer.metadata())
+
+
+# How each modality's blocks become rows, and the schema of those rows.
+ROWS = {"text": (tokenize_block, lambda tok: text_hard_schema(tok.token_type, tok.metadata())),
+        "image": (tokenize_image_block, image_schema),
+        "video": (tokenize_video_block, image_schema)}
+
+
 @beam.typehints.with_output_types(TokenBlock)
-class _TokenizeArrayBlocks(_CountingTokenizeDoFn):
-    """Image or video blocks through their tokenizer, loaded once per worker."""
+class _TokenizeBlocks(_CountingTokenizeDoFn):
+    """Blocks through their tokenizer, loaded once per worker (shared by the workers of a process)."""
 
     def __init__(self, modality: str, spec: str, options: tuple[tuple[str, Any], ...], threads: int = 1):
         super().__init__()
         self._modality, self._spec, self._options, self._threads = modality, spec, options, threads
 
     def setup(self) -> None:
-        load, self._encode = ((shared_video_tokenizer, tokenize_video_block) if self._modality == "video" else
-                              (shared_image_tokenizer, tokenize_image_block))
-        self._tokenizer = load(self._spec, self._options)
-        self._schema = image_schema(self._tokenizer)
-        if self._threads > 1 and self._tokenizer.parallel_items and self._tokenizer.item_pool is None:
+        self._tokenizer = shared_tokenizer(self._spec, self._modality, self._options)
+        self._encode, schema = ROWS[self._modality]
+        self._schema = schema(self._tokenizer)
+        if self._threads > 1 and getattr(self._tokenizer, "parallel_items", False) \
+                and self._tokenizer.item_pool is None:
             # One BLAS thread per item and items on `threads` threads: a 1024 x 768
             # by 768 x 256 code search scales across images, not inside one
-            # (measured: vq K=256 on 1,000 images, see README "Overlap").
+            # (measured: vq K=256 on 1,000 images, docs/benchmarks.md).
             from concurrent.futures import ThreadPoolExecutor
 
             from threadpoolctl import threadpool_limits
@@ -149,31 +135,22 @@ class _TokenizeArrayBlocks(_CountingTokenizeDoFn):
             threadpool_limits(limits=1, user_api="blas")
             self._tokenizer.item_pool = ThreadPoolExecutor(self._threads, thread_name_prefix="tokenmill-encode")
 
-    def process(self, block: ImageBlock | VideoBlock) -> Iterator[TokenBlock]:
+    def process(self, block: TextBlock | ImageBlock | VideoBlock) -> Iterator[TokenBlock]:
         yield self._counted(self._encode(self._tokenizer, block, self._schema), len(block.errors))
 
 
-def image_schema(tokenizer: ImageTokenizer | VideoTokenizer) -> pa.Schema:
-    return dataset_schema(tokenizer.modality, tokenizer.kind, token_dtype=str(tokenizer.token_type)
-                          if tokenizer.kind == "hard" else None, latent_dtype=tokenizer.latent_dtype,
-                          dim=tokenizer.dim or None, metadata=tokenizer.metadata())
+class TokenizeBlocks(beam.PTransform):
+    """Decoded blocks of one modality → TokenBlocks, through any tokenizer of the registry.
 
+    Returns (blocks, failed), where failed holds the blocks that raised.
+    """
 
-class TokenizeImages(beam.PTransform):
-    """ImageBlocks → TokenBlocks. Returns (blocks, failed)."""
-
-    modality = "image"
-
-    def __init__(self, spec: str, options: tuple[tuple[str, Any], ...] = (), threads: int = 1):
+    def __init__(self, modality: str, spec: str, options: tuple[tuple[str, Any], ...] = (), threads: int = 1,
+                 label: str = "EncodeBlocks"):
         super().__init__()
-        self._spec, self._options, self._threads = spec, options, threads
+        self._modality, self._spec, self._options, self._threads, self._label = \
+            modality, spec, tuple(options), threads, label
 
     def expand(self, blocks):
-        return blocks | f"Encode{self.modality.capitalize()}Blocks" >> beam.ParDo(
-            _TokenizeArrayBlocks(self.modality, self._spec, self._options, self._threads)).with_exception_handling()
-
-
-class TokenizeVideos(TokenizeImages):
-    """VideoBlocks → TokenBlocks, one row per clip. Returns (blocks, failed)."""
-
-    modality = "video"
+        return blocks | self._label >> beam.ParDo(
+            _TokenizeBlocks(self._modality, self._spec, self._options, self._threads)).with_exception_handling()

@@ -29,14 +29,14 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 from fsspec.implementations.local import LocalFileSystem
 
-from schemas.manifest import DATA_DIR, ERRORS_DIR, Manifest, now_iso, tokenmill_version
-from schemas.storage import (DIRECT_ALIGN, join, local_atomic_path, local_render_buffer, read_bytes,
+from tokenmill.schemas.manifest import DATA_DIR, ERRORS_DIR, Manifest, now_iso, tokenmill_version
+from tokenmill.schemas.storage import (DIRECT_ALIGN, join, local_atomic_path, local_render_buffer, read_bytes,
                              write_bytes_atomic, write_file_direct)
-from schemas.tables import ERROR_SCHEMA, read_metadata
-from schemas.versions import commit
-from transforms.incremental import RunPlan, plan_run
-from transforms.tokenizers.base import FatalTokenizerError
-from transforms.records import (BlockTask, ErrorRecord, ImageBlock, InputFile, RawBlock, ShardResult,
+from tokenmill.schemas.tables import ERROR_SCHEMA, read_metadata
+from tokenmill.schemas.versions import commit
+from tokenmill.transforms.incremental import RunPlan, plan_run
+from tokenmill.transforms.tokenizers.base import FatalTokenizerError
+from tokenmill.transforms.records import (BlockTask, ErrorRecord, ImageBlock, InputFile, RawBlock, ShardResult,
                                 TextBlock, TokenBlock, VideoBlock, VideoTask, shard_name)
 
 PARQUET_OPTIONS: dict[str, Any] = {
@@ -417,7 +417,8 @@ class CarryOverShards(beam.PTransform):
 
 def build_manifest(results: list[ShardResult], files: list[InputFile], plan: RunPlan | None = None, *,
                    modality: str, tokenizer: dict[str, Any], options: dict[str, Any],
-                   build_args: list[str] | None = None, started_at: float | None = None) -> Manifest:
+                   build_args: list[str] | None = None, spec: dict[str, Any] | None = None,
+                   started_at: float | None = None) -> Manifest:
     """The manifest of a finished run (outside a build, `plan` may be left out).
 
     Refuses shards made by another tokenizer.
@@ -456,6 +457,7 @@ def build_manifest(results: list[ShardResult], files: list[InputFile], plan: Run
         tokenmill_version=tokenmill_version(),
         version=plan.version,
         build_args=list(build_args or []),
+        spec=dict(spec or {}),
         timing=run_timing(results, started_at),
     )
 
@@ -494,11 +496,11 @@ class CommitManifest(beam.PTransform):
 
     def __init__(self, root: str, files, plan, *, modality: str, tokenizer: dict[str, Any],
                  options: dict[str, Any], build_args: list[str] | None = None,
-                 started_at: float | None = None):
+                 spec: dict[str, Any] | None = None, started_at: float | None = None):
         super().__init__()
         self._root, self._files, self._plan = root, files, plan
         self._kwargs = {"modality": modality, "tokenizer": tokenizer, "options": options,
-                        "build_args": build_args, "started_at": started_at}
+                        "build_args": build_args, "spec": spec, "started_at": started_at}
 
     def expand(self, results):
         all_files = self._files | "GatherInputs" >> beam.combiners.ToList()

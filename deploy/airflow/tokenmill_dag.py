@@ -55,7 +55,7 @@ with DAG(
     build = BeamRunPythonPipelineOperator(
         task_id="tokenmill_build",
         runner=RUNNER,
-        py_file="pipelines.build",
+        py_file="tokenmill.pipelines.build",
         py_options=["-m"],
         pipeline_options=pipeline_options(),  # the worker's own Python, where tokenmill is installed
     )

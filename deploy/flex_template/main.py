@@ -27,7 +27,7 @@ def to_build_argv(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines import build
+    from tokenmill.pipelines import build
 
     return build.run(to_build_argv(list(sys.argv[1:] if argv is None else argv)))
 

@@ -23,11 +23,11 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 from PIL import Image, ImageOps
 
-from transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
-from transforms.records import ImageBlock
+from tokenmill.transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
+from tokenmill.transforms.records import ImageBlock
 
 if TYPE_CHECKING:
-    from transforms.records import RawBlock
+    from tokenmill.transforms.records import RawBlock
 
 DEFAULT_MAX_PIXELS = 64_000_000
 
@@ -116,7 +116,7 @@ def _decode_or_error(item: tuple[str, str, bytes], policy: SizePolicy, max_pixel
     """(image, info), or the ErrorRecord that says why the record could not be decoded."""
     from PIL import UnidentifiedImageError
 
-    from transforms.records import ErrorRecord
+    from tokenmill.transforms.records import ErrorRecord
 
     loc, src, data = item
     try:
@@ -136,7 +136,7 @@ def decode_image_block(raw: "RawBlock", policy: SizePolicy, max_pixels: int,
     With a thread pool the records decode in parallel (Pillow releases the GIL
     while it decodes and resizes); results keep the block's order either way.
     """
-    from transforms.records import ErrorRecord, ImageBlock
+    from tokenmill.transforms.records import ErrorRecord, ImageBlock
 
     sources = raw.sources or [raw.source] * len(raw.locators)
     metas = raw.metas or [None] * len(raw.locators)
@@ -193,7 +193,7 @@ class _DecodeImageBlocks(beam.DoFn):
         try:
             return decode_image_block(raw, self._policy, self._max_pixels, self._pool)
         except Exception as e:  # noqa: BLE001 - every record still ends as a row or an error row
-            from transforms.records import ErrorRecord
+            from tokenmill.transforms.records import ErrorRecord
 
             sources = raw.sources or [raw.source] * len(raw.locators)
             errors = list(raw.errors) + [

@@ -12,8 +12,8 @@ import orjson
 import pyarrow as pa
 from apache_beam.metrics import Metrics
 
-from transforms.records import ErrorRecord, RawBlock, TextBlock
-from transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
+from tokenmill.transforms.records import ErrorRecord, RawBlock, TextBlock
+from tokenmill.transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
 
 
 def _field_path(text_field: str) -> list[str]:

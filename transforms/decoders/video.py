@@ -40,13 +40,12 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms.buffers import keep_freed_memory
-from transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
-from transforms.decoders.images import SizePolicy
-from transforms.records import VideoBlock
+from tokenmill.transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
+from tokenmill.transforms.decoders.images import SizePolicy
+from tokenmill.transforms.records import VideoBlock
 
 if TYPE_CHECKING:
-    from transforms.records import VideoTask
+    from tokenmill.transforms.records import VideoTask
 
 DECODERS = ("decord", "pyav")
 DEFAULT_CLIP_FRAMES = 16
@@ -499,7 +498,7 @@ class local_copy:
         self._task, self._tmp = task, None
 
     def __enter__(self) -> str:
-        from transforms import fs
+        from tokenmill.transforms import fs
 
         task = self._task
         if not task.member and fs.is_local(task.source):
@@ -536,7 +535,7 @@ def decode_video_task(task: "VideoTask", spec: ClipSpec, policy: SizePolicy, *, 
     `decoded()` is called (at least once) when the decoder has no more work for
     this video (see iter_clips).
     """
-    from transforms.records import ErrorRecord, VideoBlock
+    from tokenmill.transforms.records import ErrorRecord, VideoBlock
 
     block = task.block
 
@@ -689,7 +688,6 @@ class _DecodeVideoTasks(beam.DoFn):
         self._rejected = Metrics.counter("tokenmill", "decode_errors")
 
     def setup(self) -> None:
-        keep_freed_memory()
         self._videos = ConcurrentVideos(self._decoders, lambda task, decoded: decode_video_task(
             task, self._spec, self._policy, decoder=self._decoder, timeout=self._timeout,
             block_bytes=self._block_bytes, decoded=decoded))

@@ -5,8 +5,8 @@ from typing import Callable, Iterator
 
 import apache_beam as beam
 
-from transforms import fs
-from transforms.records import BlockTask, ErrorRecord, InputFile
+from tokenmill.transforms import fs
+from tokenmill.transforms.records import BlockTask, ErrorRecord, InputFile
 
 
 def list_files(patterns: list[str]) -> list[InputFile]:

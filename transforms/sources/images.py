@@ -21,13 +21,13 @@ from typing import IO, Iterator
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms import fs
-from transforms.records import BlockTask, ErrorRecord, InputFile, RawBlock
-from transforms.incremental import Incremental, ListInputs, RunPlan
-from transforms.sources.common import (BLOCKS_PER_ROW_GROUP, INDEX_PARQUET, SpreadAndSplit, parquet_placeholder,
+from tokenmill.transforms import fs
+from tokenmill.transforms.records import BlockTask, ErrorRecord, InputFile, RawBlock
+from tokenmill.transforms.incremental import Incremental, ListInputs, RunPlan
+from tokenmill.transforms.sources.common import (BLOCKS_PER_ROW_GROUP, INDEX_PARQUET, SpreadAndSplit, parquet_placeholder,
                                        parquet_row_groups, plan_parquet)
-from transforms.sources.tars import index_tar, safe_member
-from transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
+from tokenmill.transforms.sources.tars import index_tar, safe_member
+from tokenmill.transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 SIDECAR_EXTENSIONS = (".json", ".txt")

@@ -14,8 +14,8 @@ import json
 import posixpath
 import tarfile
 
-from transforms import fs
-from transforms.records import ErrorRecord
+from tokenmill.transforms import fs
+from tokenmill.transforms.records import ErrorRecord
 
 
 @dataclasses.dataclass(frozen=True)

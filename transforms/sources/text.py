@@ -22,11 +22,11 @@ from typing import IO, Iterator
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from transforms import fs
-from transforms.records import BlockTask, ErrorRecord, InputFile, RawBlock
-from transforms.incremental import Incremental, ListInputs, RunPlan
-from transforms.sources.common import BLOCKS_PER_ROW_GROUP, SpreadOverWorkers, parquet_row_groups, plan_parquet
-from transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
+from tokenmill.transforms import fs
+from tokenmill.transforms.records import BlockTask, ErrorRecord, InputFile, RawBlock
+from tokenmill.transforms.incremental import Incremental, ListInputs, RunPlan
+from tokenmill.transforms.sources.common import BLOCKS_PER_ROW_GROUP, SpreadOverWorkers, parquet_row_groups, plan_parquet
+from tokenmill.transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
 
 DEFAULT_BLOCK_BYTES = 8 << 20
 DEFAULT_MAX_DOC_BYTES = 64 << 20

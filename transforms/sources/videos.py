@@ -15,10 +15,10 @@ from typing import Iterator
 
 import apache_beam as beam
 
-from transforms.records import ErrorRecord, InputFile, VideoTask
-from transforms.incremental import Incremental, ListInputs, RunPlan
-from transforms.sources.common import SpreadOverWorkers
-from transforms.sources.tars import index_tar
+from tokenmill.transforms.records import ErrorRecord, InputFile, VideoTask
+from tokenmill.transforms.incremental import Incremental, ListInputs, RunPlan
+from tokenmill.transforms.sources.common import SpreadOverWorkers
+from tokenmill.transforms.sources.tars import index_tar
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi")
 

@@ -14,8 +14,8 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from schemas.tables import token_type_for_vocab
-from transforms.buffers import BufferPool
+from tokenmill.schemas.tables import numpy_dtype, token_type_for_vocab
+from tokenmill.transforms.buffers import BufferPool
 
 
 class TokenizerSpecError(ValueError):
@@ -31,6 +31,13 @@ class FatalTokenizerError(RuntimeError):
 
 def sha256_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _text_policy_options():
+    from tokenmill.transforms.registry import Option
+
+    return (Option("eos", "append the tokenizer's EOS token to every document", type=None, default=False),
+            Option("bos", "prepend the tokenizer's BOS token to every document", type=None, default=False))
 
 
 class Tokenizer(abc.ABC):
@@ -169,7 +176,7 @@ class TextTokenizer(Tokenizer):
         np.cumsum(lengths, out=offsets[1:])
         values = np.concatenate(parts).astype(np.uint32, copy=False) if parts else np.zeros(0, np.uint32)
         value_type = self.token_type
-        values_arr = pa.array(values.astype(value_type.to_pandas_dtype(), copy=False), type=value_type)
+        values_arr = pa.array(values.astype(numpy_dtype(value_type), copy=False), type=value_type)
         column = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values_arr,
                                           type=pa.list_(pa.field("element", value_type, nullable=False)))
         return column, failures
@@ -203,7 +210,7 @@ class _ArrayTokenizer(Tokenizer):
     def token_type(self) -> pa.DataType:
         if self.kind == "hard":
             return token_type_for_vocab(self.vocab_size)
-        from schemas.tables import LATENT_STORAGE
+        from tokenmill.schemas.tables import LATENT_STORAGE
 
         return LATENT_STORAGE[self.latent_dtype]
 
@@ -222,7 +229,7 @@ class _ArrayTokenizer(Tokenizer):
             out, grid = result
             parts.append(out)
             grids.append(grid)
-        numpy_type = np.dtype(self.token_type.to_pandas_dtype()).newbyteorder("<")
+        numpy_type = numpy_dtype(self.token_type).newbyteorder("<")
         # One copy of every item, in C order, into the column's buffer: items
         # may be views, which a reshape(-1) would copy first, or Patches that
         # write themselves (patches.py).

@@ -25,9 +25,9 @@ from typing import Any, Sequence
 import numpy as np
 import tiktoken
 
-from schemas.storage import read_bytes
-from transforms.tokenizers.base import TextTokenizer, TokenizerSpecError
-from transforms.tokenizers.engines import CHECK_EVERY
+from tokenmill.schemas.storage import read_bytes
+from tokenmill.transforms.tokenizers.base import TextTokenizer, TokenizerSpecError
+from tokenmill.transforms.tokenizers.engines import CHECK_EVERY
 
 ENDOFTEXT = "<|endoftext|>"
 
@@ -64,7 +64,7 @@ def _bundled_o200k() -> dict[str, Any]:
     import gzip
     from importlib import resources
 
-    contents = gzip.decompress(resources.files("transforms.tokenizers.data")
+    contents = gzip.decompress(resources.files("tokenmill.transforms.tokenizers.data")
                                .joinpath("o200k_base.tiktoken.gz").read_bytes())
     digest = hashlib.sha256(contents).hexdigest()
     if digest != O200K_SHA256:
@@ -143,7 +143,7 @@ class TiktokenTokenizer(TextTokenizer):
             self._engine = self._load_engine(engine)
 
     def _load_engine(self, engine: str):
-        from transforms.tokenizers.engines import DIFFERENTIAL_CORPUS, first_difference, load_engine
+        from tokenmill.transforms.tokenizers.engines import DIFFERENTIAL_CORPUS, first_difference, load_engine
 
         if self._ranks_sha256 not in (CL100K_SHA256, O200K_SHA256):
             raise TokenizerSpecError(f"--engine {engine} supports cl100k_base and o200k_base only")
@@ -169,7 +169,7 @@ class TiktokenTokenizer(TextTokenizer):
         ids = self._engine.encode(text)
         self._checked += 1
         if self._checked % CHECK_EVERY == 1:  # spot-check against the reference, from the first document on
-            from transforms.tokenizers.engines import EngineMismatchError, first_difference
+            from tokenmill.transforms.tokenizers.engines import EngineMismatchError, first_difference
 
             diff = first_difference(lambda _: ids, self._reference, [text])
             if diff:
@@ -190,3 +190,31 @@ class TiktokenTokenizer(TextTokenizer):
 
     def token_bytes(self, token_id: int) -> bytes:
         return self.encoding.decode_single_token_bytes(int(token_id))
+
+
+def load(spec: str, arg: str, modality: str, *, bos: bool = False, eos: bool = False,
+         engine: str = "tiktoken") -> TiktokenTokenizer:
+    from tokenmill.transforms.tokenizers.engines import engine_names
+
+    if engine not in engine_names():
+        raise TokenizerSpecError(f"unknown --engine {engine!r} (engines: {', '.join(engine_names())})")
+    if arg not in OFFLINE_ENCODINGS and "/" not in arg and "." not in arg:
+        raise TokenizerSpecError(
+            f"unknown tiktoken encoding {arg!r}: available offline: "
+            f"{', '.join(sorted(OFFLINE_ENCODINGS))}, or give a path/URI to a .tiktoken file")
+    return TiktokenTokenizer(spec, arg, bos=bos, eos=eos, engine=engine)
+
+
+def _family():
+    from tokenmill.transforms.registry import Option, TokenizerFamily
+    from tokenmill.transforms.tokenizers.base import _text_policy_options
+    engine = Option("engine", "BPE engine for tiktoken vocabularies: tiktoken (the reference, default) or "
+                    "bpe-openai (faster, extra tokenmill[fast]; verified against tiktoken before and during the "
+                    "build, which stops on any difference). IDs and fingerprint are the same.",
+                    default="tiktoken", metavar="ENGINE")
+    return TokenizerFamily("tiktoken", ("text",), ("tiktoken:cl100k_base", "tiktoken:o200k_base",
+                                                   "tiktoken:PATH_OR_URI"),
+                           loader=f"{__name__}:load", options=(engine, *_text_policy_options()))
+
+
+FAMILY = _family()

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from transforms.tokenizers.base import TextTokenizer
+from tokenmill.transforms.tokenizers.base import TextTokenizer
 
 ENDOFTEXT = "<|endoftext|>"
 BOS = "<|bos|>"
@@ -48,3 +48,18 @@ class ByteTokenizer(TextTokenizer):
 
     def token_bytes(self, token_id: int) -> bytes:
         return bytes([token_id]) if token_id < 256 else self.decode([token_id]).encode()
+
+
+def load(spec: str, arg: str, modality: str, *, bos: bool = False, eos: bool = False) -> "ByteTokenizer":
+    return ByteTokenizer(spec, bos=bos, eos=eos)
+
+
+def _family():
+    from tokenmill.transforms.registry import TokenizerFamily
+    from tokenmill.transforms.tokenizers.base import _text_policy_options
+
+    return TokenizerFamily("bytes", ("text",), ("bytes",), loader=f"{__name__}:load",
+                           options=_text_policy_options(), bare=True)
+
+
+FAMILY = _family()

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from schemas.storage import read_bytes
-from transforms.tokenizers.base import ImageTokenizer, TokenizerSpecError, VideoTokenizer
-from transforms.tokenizers.patches import (NORMALIZATION, clip_to_patches, image_to_patches, multiple_padding,
+from tokenmill.schemas.storage import read_bytes
+from tokenmill.transforms.tokenizers.base import ImageTokenizer, TokenizerSpecError, VideoTokenizer
+from tokenmill.transforms.tokenizers.patches import (NORMALIZATION, clip_to_patches, image_to_patches, multiple_padding,
                                            patches_to_clip, patches_to_image)
 
 
@@ -199,3 +199,21 @@ class VideoVQTokenizer(_VQ, VideoTokenizer):
 
 class VideoPCATokenizer(_PCA, VideoTokenizer):
     """pca: on clips: one latent per T x P x P spacetime patch."""
+
+
+def load(spec: str, arg: str, modality: str):
+    """A fitted vq codebook or pca bottleneck (`tokenmill fit`), for images or clips."""
+    family = spec.partition(":")[0]
+    classes = {("vq", "image"): VQTokenizer, ("pca", "image"): PCATokenizer,
+               ("vq", "video"): VideoVQTokenizer, ("pca", "video"): VideoPCATokenizer}
+    return classes[family, modality](spec, arg)
+
+
+def _families():
+    from tokenmill.transforms.registry import TokenizerFamily
+
+    return tuple(TokenizerFamily(name, ("image", "video"), (f"{name}:PATH_OR_URI",), loader=f"{__name__}:load")
+                 for name in ("vq", "pca"))
+
+
+VQ_FAMILY, PCA_FAMILY = _families()

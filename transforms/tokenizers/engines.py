@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from transforms.tokenizers.base import FatalTokenizerError
+from tokenmill.transforms.tokenizers.base import FatalTokenizerError
 
 CHECK_EVERY = 64
 

@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from schemas.storage import join, read_bytes
-from transforms.tokenizers.base import TextTokenizer, TokenizerSpecError
+from tokenmill.schemas.storage import join, read_bytes
+from tokenmill.transforms.tokenizers.base import TextTokenizer, TokenizerSpecError
 
 _EOS_GUESSES = ("<|endoftext|>", "</s>", "<eos>", "[SEP]")
 _BOS_GUESSES = ("<|begin_of_text|>", "<s>", "<bos>", "[CLS]", "<|endoftext|>")
@@ -76,3 +76,18 @@ class HFTokenizer(TextTokenizer):
 
     def token_bytes(self, token_id: int) -> bytes:
         return self.decode([token_id]).encode("utf-8")
+
+
+def load(spec: str, arg: str, modality: str, *, bos: bool = False, eos: bool = False) -> HFTokenizer:
+    return HFTokenizer(spec, arg, bos=bos, eos=eos)
+
+
+def _family():
+    from tokenmill.transforms.registry import TokenizerFamily
+    from tokenmill.transforms.tokenizers.base import _text_policy_options
+
+    return TokenizerFamily("hf", ("text",), ("hf:PATH_OR_URI",), loader=f"{__name__}:load",
+                           options=_text_policy_options(), extra="hf", requires=("tokenizers",))
+
+
+FAMILY = _family()

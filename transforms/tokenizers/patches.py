@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from transforms.tokenizers.base import ImageTokenizer, TokenizerSpecError, VideoTokenizer
+from tokenmill.transforms.tokenizers.base import ImageTokenizer, TokenizerSpecError, VideoTokenizer
 
 NORMALIZATION = {"scale": 1 / 127.5, "offset": -1.0, "range": [-1.0, 1.0]}
 
@@ -188,3 +188,25 @@ class VideoPatchTokenizer(VideoTokenizer):
     def decode_clip(self, tokens: np.ndarray, grid: tuple[int, int, int], frames: int, height: int,
                     width: int) -> np.ndarray:
         return patches_to_clip(tokens, grid, self.frames, self.patch, frames, height, width)
+
+
+def load(spec: str, arg: str, modality: str) -> ImageTokenizer | VideoTokenizer:
+    """patch:P cuts images (and frames) into P x P patches; patch:T,P cuts clips into T x P x P tubes."""
+    if modality == "video":
+        t, comma, p = arg.partition(",")
+        if not (comma and t.isdigit() and p.isdigit()):
+            raise TokenizerSpecError(f"video patch spec needs frames and size: patch:2,16, not {spec!r}")
+        return VideoPatchTokenizer(spec, int(t), int(p))
+    if not arg.isdigit():
+        raise TokenizerSpecError(f"patch spec needs a size: patch:16, not {spec!r}")
+    return PatchTokenizer(spec, int(arg))
+
+
+def _family():
+    from tokenmill.transforms.registry import TokenizerFamily
+
+    return TokenizerFamily("patch", ("image", "video"), ("patch:P (images)", "patch:T,P (videos)"),
+                           loader=f"{__name__}:load", modality_of=lambda arg: "video" if "," in arg else "image")
+
+
+FAMILY = _family()

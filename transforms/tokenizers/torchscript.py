@@ -24,8 +24,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from schemas.storage import read_bytes
-from transforms.tokenizers.base import ImageTokenizer, TokenizerSpecError, VideoTokenizer
+from tokenmill.schemas.storage import read_bytes
+from tokenmill.transforms.tokenizers.base import ImageTokenizer, TokenizerSpecError, VideoTokenizer
 
 DTYPES = ("fp32", "bf16")
 
@@ -98,7 +98,7 @@ class _LoadedModel:
                          "input_range": [-1.0, 1.0]},
             "fingerprint": fingerprint}
         if self.kind == "hard":
-            from schemas.tables import token_type_for_vocab
+            from tokenmill.schemas.tables import token_type_for_vocab
 
             meta.update(vocab_size=self.vocab_size, token_dtype=str(token_type_for_vocab(self.vocab_size)))
         else:
@@ -235,3 +235,35 @@ class TorchScriptVideoTokenizer(_TorchScriptTokenizer, VideoTokenizer):
 
     def encode_clip(self, clip: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
         return self._only(self.encode_clips([clip]))
+
+
+def load(spec: str, arg: str, modality: str, *, temporal_factor: int = 8, **options: Any):
+    if modality == "video":
+        return TorchScriptVideoTokenizer(spec, arg, temporal_factor=temporal_factor, **options)
+    return TorchScriptImageTokenizer(spec, arg, **options)
+
+
+def neural_options():
+    """Options every neural encoder family takes (torch device, input dtype, batching, padding)."""
+    from tokenmill.transforms.registry import Option
+
+    return (
+        Option("device", "torch device, e.g. cpu or cuda:0 (default: cpu)", default="cpu"),
+        Option("dtype", "model input dtype (default: fp32)", default="fp32", choices=("fp32", "bf16")),
+        Option("batch_size", "images per model call (default: 8)", type=int, default=8),
+        Option("pad_multiple", "pad H and W (edge, bottom/right) to a multiple of this (default: 16)", type=int,
+               default=16),
+        Option("vocab_size", "codes of a discrete encoder that does not declare them", type=int),
+        Option("temporal_factor", "video encoders: clips are edge-padded to 1 + k x N frames (default: 8)",
+               type=int, default=8, metavar="N"),
+    )
+
+
+def _family():
+    from tokenmill.transforms.registry import TokenizerFamily
+
+    return TokenizerFamily("torchscript", ("image", "video"), ("torchscript:PATH_OR_URI",),
+                           loader=f"{__name__}:load", options=neural_options(), extra="torch", requires=("torch",))
+
+
+FAMILY = _family()

@@ -1,4 +1,4 @@
-"""The SDK worker command when workers are forked warm (pipelines/local_workers.py).
+"""The SDK worker command when workers are forked warm (pipelines/local/zygote.py).
 
 Run as `python -I -S _worker_client.py SOCKET` by Beam's runner: it passes this
 process's environment (the runner's control and logging addresses, the

@@ -9,7 +9,7 @@ on a 1,000-image build that is more than the work itself.
 
 A `WorkerZygote` is forked from the launcher once everything is imported and
 before the runner starts any gRPC thread (fork is only safe without them). The
-runner's worker command becomes a stdlib-only client (`_client.py`, run with
+runner's worker command becomes a stdlib-only client (`_worker_client.py`, run with
 `python -I -S`, about 20 ms) that hands the zygote its environment and stdio;
 the zygote forks a child that becomes the SDK worker through Beam's own
 `sdk_worker_main.main`, already warm. The client reports the worker's exit
@@ -17,7 +17,8 @@ status, so the runner sees the process it asked for. The worker is the same
 code with the same options: only its start is cheaper.
 
 Linux only (fork after imports is not safe on macOS); elsewhere, or with
-TOKENMILL_FORK_WORKERS=0, Beam starts workers its own way.
+TOKENMILL_FORK_WORKERS=0, Beam starts workers its own way. Used only through
+pipelines/local (the local runner's seam).
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ from pathlib import Path
 
 CLIENT = Path(__file__).with_name("_worker_client.py")
 _HEADER = 8  # bytes: length of the JSON environment that follows
+# Thread-count variables of BLAS and OpenMP, read by numpy's BLAS at load time.
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 _pipelines_run = 0
@@ -217,10 +220,8 @@ def _limit_threads() -> None:
 
     A fresh worker's OpenBLAS reads OPENBLAS_NUM_THREADS when numpy loads it; a
     forked one inherited the launcher's pool (a thread per core), so N workers
-    would fight over N cores (pipelines/runners.one_blas_thread_per_worker).
+    would fight over N cores (pipelines/local.limit_threads).
     """
-    from pipelines.runners import BLAS_THREAD_VARIABLES
-
     limits = [int(os.environ[v]) for v in BLAS_THREAD_VARIABLES if os.environ.get(v, "").isdigit()]
     if limits:
         from threadpoolctl import threadpool_limits

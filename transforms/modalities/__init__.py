@@ -1,0 +1,1 @@
+"""Modality plug-ins: text, image and video, registered in transforms/registry.py."""
