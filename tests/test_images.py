@@ -247,8 +247,8 @@ def test_decode_command_gives_back_the_tokenized_image(tmp_path):
 
 def test_a_big_tar_is_split_into_member_ranges_read_in_parallel(tmp_path):
     from tests.conftest import TWO_PROCESSES
-    from tokenmill.transforms.records import BlockTask
-    from tokenmill.transforms.sources.images import INDEX_TAR, split_tar
+    from tokenmill.transforms.records import TarIndexTask
+    from tokenmill.transforms.sources.images import split_tar
 
     src = tmp_path / "in"
     src.mkdir()
@@ -260,7 +260,7 @@ def test_a_big_tar_is_split_into_member_ranges_read_in_parallel(tmp_path):
                 ti.size = len(data)
                 tar.addfile(ti, io.BytesIO(data))
     size = (src / "big.tar").stat().st_size
-    tasks, errors = split_tar(BlockTask(str(src / "big.tar"), INDEX_TAR, "", 0, size, 0, size), 64)
+    tasks, errors = split_tar(TarIndexTask(str(src / "big.tar"), 0, size), 64)
     assert errors == [] and [len(t.entries) for t in tasks] == [64, 64, 22] and [t.block for t in tasks] == [0, 1, 2]
     tables = []
     for name, runner in (("one", None), ("two", TWO_PROCESSES)):

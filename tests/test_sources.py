@@ -62,9 +62,9 @@ def test_compressed_stream_blocks_cover_every_line_once(tmp_path_factory, lines,
 def test_truncated_gzip_keeps_complete_lines_and_reports_the_rest():
     data = b"".join(b'{"text": "line %d"}\n' % i for i in range(2000))
     cut = gzip.compress(data)[:-200]
-    from tokenmill.transforms.records import BlockTask
+    from tokenmill.transforms.records import TextStreamTask
 
-    task = BlockTask("mem.jsonl.gz", "jsonl", "gzip", 0, len(cut), 0, len(cut))
+    task = TextStreamTask("mem.jsonl.gz", 0, len(cut), fmt="jsonl", compression="gzip")
     blocks = list(read_line_stream(io.BytesIO(cut), task, 1 << 20))
     records = [p for b in blocks for p in b.payloads]
     errors = [e for b in blocks for e in b.errors]
@@ -115,13 +115,13 @@ class _CountingReader(io.RawIOBase):
 
 
 def test_compressed_stream_is_read_block_by_block_not_whole():
-    from tokenmill.transforms.records import BlockTask
+    from tokenmill.transforms.records import TextStreamTask
 
     data = b"".join(b'{"text": "%d %s"}\n' % (i, bytes(str(i * 7919 % 104729), "ascii") * 20)
                     for i in range(60000))
     packed = gzip.compress(data)
     f = _CountingReader(packed)
-    task = BlockTask("mem.jsonl.gz", "jsonl", "gzip", 0, len(packed), 0, len(packed))
+    task = TextStreamTask("mem.jsonl.gz", 0, len(packed), fmt="jsonl", compression="gzip")
     blocks = read_line_stream(f, task, 1 << 20)
     first = next(blocks)
     assert first.nbytes >= 1 << 20
@@ -178,8 +178,8 @@ def test_a_big_parquet_file_is_read_by_row_groups_in_parallel_tasks(tmp_path):
     texts = [f"document {i} " + "x" * (i % 300) for i in range(4000)]
     pq.write_table(pa.table({"text": texts}), path, row_group_size=250)  # 16 row groups
     tasks = plan_parquet(InputFile(str(path), path.stat().st_size, "t"), budget_bytes=40_000)
-    assert len(tasks) > 4 and tasks[0].start == 0 and tasks[-1].end == 16
-    assert all(a.end == b.start for a, b in zip(tasks, tasks[1:]))  # every row group once, in order
+    assert len(tasks) > 4 and tasks[0].first_group == 0 and tasks[-1].end_group == 16
+    assert all(a.end_group == b.first_group for a, b in zip(tasks, tasks[1:]))  # every row group once, in order
     outs = []
     for name, runner in (("one", None), ("two", TWO_PROCESSES)):
         out = tmp_path / name

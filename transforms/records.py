@@ -6,6 +6,10 @@ rows), a few MiB in size. Passing blocks instead of single records keeps Beam's
 per-element cost off the hot path, and because block boundaries depend only on
 the input and the block size, the same inputs give the same blocks, rows and
 file names with 1 or N workers.
+
+Reading work comes as typed *read tasks* (ReadTask and its kinds), each of
+which knows what it covers, the block numbers its blocks take (Block numbers,
+below: the one place shard names are made unique) and its error rows.
 """
 from __future__ import annotations
 
@@ -25,24 +29,133 @@ class InputFile:
     change_token: str  # mtime, ETag or checksum: whatever the filesystem offers
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockTask:
-    """A unit of reading work: a byte range of a plain file, or a whole stream.
+# -- Block numbers -----------------------------------------------------------
+# A shard is named part-<source key>-<block>[-<part>] (shard_name, below), so
+# block numbers must never repeat within one input. Each read task says which
+# numbers its blocks take, from these rules alone:
+#   byte range i of a plain file ............... i
+#   a stream (compressed file, whole .txt) ..... 0, 1, 2, ... as it is read
+#   Parquet row group g ........................ g * BLOCKS_PER_ROW_GROUP + k
+#   tar samples [first, end) ................... first // samples per block
+#   video number n of a file or tar ............ n * BLOCKS_PER_VIDEO + k (its failure: the last of that range)
+#   a file's listing errors .................... FILE_ERRORS_BLOCK
+BLOCKS_PER_ROW_GROUP = 1000
+BLOCKS_PER_VIDEO = 1 << 20
+FILE_ERRORS_BLOCK = -1
 
-    For seekable plain files `start`/`end` bound the records that *start* in the
-    range. Streams (compressed files, Parquet, whole-file text) have start=0,
-    end=size and are cut into blocks while they are read.
+
+@dataclasses.dataclass(frozen=True)
+class ReadTask:
+    """A unit of reading work over one input file (or a group of small ones); subclasses say what it covers.
+
+    `block` is the number of the first block it yields (see Block numbers).
+    A task that fails before yielding its records becomes error rows through
+    `error_block`, so nothing it covers is lost.
     """
 
     source: str
-    fmt: str  # jsonl | txt | txt-lines | parquet
-    compression: str  # "" | gzip | zstd
+    block: int
+    size: int  # the input file's size in bytes
+
+    @property
+    def nbytes(self) -> int:
+        """Input bytes the task covers (for ordering tasks and for progress)."""
+        return self.size
+
+    def locator(self) -> str:
+        return "file"
+
+    def error_records(self, stage: str, kind: str, message: str) -> list["ErrorRecord"]:
+        return [ErrorRecord(self.source, self.locator(), stage, kind, message)]
+
+    def error_block(self, stage: str, kind: str, message: str) -> "TokenBlock":
+        return TokenBlock(self.source, self.block, None, self.error_records(stage, kind, message), self.nbytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextRangeTask(ReadTask):
+    """The lines that *start* in bytes [start, end) of a plain (seekable) .jsonl or .txt file."""
+
+    fmt: str  # jsonl | txt-lines
     start: int
     end: int
-    block: int  # index of the first block this task produces
-    size: int
-    members: tuple[str, ...] = ()  # image-files tasks: the files it reads
-    entries: tuple[tuple[str, int, int, str | None], ...] = ()  # tar-members tasks: (name, offset, size, meta)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    def locator(self) -> str:
+        return "file" if (self.start, self.end) == (0, self.size) else f"offset:{self.start}-{self.end}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TextStreamTask(ReadTask):
+    """A whole text stream read front to back: a compressed file, or a .txt that is one document."""
+
+    fmt: str  # jsonl | txt | txt-lines
+    compression: str  # "" | gzip | zstd
+
+
+@dataclasses.dataclass(frozen=True)
+class ParquetTask(ReadTask):
+    """Row groups [first_group, end_group) of a Parquet file; block = first_group * BLOCKS_PER_ROW_GROUP."""
+
+    first_group: int
+    end_group: int
+    data_bytes: int = 0  # the groups' uncompressed size, as the footer says
+
+    @property
+    def nbytes(self) -> int:
+        return self.data_bytes or self.size
+
+    def locator(self) -> str:
+        return f"row_groups:{self.first_group}-{self.end_group}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParquetIndexTask(ReadTask):
+    """A Parquet file whose footer a worker reads and splits into ParquetTasks (sources/common.SpreadAndSplit)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TarIndexTask(ReadTask):
+    """A plain tar whose headers a worker reads and splits into TarMembersTasks."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TarStreamTask(ReadTask):
+    """A compressed tar, streamed front to back by one worker (it cannot be read by range)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TarMembersTask(ReadTask):
+    """Samples [first, end) of a plain tar, each read by its byte range: (name, offset, size, sidecar meta)."""
+
+    first: int
+    end: int
+    entries: tuple[tuple[str, int, int, str | None], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e[2] for e in self.entries)
+
+    def error_records(self, stage: str, kind: str, message: str) -> list["ErrorRecord"]:
+        return [ErrorRecord(self.source, f"member:{name}", stage, kind, message) for name, *_ in self.entries]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFilesTask(ReadTask):
+    """A group of loose image files, one record each (locator 'file'); `source` is the first of them."""
+
+    members: tuple[str, ...]
+    total: int  # their bytes together
+
+    @property
+    def nbytes(self) -> int:
+        return self.total
+
+    def error_records(self, stage: str, kind: str, message: str) -> list["ErrorRecord"]:
+        return [ErrorRecord(uri, "file", stage, kind, message) for uri in self.members]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +169,18 @@ class ErrorRecord:
     message: str
 
 
+class _Records:
+    """What every block of records shares: its failure as error rows, one per record it held."""
+
+    def error_block(self, stage: str, kind: str, message: str) -> "TokenBlock":
+        sources = getattr(self, "sources", None) or [self.source] * len(self.locators)
+        errors = list(self.errors) + [ErrorRecord(src, loc, stage, kind, message)
+                                      for src, loc in zip(sources, self.locators)]
+        return TokenBlock(self.source, self.block, None, errors, self.nbytes)
+
+
 @dataclasses.dataclass
-class RawBlock:
+class RawBlock(_Records):
     """Records as read: raw bytes (jsonl, txt) or column values (Parquet)."""
 
     source: str
@@ -72,7 +195,7 @@ class RawBlock:
 
 
 @dataclasses.dataclass
-class ImageBlock:
+class ImageBlock(_Records):
     """Decoded RGB uint8 images (H, W, 3) with where they came from."""
 
     source: str
@@ -99,11 +222,16 @@ class VideoTask:
 
     # Block numbers of one tar's videos are spaced apart, so that videos decoded on
     # different workers never write the same shard name.
-    BLOCKS_PER_VIDEO = 1 << 20
+    BLOCKS_PER_VIDEO = BLOCKS_PER_VIDEO
 
     @property
     def block(self) -> int:
-        return self.ordinal * self.BLOCKS_PER_VIDEO
+        return self.ordinal * BLOCKS_PER_VIDEO
+
+    def error_block(self, stage: str, kind: str, message: str) -> "TokenBlock":
+        """The video as one error row, numbered past its own blocks so as not to replace one."""
+        return TokenBlock(self.source, self.block + BLOCKS_PER_VIDEO - 1, None,
+                          [ErrorRecord(self.source, self.locator(), stage, kind, message)])
 
     def locator(self, clip: int | None = None) -> str:
         """'clip:N' / 'member:NAME#clip:N' for a clip; 'file' / 'member:NAME' for the whole video."""
@@ -114,7 +242,7 @@ class VideoTask:
 
 
 @dataclasses.dataclass
-class VideoBlock:
+class VideoBlock(_Records):
     """Decoded clips (T, H, W, 3) uint8, each with its timing (`infos`) and origin."""
 
     source: str
@@ -129,7 +257,7 @@ class VideoBlock:
 
 
 @dataclasses.dataclass
-class TextBlock:
+class TextBlock(_Records):
     """Decoded documents, ready for a tokenizer."""
 
     source: str

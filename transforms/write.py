@@ -10,14 +10,12 @@ that waits for every shard (schemas/versions.py).
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Iterator
 
 import apache_beam as beam
@@ -34,10 +32,11 @@ from tokenmill.schemas.storage import (DIRECT_ALIGN, join, local_atomic_path, lo
                              write_bytes_atomic, write_file_direct)
 from tokenmill.schemas.tables import ERROR_SCHEMA, read_metadata
 from tokenmill.schemas.versions import commit
+from tokenmill.transforms.overlap import OneAhead
 from tokenmill.transforms.incremental import RunPlan, plan_run
 from tokenmill.transforms.tokenizers.base import FatalTokenizerError
-from tokenmill.transforms.records import (BlockTask, ErrorRecord, ImageBlock, InputFile, RawBlock, ShardResult,
-                                TextBlock, TokenBlock, VideoBlock, VideoTask, shard_name)
+from tokenmill.transforms.records import (FILE_ERRORS_BLOCK, ErrorRecord, InputFile, ShardResult, TokenBlock,
+                                          shard_name)
 
 PARQUET_OPTIONS: dict[str, Any] = {
     "compression": "zstd",
@@ -279,35 +278,19 @@ def failed_to_block(failed: tuple[Any, tuple[type, str, list[str]]], stage: str)
     """A dead-letter element from with_exception_handling, as error records.
 
     Every record the failed element held gets an error row, so nothing is lost;
-    a read task that failed before yielding records gets one row for its range.
+    a read task that failed before yielding records gets rows for what it covers.
     """
     element, (exc_type, exc_repr, _tb) = failed
     if isinstance(exc_type, type) and issubclass(exc_type, FatalTokenizerError):
         raise exc_type(exc_repr)  # not a bad record: the build must stop
     kind = getattr(exc_type, "__name__", str(exc_type))
     message = f"{stage} failed for the whole block: {exc_repr}"
-    if isinstance(element, BlockTask):
-        if element.fmt == "parquet":
-            locator = f"row_groups:{element.start}-{element.end}"
-        else:
-            locator = "file" if element.start == 0 and element.end == element.size else \
-                f"offset:{element.start}-{element.end}"
-        return TokenBlock(element.source, element.block, None,
-                          [ErrorRecord(element.source, locator, stage, kind, message)], element.end - element.start)
-    if isinstance(element, VideoTask):  # numbered past the video's own blocks, so as not to replace one
-        return TokenBlock(element.source, element.block + VideoTask.BLOCKS_PER_VIDEO - 1, None,
-                          [ErrorRecord(element.source, element.locator(), stage, kind, message)])
     if isinstance(element, str):  # a tar of videos that could not be listed
         return TokenBlock(element, 0, None, [ErrorRecord(element, "file", stage, kind, message)])
-    if isinstance(element, (RawBlock, TextBlock, ImageBlock, VideoBlock)):
-        sources = getattr(element, "sources", None) or [element.source] * len(element.locators)
-        errors = list(element.errors) + [ErrorRecord(src, loc, stage, kind, message)
-                                         for src, loc in zip(sources, element.locators)]
-        return TokenBlock(element.source, element.block, None, errors, element.nbytes)
-    raise TypeError(f"unexpected dead-letter element {type(element).__name__}")
+    if not hasattr(element, "error_block"):  # every read task and block knows its error rows (records.py)
+        raise TypeError(f"unexpected dead-letter element {type(element).__name__}")
+    return element.error_block(stage, kind, message)
 
-
-FILE_ERRORS_BLOCK = -1  # the block number of a file's listing errors: no read task uses it
 
 
 def error_to_block(errors: ErrorRecord | list[ErrorRecord]) -> TokenBlock:
@@ -332,39 +315,36 @@ class _WriteShards(beam.DoFn):
         self._root, self._layout = root, layout
         self._rows = Metrics.counter("tokenmill", "rows_written")
         self._errors = Metrics.counter("tokenmill", "errors")
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: collections.deque[Future] = collections.deque()
+        self._writer = OneAhead(self._write, "tokenmill-write")
 
     def setup(self):
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-write")
+        self._writer.start()
 
     def teardown(self):
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        self._writer.stop(wait=True)
 
     def start_bundle(self):
-        self._pending = collections.deque()
+        self._writer.reset()
 
-    def _write(self, block: TokenBlock, run_dir: str) -> list[ShardResult]:
+    def _write(self, job: tuple[TokenBlock, str]) -> list[ShardResult]:
+        block, run_dir = job
         results = write_block(self._root, block, run_dir, self._layout)
         write_progress(self._root, block, results)
         return results
 
-    def _done(self, future: Future) -> Iterator[ShardResult]:
-        for result in future.result():
-            self._rows.inc(result.rows)
-            self._errors.inc(result.errors)
-            yield result
+    def _done(self, finished: Iterator[tuple[Any, list[ShardResult]]]) -> Iterator[ShardResult]:
+        for _, results in finished:
+            for result in results:
+                self._rows.inc(result.rows)
+                self._errors.inc(result.errors)
+                yield result
 
     def process(self, block: TokenBlock, plan: RunPlan) -> Iterator[ShardResult]:
-        while self._pending:  # the previous block first: one in flight
-            yield from self._done(self._pending.popleft())
-        self._pending.append(self._pool.submit(self._write, block, plan.run_dir))
+        yield from self._done(self._writer.push((block, plan.run_dir)))
 
     def finish_bundle(self):
-        while self._pending:
-            for result in self._done(self._pending.popleft()):
-                yield GlobalWindows.windowed_value(result)
+        for result in self._done(self._writer.drain()):
+            yield GlobalWindows.windowed_value(result)
 
 
 class WriteTokenShards(beam.PTransform):

@@ -24,6 +24,7 @@ from apache_beam.transforms.window import GlobalWindows
 from PIL import Image, ImageOps
 
 from tokenmill.transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
+from tokenmill.transforms.overlap import OneAhead
 from tokenmill.transforms.records import ImageBlock
 
 if TYPE_CHECKING:
@@ -173,49 +174,38 @@ class _DecodeImageBlocks(beam.DoFn):
         self._threads = max(1, threads)
         self._rejected = Metrics.counter("tokenmill", "decode_errors")
         self._pool: ThreadPoolExecutor | None = None
-        self._ahead: ThreadPoolExecutor | None = None
-        self._pending: tuple[Any, Any] | None = None
+        self._ahead = OneAhead(self._decode, "tokenmill-decode-ahead")
 
     def setup(self):
         if self._threads > 1:
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="tokenmill-decode")
-        self._ahead = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-decode-ahead")
+        self._ahead.start()
 
     def teardown(self):
-        for pool in (self._pool, self._ahead):
-            if pool is not None:
-                pool.shutdown(wait=False)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+        self._ahead.stop(wait=False)
 
     def start_bundle(self):
-        self._pending = None
+        self._ahead.reset()
 
     def _decode(self, raw: "RawBlock") -> ImageBlock:
         try:
             return decode_image_block(raw, self._policy, self._max_pixels, self._pool)
         except Exception as e:  # noqa: BLE001 - every record still ends as a row or an error row
-            from tokenmill.transforms.records import ErrorRecord
-
-            sources = raw.sources or [raw.source] * len(raw.locators)
-            errors = list(raw.errors) + [
-                ErrorRecord(src, loc, "decode", type(e).__name__, f"decode failed for the whole block: {e}")
-                for loc, src in zip(raw.locators, sources)]
+            errors = raw.error_block("decode", type(e).__name__, f"decode failed for the whole block: {e}").errors
             return ImageBlock(raw.source, raw.block, [], [], [], [], [], errors, raw.nbytes)
 
-    def _done(self) -> Iterator[ImageBlock]:
-        if self._pending is not None:
-            raw, future = self._pending
-            self._pending = None
-            block = future.result()
+    def _done(self, finished) -> Iterator[ImageBlock]:
+        for raw, block in finished:
             self._rejected.inc(len(block.errors) - len(raw.errors))
             yield block
 
     def process(self, raw):
-        future = self._ahead.submit(self._decode, raw)
-        yield from self._done()
-        self._pending = (raw, future)
+        yield from self._done(self._ahead.push(raw))
 
     def finish_bundle(self):
-        for block in self._done():
+        for block in self._done(self._ahead.drain()):
             yield GlobalWindows.windowed_value(block)
 
 

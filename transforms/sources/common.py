@@ -6,7 +6,8 @@ from typing import Callable, Iterator
 import apache_beam as beam
 
 from tokenmill.transforms import fs
-from tokenmill.transforms.records import BlockTask, ErrorRecord, InputFile
+from tokenmill.transforms.records import (BLOCKS_PER_ROW_GROUP, ErrorRecord, InputFile, ParquetIndexTask,
+                                          ParquetTask, ReadTask)
 
 
 def list_files(patterns: list[str]) -> list[InputFile]:
@@ -15,7 +16,7 @@ def list_files(patterns: list[str]) -> list[InputFile]:
     return [found[uri] for uri in sorted(found)]
 
 
-def _task_key(task: BlockTask) -> tuple[str, int]:
+def _task_key(task: ReadTask) -> tuple[str, int]:
     return task.source, task.block
 
 
@@ -36,22 +37,17 @@ class SpreadOverWorkers(beam.PTransform):
 # A Parquet input is split into read tasks by row groups, so one huge file is
 # read by many workers at once. Block numbers derive from the row-group index
 # (not from the task), so they do not depend on how groups are dealt to tasks.
-BLOCKS_PER_ROW_GROUP = 1000
 
 
-INDEX_PARQUET = "parquet-index"  # a placeholder task: split by SplitByIndex on a worker
+def parquet_placeholder(f: InputFile) -> ParquetIndexTask:
+    return ParquetIndexTask(f.uri, 0, f.size)
 
 
-def parquet_placeholder(f: InputFile) -> BlockTask:
-    return BlockTask(f.uri, INDEX_PARQUET, "", 0, f.size, 0, f.size)
-
-
-def plan_parquet(f: InputFile | BlockTask, budget_bytes: int) -> list[BlockTask]:
+def plan_parquet(f: InputFile | ParquetIndexTask, budget_bytes: int) -> list[ParquetTask]:
     """Read tasks of one Parquet file: runs of whole row groups of about `budget_bytes`.
 
-    For these tasks `start`/`end` are row-group indices. A file whose footer
-    cannot be read gets one task over everything, whose read then fails into
-    an error row with the reason.
+    A file whose footer cannot be read gets one task over everything, whose
+    read then fails into an error row with the reason.
     """
     import pyarrow.parquet as pq
 
@@ -60,33 +56,34 @@ def plan_parquet(f: InputFile | BlockTask, budget_bytes: int) -> list[BlockTask]
         with fs.open_binary(uri) as handle:
             md = pq.ParquetFile(handle).metadata
     except Exception:
-        return [BlockTask(uri, "parquet", "", 0, 1, 0, f.size)]
+        return [ParquetTask(uri, 0, f.size, first_group=0, end_group=1)]
     tasks, first, acc = [], 0, 0
     for g in range(md.num_row_groups):
         acc += md.row_group(g).total_byte_size
         if acc >= budget_bytes or g == md.num_row_groups - 1:
-            tasks.append(BlockTask(uri, "parquet", "", first, g + 1, first * BLOCKS_PER_ROW_GROUP, f.size))
+            tasks.append(ParquetTask(uri, first * BLOCKS_PER_ROW_GROUP, f.size, first_group=first, end_group=g + 1,
+                                     data_bytes=acc))
             first, acc = g + 1, 0
-    return tasks or [BlockTask(uri, "parquet", "", 0, 0, 0, f.size)]
+    return tasks or [ParquetTask(uri, 0, f.size, first_group=0, end_group=0)]
 
 
-def parquet_row_groups(pf, task: BlockTask) -> Iterator[tuple[int, int]]:
+def parquet_row_groups(pf, task: ParquetTask) -> Iterator[tuple[int, int]]:
     """(row-group index, index of its first row in the file) for the groups of a task."""
     md = pf.metadata
-    row = sum(md.row_group(g).num_rows for g in range(task.start))
-    for g in range(task.start, min(task.end, md.num_row_groups)):
+    row = sum(md.row_group(g).num_rows for g in range(task.first_group))
+    for g in range(task.first_group, min(task.end_group, md.num_row_groups)):
         yield g, row
         row += md.row_group(g).num_rows
 
 
-Splitter = Callable[[BlockTask], "tuple[list[BlockTask], list[ErrorRecord]] | None"]
+Splitter = Callable[[ReadTask], "tuple[list[ReadTask], list[ErrorRecord]] | None"]
 
 
 class _SplitByIndex(beam.DoFn):
     def __init__(self, split: Splitter):
         self._split = split
 
-    def process(self, task: BlockTask):
+    def process(self, task: ReadTask):
         done = self._split(task)
         if done is None:  # nothing to split
             yield task

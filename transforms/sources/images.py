@@ -22,10 +22,10 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from tokenmill.transforms import fs
-from tokenmill.transforms.records import BlockTask, ErrorRecord, InputFile, RawBlock
+from tokenmill.transforms.records import (BLOCKS_PER_ROW_GROUP, ErrorRecord, ImageFilesTask, InputFile, ParquetIndexTask,
+                                          ParquetTask, RawBlock, ReadTask, TarIndexTask, TarMembersTask, TarStreamTask)
 from tokenmill.transforms.incremental import Incremental, ListInputs, RunPlan
-from tokenmill.transforms.sources.common import (BLOCKS_PER_ROW_GROUP, INDEX_PARQUET, SpreadAndSplit, parquet_placeholder,
-                                       parquet_row_groups, plan_parquet)
+from tokenmill.transforms.sources.common import SpreadAndSplit, parquet_placeholder, parquet_row_groups, plan_parquet
 from tokenmill.transforms.sources.tars import index_tar, safe_member
 from tokenmill.transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
 
@@ -36,7 +36,6 @@ SIDECAR_EXTENSIONS = (".json", ".txt")
 DEFAULT_FILES_PER_BLOCK = 64
 DEFAULT_TAR_BLOCK = 64
 PARQUET_TASK_BYTES = 64 << 20  # encoded image bytes per read task of a Parquet file
-INDEX_TAR = "tar-index"  # a placeholder task: a plain tar, split into runs of samples on a worker
 
 
 def image_kind(uri: str) -> str | None:
@@ -50,7 +49,7 @@ def image_kind(uri: str) -> str | None:
     return None
 
 
-def plan_image_tasks(files: list[InputFile], files_per_block: int) -> tuple[list[BlockTask], list[ErrorRecord]]:
+def plan_image_tasks(files: list[InputFile], files_per_block: int) -> tuple[list[ReadTask], list[ErrorRecord]]:
     """Read tasks for all matched files: loose images in groups, one task per tar or Parquet file."""
     tasks, errors, loose = [], [], []
     for f in files:
@@ -65,17 +64,17 @@ def plan_image_tasks(files: list[InputFile], files_per_block: int) -> tuple[list
         elif kind == "parquet":
             tasks.append(parquet_placeholder(f))  # split on a worker: split_image_task
         elif f.uri.lower().endswith(".tar"):
-            tasks.append(BlockTask(f.uri, INDEX_TAR, "", 0, f.size, 0, f.size))  # split on a worker, likewise
+            tasks.append(TarIndexTask(f.uri, 0, f.size))  # split on a worker, likewise
         else:
-            tasks.append(BlockTask(f.uri, kind, "", 0, f.size, 0, f.size))
+            tasks.append(TarStreamTask(f.uri, 0, f.size))
     for i in range(0, len(loose), files_per_block):
         group = loose[i:i + files_per_block]
-        tasks.append(BlockTask(group[0].uri, "image-files", "", 0, sum(g.size for g in group), 0,
-                               sum(g.size for g in group), members=tuple(g.uri for g in group)))
+        total = sum(g.size for g in group)
+        tasks.append(ImageFilesTask(group[0].uri, 0, total, members=tuple(g.uri for g in group), total=total))
     return tasks, errors
 
 
-def read_image_files(task: BlockTask) -> RawBlock:
+def read_image_files(task: ImageFilesTask) -> RawBlock:
     payloads, sources, errors = [], [], []
     for uri in task.members:
         try:
@@ -88,18 +87,18 @@ def read_image_files(task: BlockTask) -> RawBlock:
                     sum(len(p) for p in payloads), sources=sources)
 
 
-def split_tar(task: BlockTask, images_per_block: int) -> tuple[list[BlockTask], list[ErrorRecord]]:
+def split_tar(task: TarIndexTask, images_per_block: int) -> tuple[list[TarMembersTask], list[ErrorRecord]]:
     """A plain tar's read tasks: runs of `images_per_block` samples, each read by byte range."""
     samples, errors = index_tar(task.source, IMAGE_EXTENSIONS)
     tasks = []
     for i in range(0, len(samples), images_per_block):
         run = samples[i:i + images_per_block]
-        tasks.append(BlockTask(task.source, "tar-members", "", i, i + len(run), i // images_per_block, task.size,
-                               entries=tuple((s.name, s.offset, s.size, s.meta) for s in run)))
+        tasks.append(TarMembersTask(task.source, i // images_per_block, task.size, first=i, end=i + len(run),
+                                    entries=tuple((s.name, s.offset, s.size, s.meta) for s in run)))
     return tasks, errors
 
 
-def read_tar_members(f: IO[bytes], task: BlockTask) -> RawBlock:
+def read_tar_members(f: IO[bytes], task: TarMembersTask) -> RawBlock:
     """The samples of a tar-members task, each read by seeking to its data."""
     locators, payloads, metas, errors = [], [], [], []
     for name, offset, size, meta in task.entries:
@@ -116,7 +115,7 @@ def read_tar_members(f: IO[bytes], task: BlockTask) -> RawBlock:
                     metas=metas)
 
 
-def read_tar(f: IO[bytes], task: BlockTask, images_per_block: int) -> Iterator[RawBlock]:
+def read_tar(f: IO[bytes], task: TarStreamTask, images_per_block: int) -> Iterator[RawBlock]:
     """Blocks of images from a tar stream, each with its sidecar metadata (WebDataset layout)."""
     block = task.block
     locators: list[str] = []
@@ -184,7 +183,7 @@ def read_tar(f: IO[bytes], task: BlockTask, images_per_block: int) -> Iterator[R
         yield take_block()
 
 
-def read_image_parquet(f: IO[bytes], task: BlockTask, field: str, images_per_block: int) -> Iterator[RawBlock]:
+def read_image_parquet(f: IO[bytes], task: ParquetTask, field: str, images_per_block: int) -> Iterator[RawBlock]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(f)
@@ -199,7 +198,7 @@ def read_image_parquet(f: IO[bytes], task: BlockTask, field: str, images_per_blo
         yield from _image_batches(pf, task, field, images_per_block, g, row)
 
 
-def _image_batches(pf, task: BlockTask, field: str, images_per_block: int, group: int,
+def _image_batches(pf, task: ParquetTask, field: str, images_per_block: int, group: int,
                    row: int) -> Iterator[RawBlock]:
     block = group * BLOCKS_PER_ROW_GROUP
     for batch in pf.iter_batches(batch_size=images_per_block, row_groups=[group], columns=[field]):
@@ -217,17 +216,19 @@ def _image_batches(pf, task: BlockTask, field: str, images_per_block: int, group
         block, row = block + 1, row + len(values)
 
 
-def read_image_task(task: BlockTask, field: str, images_per_block: int) -> Iterator[RawBlock]:
-    if task.fmt == "image-files":
+def read_image_task(task: ReadTask, field: str, images_per_block: int) -> Iterator[RawBlock]:
+    if isinstance(task, ImageFilesTask):
         yield read_image_files(task)
         return
     with fs.open_binary(task.source) as f:
-        if task.fmt == "tar-members":
+        if isinstance(task, TarMembersTask):
             yield read_tar_members(f, task)
-        elif task.fmt == "tar":
+        elif isinstance(task, TarStreamTask):
             yield from read_tar(f, task, images_per_block)
-        else:
+        elif isinstance(task, ParquetTask):
             yield from read_image_parquet(f, task, field, images_per_block)
+        else:
+            raise TypeError(f"not an image read task: {type(task).__name__}")
 
 
 class _PlanImageTasks(beam.DoFn):
@@ -238,15 +239,15 @@ class _PlanImageTasks(beam.DoFn):
         tasks, errors = plan_image_tasks(plan.todo, self._files_per_block)
         for e in errors:
             yield beam.pvalue.TaggedOutput("errors", e)
-        yield from sorted(tasks, key=lambda t: (-t.size, t.source, t.block))
+        yield from sorted(tasks, key=lambda t: (-t.size, t.source, t.block))  # whole files, largest first
 
 
-def split_image_task(task: BlockTask, images_per_block: int) -> tuple[list[BlockTask], list[ErrorRecord]] | None:
+def split_image_task(task: ReadTask, images_per_block: int) -> tuple[list[ReadTask], list[ErrorRecord]] | None:
     """A placeholder's finer tasks (see SpreadAndSplit): a plain tar's sample runs, a Parquet file's
     row-group runs; other tasks stay as they are."""
-    if task.fmt == INDEX_TAR:
+    if isinstance(task, TarIndexTask):
         return split_tar(task, images_per_block)
-    if task.fmt == INDEX_PARQUET:
+    if isinstance(task, ParquetIndexTask):
         return plan_parquet(task, PARQUET_TASK_BYTES), []
     return None
 
@@ -258,7 +259,7 @@ class _ReadImageBlocks(beam.DoFn):
         self._bytes = Metrics.counter("tokenmill", "bytes_read")
         self._blocks = Metrics.counter("tokenmill", "blocks")
 
-    def process(self, task: BlockTask) -> Iterator[RawBlock]:
+    def process(self, task: ReadTask) -> Iterator[RawBlock]:
         for block in read_image_task(task, self._field, self._per_block):
             self._bytes.inc(block.nbytes)
             self._blocks.inc()

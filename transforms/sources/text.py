@@ -23,9 +23,10 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from tokenmill.transforms import fs
-from tokenmill.transforms.records import BlockTask, ErrorRecord, InputFile, RawBlock
+from tokenmill.transforms.records import (BLOCKS_PER_ROW_GROUP, ErrorRecord, InputFile, ParquetTask, RawBlock, ReadTask,
+                                          TextRangeTask, TextStreamTask)
 from tokenmill.transforms.incremental import Incremental, ListInputs, RunPlan
-from tokenmill.transforms.sources.common import BLOCKS_PER_ROW_GROUP, SpreadOverWorkers, parquet_row_groups, plan_parquet
+from tokenmill.transforms.sources.common import SpreadOverWorkers, parquet_row_groups, plan_parquet
 from tokenmill.transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
 
 DEFAULT_BLOCK_BYTES = 8 << 20
@@ -56,7 +57,7 @@ def detect_format(uri: str, txt_per_line: bool = False) -> tuple[str, str] | Non
     return None
 
 
-def plan_blocks(f: InputFile, block_bytes: int, txt_per_line: bool) -> list[BlockTask] | ErrorRecord:
+def plan_blocks(f: InputFile, block_bytes: int, txt_per_line: bool) -> list[ReadTask] | ErrorRecord:
     """Split one input file into read tasks, or explain why it cannot be read."""
     detected = detect_format(f.uri, txt_per_line)
     if detected is None:
@@ -69,9 +70,9 @@ def plan_blocks(f: InputFile, block_bytes: int, txt_per_line: bool) -> list[Bloc
     if fmt == "parquet":
         return plan_parquet(f, block_bytes)
     if compression or fmt == "txt":
-        return [BlockTask(f.uri, fmt, compression, 0, f.size, 0, f.size)]
+        return [TextStreamTask(f.uri, 0, f.size, fmt=fmt, compression=compression)]
     n = max(1, math.ceil(f.size / block_bytes))
-    return [BlockTask(f.uri, fmt, "", i * block_bytes, min(f.size, (i + 1) * block_bytes), i, f.size)
+    return [TextRangeTask(f.uri, i, f.size, fmt=fmt, start=i * block_bytes, end=min(f.size, (i + 1) * block_bytes))
             for i in range(n)]
 
 
@@ -88,7 +89,7 @@ def _split_lines(data: bytes, base: int) -> tuple[list[str], list[bytes]]:
     return locators, lines
 
 
-def read_line_range(f: IO[bytes], task: BlockTask) -> RawBlock:
+def read_line_range(f: IO[bytes], task: TextRangeTask) -> RawBlock:
     """The lines that start in [task.start, task.end) of a seekable plain file."""
     pos = task.start
     if pos > 0:
@@ -114,7 +115,7 @@ def _decompressed(f: IO[bytes], compression: str) -> IO[bytes]:
     return f
 
 
-def read_line_stream(f: IO[bytes], task: BlockTask, block_bytes: int) -> Iterator[RawBlock]:
+def read_line_stream(f: IO[bytes], task: TextStreamTask, block_bytes: int) -> Iterator[RawBlock]:
     """Blocks of lines from a (possibly compressed) stream, read front to back.
 
     A stream that breaks off (truncated gzip, corrupt zstd) yields the complete
@@ -153,7 +154,7 @@ def read_line_stream(f: IO[bytes], task: BlockTask, block_bytes: int) -> Iterato
     yield RawBlock(task.source, block, task.fmt, locators, lines, [], len(pending))
 
 
-def _tail_error(task: BlockTask, block: int, offset: int, pending: bytes, exc: Exception) -> RawBlock:
+def _tail_error(task: TextStreamTask, block: int, offset: int, pending: bytes, exc: Exception) -> RawBlock:
     cut = pending.rfind(b"\n") + 1
     locators, lines = _split_lines(pending[:cut], offset)
     err = ErrorRecord(task.source, f"offset:{offset + cut}", "read", type(exc).__name__,
@@ -161,7 +162,7 @@ def _tail_error(task: BlockTask, block: int, offset: int, pending: bytes, exc: E
     return RawBlock(task.source, block, task.fmt, locators, lines, [err], cut)
 
 
-def read_whole_text(f: IO[bytes], task: BlockTask, max_doc_bytes: int) -> RawBlock:
+def read_whole_text(f: IO[bytes], task: TextStreamTask, max_doc_bytes: int) -> RawBlock:
     """One document per file."""
     stream = _decompressed(f, task.compression)
     try:
@@ -179,7 +180,7 @@ def read_whole_text(f: IO[bytes], task: BlockTask, max_doc_bytes: int) -> RawBlo
     return RawBlock(task.source, task.block, task.fmt, ["file"], [data], [], len(data))
 
 
-def read_parquet(f: IO[bytes], task: BlockTask, text_field: str, block_bytes: int) -> Iterator[RawBlock]:
+def read_parquet(f: IO[bytes], task: ParquetTask, text_field: str, block_bytes: int) -> Iterator[RawBlock]:
     """Blocks of values of the text column, about `block_bytes` each, with 'row:N' locators."""
     import pyarrow.parquet as pq
 
@@ -191,7 +192,7 @@ def read_parquet(f: IO[bytes], task: BlockTask, text_field: str, block_bytes: in
                     for i in range(first, first + md.row_group(g).num_rows)]
         errors = [ErrorRecord(task.source, loc, "decode", "MissingField",
                               f"Parquet file has no column {column!r}") for loc in locators]
-        yield RawBlock(task.source, task.block, task.fmt, [], [], errors)
+        yield RawBlock(task.source, task.block, "parquet", [], [], errors)
         return
     for g, row in parquet_row_groups(pf, task):
         group = md.row_group(g)
@@ -200,21 +201,21 @@ def read_parquet(f: IO[bytes], task: BlockTask, text_field: str, block_bytes: in
         for batch in pf.iter_batches(batch_size=rows_per_block, row_groups=[g], columns=[column]):
             values = batch.column(0)
             locators = [f"row:{i}" for i in range(row, row + len(values))]
-            yield RawBlock(task.source, block, task.fmt, locators, values, [], values.nbytes)
+            yield RawBlock(task.source, block, "parquet", locators, values, [], values.nbytes)
             block, row = block + 1, row + len(values)
 
 
-def read_task(task: BlockTask, text_field: str, block_bytes: int, max_doc_bytes: int) -> Iterator[RawBlock]:
+def read_task(task: ReadTask, text_field: str, block_bytes: int, max_doc_bytes: int) -> Iterator[RawBlock]:
     """All blocks of one read task."""
     with fs.open_binary(task.source) as f:
-        if task.fmt == "parquet":
+        if isinstance(task, ParquetTask):
             yield from read_parquet(f, task, text_field, block_bytes)
-        elif task.fmt == "txt":
-            yield read_whole_text(f, task, max_doc_bytes)
-        elif task.compression:
-            yield from read_line_stream(f, task, block_bytes)
-        else:
+        elif isinstance(task, TextRangeTask):
             yield read_line_range(f, task)
+        elif task.fmt == "txt":  # a TextStreamTask: one document per file
+            yield read_whole_text(f, task, max_doc_bytes)
+        else:
+            yield from read_line_stream(f, task, block_bytes)
 
 
 class _PlanTextTasks(beam.DoFn):
@@ -228,15 +229,15 @@ class _PlanTextTasks(beam.DoFn):
         self._block_bytes = block_bytes
         self._txt_per_line = txt_per_line
 
-    def process(self, plan: RunPlan) -> Iterator[BlockTask | beam.pvalue.TaggedOutput]:
-        tasks: list[BlockTask] = []
+    def process(self, plan: RunPlan) -> Iterator[ReadTask | beam.pvalue.TaggedOutput]:
+        tasks: list[ReadTask] = []
         for f in plan.todo:
             planned = plan_blocks(f, self._block_bytes, self._txt_per_line)
             if isinstance(planned, ErrorRecord):
                 yield beam.pvalue.TaggedOutput("errors", planned)
             else:
                 tasks.extend(planned)
-        yield from sorted(tasks, key=lambda t: (-(t.end - t.start), t.source, t.block))
+        yield from sorted(tasks, key=lambda t: (-t.nbytes, t.source, t.block))
 
 
 @beam.typehints.with_output_types(RawBlock)
@@ -248,7 +249,7 @@ class _ReadBlocks(beam.DoFn):
         self._bytes = Metrics.counter("tokenmill", "bytes_read")
         self._blocks = Metrics.counter("tokenmill", "blocks")
 
-    def process(self, task: BlockTask) -> Iterator[RawBlock]:
+    def process(self, task: ReadTask) -> Iterator[RawBlock]:
         for block in read_task(task, self._text_field, self._block_bytes, self._max_doc_bytes):
             self._bytes.inc(block.nbytes)
             self._blocks.inc()
@@ -261,7 +262,7 @@ class ReadTextShards(beam.PTransform):
     Outputs a dict: 'files' (InputFile, for the manifest), 'plan' (the RunPlan:
     with `incremental`, only new and changed inputs are read), 'blocks'
     (RawBlock), 'errors' (ErrorRecord for files that cannot be read at all) and
-    'failed' (read tasks that raised: (BlockTask, exception info)).
+    'failed' (read tasks that raised: (ReadTask, exception info)).
     Listing happens inside the pipeline, so building it reads no data.
     """
 
