@@ -195,15 +195,10 @@ class BuildDataset(beam.PTransform):
 
 
 def decode_threads(spec: BuildSpec, options: PipelineOptions) -> int:
-    """--decode-threads, else the worker's cores for patch: and 1 for the rest.
-
-    patch: is cheap next to decoding, so decoding gets the worker's cores; vq:,
-    pca: and neural encoders keep them busy with BLAS or torch threads already,
-    and decode threads would only contend with them (measured: vq slower).
-    """
+    """--decode-threads, else the worker's cores for a light tokenizer family (patch:) and 1 for the rest."""
     if spec.run.decode_threads:
         return spec.run.decode_threads
-    return runners.cores_per_worker(options) if spec.tokenizer.family == "patch" else 1
+    return runners.cores_per_worker(options) if registry.family_of(spec.tokenizer.spec).light else 1
 
 
 def shard_layout(spec: BuildSpec, meta: dict[str, Any]) -> ShardLayout:

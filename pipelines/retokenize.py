@@ -14,7 +14,7 @@ from typing import Sequence
 
 from tokenmill.pipelines import build
 from tokenmill.pipelines.cli_errors import OneLineArgumentParser, UsageError, usage_errors
-from tokenmill.pipelines.spec import BuildSpec, SpecError, add_options, from_args
+from tokenmill.pipelines.spec import BuildSpec, add_options, from_args
 from tokenmill.schemas.manifest import Manifest, MultiDatasetRoot, read_manifest
 
 
@@ -60,7 +60,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"{args.dir}: {e}; change the tokenizer in the build spec and run it again") from None
         try:
             spec = recorded_spec(manifest, args.dir).replace({**given, "output": args.dir})
-        except SpecError as e:
+        except ValueError as e:  # SpecError, TokenizerSpecError
             raise UsageError(str(e)) from None
     return build.run_spec(spec, beam_args)
 

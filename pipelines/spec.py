@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from typing import Any, Iterable, Mapping, Sequence
 
 from tokenmill.pipelines.progress import MODES as PROGRESS_MODES
@@ -182,7 +181,9 @@ class BuildSpec:
         reader.update((k, v) for k, v in self.reader if k in reader)
         family = registry.family_of(self.tokenizer.spec)
         options = {o.name: o.default for o in family.options}
-        options.update(self.tokenizer.options)  # options of other families stay, for load() to refuse
+        strict = {o.name for o in registry.tokenizer_options() if o.strict}
+        # Options of other families are dropped, but a strict one set stays, for load() to refuse.
+        options.update((k, v) for k, v in self.tokenizer.options if k in options or k in strict)
         return dataclasses.replace(self, modality=modality, reader=_pairs(reader),
                                    tokenizer=TokenizerRef(self.tokenizer.spec, _pairs(options)),
                                    inputs=tuple(inputs if inputs is not None else self.inputs),
@@ -193,7 +194,10 @@ class BuildSpec:
         flat = self.values()
         if "tokenizer" in values and values["tokenizer"] != self.tokenizer.spec:
             # Another family: the options only the old one takes no longer apply.
-            keep = {o.name for o in registry.family_of(values["tokenizer"]).options}
+            try:
+                keep = {o.name for o in registry.family_of(values["tokenizer"]).options}
+            except ValueError as e:
+                raise SpecError(str(e)) from None
             for o in registry.family_of(self.tokenizer.spec).options:
                 if o.name not in keep:
                     flat.pop(o.name, None)
@@ -333,7 +337,7 @@ def add_options(parser: argparse.ArgumentParser, *, required: bool = True, suppr
                 add(group, o)
     group = parser.add_argument_group("tokenizer options (each applies to the families named)")
     for o in registry.tokenizer_options():
-        takers = ", ".join(f.prefix + ":" for f in registry.families() if o in f.options)
+        takers = ", ".join(f.prefix + ("" if f.bare else ":") for f in registry.families() if o in f.options)
         add(group, dataclasses.replace(o, help=f"[{takers}] {o.help}"))
 
 
@@ -352,7 +356,3 @@ def from_args(args: argparse.Namespace) -> BuildSpec:
 def tokenizer_epilog() -> str:
     return ("Tokenizer specs: " + "; ".join(f"{m}: " + ", ".join(registry.usage(m)) for m in registry.MODALITIES)
             + ". Default runner: Beam's FnApiRunner (local, offline), multi_processing with one worker per CPU core.")
-
-
-def spec_json(spec: BuildSpec) -> str:
-    return json.dumps(spec.to_json(), sort_keys=True)

@@ -69,6 +69,11 @@ def test_flex_template_dockerfile_copies_what_exists():
             assert (REPO / path).exists(), path
     assert 'FLEX_TEMPLATE_PYTHON_PY_FILE="${WORKDIR}/main.py"' in text
     assert 'FLEX_TEMPLATE_PYTHON_SETUP_FILE="${WORKDIR}/setup.py"' in text
+    # The launcher's folder (first on sys.path) must hold no package folder, or it shadows the installed
+    # tokenmill; the package is installed from another folder.
+    launcher = text[text.index("WORKDIR ${WORKDIR}"):]
+    assert re.findall(r"^COPY (?!--from)(\S+)", launcher, flags=re.M) == ["setup.py", "deploy/flex_template/main.py"]
+    assert text.index("RUN pip install") < text.index("WORKDIR ${WORKDIR}")
 
 
 def test_flex_template_entry_point_runs_a_build_spec_locally(tmp_path):

@@ -128,3 +128,40 @@ def test_only_the_local_seam_touches_the_local_speed_ups():
     local_init = (REPO / "pipelines" / "local" / "__init__.py").read_text()
     assert "from tokenmill.pipelines import runners" not in local_init
     assert "tokenmill.pipelines.runners" not in (REPO / "pipelines" / "local" / "zygote.py").read_text()
+
+
+@pytest.mark.parametrize("extra,message", [
+    ("compression: null", "compression needs a value, not null"),
+    ("progress_every: null", "progress_every needs a value, not null"),
+    ("block_size: null", "block_size needs a value, not null"),
+])
+def test_null_values_are_refused_where_the_option_needs_one(extra, message):
+    from tokenmill.pipelines.cli_errors import UsageError
+
+    with pytest.raises(UsageError) as e:
+        load_build_spec(YAML + f"    {extra}\n")
+    assert message in str(e.value)
+    (_, spec), = load_build_spec(YAML + "    fps: null\n    end: null\n")[1]  # "not set" is their default
+    assert spec.reader_options.get("fps") is None
+
+
+def test_options_of_other_families_are_ignored_but_a_strict_one_is_refused(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(tmp_path / "a.png")
+    ok = run_build(["--input", str(tmp_path / "a.png"), "--output", str(tmp_path / "o"), "--tokenizer", "patch:16",
+                    "--eos", "--batch-size", "4", "--progress", "none"])
+    assert ok == 0 and read_manifest(str(tmp_path / "o")).spec["tokenizer"]["options"] == {}
+    bad = run_cli("tokenmill.pipelines.build", "--input", str(tmp_path / "a.png"), "--output", str(tmp_path / "p"),
+                  "--tokenizer", "patch:16", "--engine", "bpe-openai")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "tokenmill build: error: --engine does not apply to 'patch:16' (it applies to tiktoken:)"]
+
+
+def test_retokenize_with_an_unknown_family_is_one_line(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
+    assert run_build(["--input", str(tmp_path / "a.jsonl"), "--output", str(tmp_path / "ds"), "--tokenizer", "bytes",
+                      "--progress", "none"]) == 0
+    proc = run_cli("tokenmill.pipelines.cli", "retokenize", str(tmp_path / "ds"), "--tokenizer", "foo:bar")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "unknown tokenizer spec 'foo:bar'" in proc.stderr

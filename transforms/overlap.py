@@ -24,8 +24,10 @@ T = TypeVar("T")
 class OneAhead(Generic[T]):
     """fn(item) on one helper thread, one item ahead: `push` starts an item and yields the one before."""
 
-    def __init__(self, fn: Callable[[Any], T], name: str):
-        self._fn, self._name = fn, name
+    def __init__(self, fn: Callable[[Any], T], name: str, *, drain_first: bool = False):
+        """`drain_first`: finish the item before starting the next (a writer, so that nothing of a
+        failed bundle is still being written when Beam retries it); else start it first (a decoder)."""
+        self._fn, self._name, self._drain_first = fn, name, drain_first
         self._pool: ThreadPoolExecutor | None = None
         self._pending: tuple[Any, Future] | None = None
 
@@ -39,6 +41,8 @@ class OneAhead(Generic[T]):
 
     def push(self, item: Any) -> Iterator[tuple[Any, T]]:
         """Start `item`; yield (item, result) of the one before it, if any (its exception is raised here)."""
+        if self._drain_first:
+            yield from self.drain()
         future = self._pool.submit(self._fn, item)
         yield from self.drain()
         self._pending = (item, future)

@@ -8,9 +8,10 @@ optional dependency. Each lives in its own file as a module-level `MODALITY` or
 `FAMILY` value; the tables below name those files, so adding one is one file
 plus one line here. See docs/architecture.md, "Adding a tokenizer".
 
-Plug-in files are imported when first asked for, so a build imports only what
-it uses; their own top-level imports must stay light (heavy libraries are
-imported inside the loader).
+Plug-in files are imported when the registry is first asked about them (the
+CLI's option table and --help ask about every one), so their top-level imports
+must stay light: heavy libraries (torch, transformers) are imported inside the
+loader.
 """
 from __future__ import annotations
 
@@ -55,6 +56,9 @@ class Option:
     choices: tuple[Any, ...] | None = None
     metavar: str | None = None
     repeat: bool = False  # may be given several times: a list
+    # strict: a family that does not take it refuses it when set (--engine with bytes would mislead);
+    # other options of other families are ignored, as a YAML file's `defaults` may set them for all sources.
+    strict: bool = False
 
     @property
     def flag(self) -> str:
@@ -75,7 +79,9 @@ class Option:
 
     def _one(self, value: Any, where: str) -> Any:
         if value is None:
-            return None
+            if self.default is None and not self.repeat:  # "not set" is a value of this option
+                return None
+            raise ValueError(f"{where}: {self.name} needs a value, not null")
         if isinstance(value, (dict, list)) or isinstance(value, bool) and self.type is not str:
             raise ValueError(f"{where}: {self.name} must be a string or number, not {value!r}")
         text = str(value).lower() if isinstance(value, bool) else str(value)
@@ -101,6 +107,9 @@ class TokenizerFamily:
     requires: tuple[str, ...] = ()  # importable modules the loader needs
     bare: bool = False  # the spec is the prefix alone (`bytes`)
     modality_of: Callable[[str], str | None] | None = None  # modality implied by the argument alone
+    # Encoding costs little next to decoding (patch:), so decoding gets the worker's cores; families
+    # that keep the cores busy themselves (BLAS, torch) get one decode thread (measured: vq slower).
+    light: bool = False
 
     def check_dependencies(self) -> None:
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
@@ -136,7 +145,7 @@ class Modality:
 
     name: str
     options: tuple[Option, ...] = ()
-    allocator_tuning = False  # whether local workers should keep freed memory (pipelines/local.py)
+    allocator_tuning = False  # whether local workers should keep freed memory (pipelines/local)
 
     def detect(self, uri: str) -> bool | None:
         """True: a file of this modality; None: could be (Parquet, tar); False: not."""
@@ -241,7 +250,7 @@ def _option_defaults() -> dict[str, Any]:
 
 
 def _takers(name: str) -> list[str]:
-    return [f"{f.prefix}:" for f in families() if any(o.name == name for o in f.options)]
+    return [f.prefix + ("" if f.bare else ":") for f in families() if any(o.name == name for o in f.options)]
 
 
 def tokenizer_options() -> list[Option]:

@@ -315,7 +315,7 @@ class _WriteShards(beam.DoFn):
         self._root, self._layout = root, layout
         self._rows = Metrics.counter("tokenmill", "rows_written")
         self._errors = Metrics.counter("tokenmill", "errors")
-        self._writer = OneAhead(self._write, "tokenmill-write")
+        self._writer = OneAhead(self._write, "tokenmill-write", drain_first=True)
 
     def setup(self):
         self._writer.start()

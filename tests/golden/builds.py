@@ -139,7 +139,7 @@ def _entry_points() -> tuple[Callable, Callable]:
     try:
         from tokenmill.pipelines import build, fit
     except ImportError:  # the code before the tokenmill namespace, which made golden.json
-        from tokenmill.pipelines import build, fit  # type: ignore[no-redef]
+        from pipelines import build, fit  # type: ignore[no-redef]
     return build.run, fit.run
 
 

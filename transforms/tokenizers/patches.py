@@ -206,7 +206,8 @@ def _family():
     from tokenmill.transforms.registry import TokenizerFamily
 
     return TokenizerFamily("patch", ("image", "video"), ("patch:P (images)", "patch:T,P (videos)"),
-                           loader=f"{__name__}:load", modality_of=lambda arg: "video" if "," in arg else "image")
+                           loader=f"{__name__}:load", modality_of=lambda arg: "video" if "," in arg else "image",
+                           light=True)
 
 
 FAMILY = _family()
