@@ -165,3 +165,8 @@ def test_retokenize_with_an_unknown_family_is_one_line(tmp_path):
     proc = run_cli("tokenmill.pipelines.cli", "retokenize", str(tmp_path / "ds"), "--tokenizer", "foo:bar")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "unknown tokenizer spec 'foo:bar'" in proc.stderr
+
+
+def test_python_dash_m_tokenmill_is_the_command():
+    proc = run_cli("tokenmill", "--help")
+    assert proc.returncode == 0 and "retokenize" in proc.stdout and "build" in proc.stdout
