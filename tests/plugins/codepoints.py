@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tokenmill.transforms.registry import TokenizerFamily
-from tokenmill.transforms.tokenizers.base import TextTokenizer, _text_policy_options
+from tokenmill.transforms.tokenizers.base import TextTokenizer, text_policy_options
 
 EOS = "<|endoftext|>"
 
@@ -40,4 +40,4 @@ def load(spec: str, arg: str, modality: str, *, bos: bool = False, eos: bool = F
 
 
 FAMILY = TokenizerFamily("codepoints", ("text",), ("codepoints",), loader=f"{__name__}:load",
-                         options=_text_policy_options(), bare=True)
+                         options=text_policy_options(), bare=True)

@@ -33,7 +33,8 @@ def sha256_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def _text_policy_options():
+def text_policy_options():
+    """--eos and --bos: the options every text family takes (TextTokenizer applies them)."""
     from tokenmill.transforms.registry import Option
 
     return (Option("eos", "append the tokenizer's EOS token to every document", type=None, default=False),

@@ -207,7 +207,7 @@ def load(spec: str, arg: str, modality: str, *, bos: bool = False, eos: bool = F
 
 def _family():
     from tokenmill.transforms.registry import Option, TokenizerFamily
-    from tokenmill.transforms.tokenizers.base import _text_policy_options
+    from tokenmill.transforms.tokenizers.base import text_policy_options
     from tokenmill.transforms.tokenizers.engines import engine_names
     engine = Option("engine", "BPE engine for tiktoken vocabularies: tiktoken (the reference, default) or "
                     "bpe-openai (faster, extra tokenmill[fast]; verified against tiktoken before and during the "
@@ -215,7 +215,7 @@ def _family():
                     default="tiktoken", metavar="{" + ",".join(engine_names()) + "}", strict=True)
     return TokenizerFamily("tiktoken", ("text",), ("tiktoken:cl100k_base", "tiktoken:o200k_base",
                                                    "tiktoken:PATH_OR_URI"),
-                           loader=f"{__name__}:load", options=(engine, *_text_policy_options()))
+                           loader=f"{__name__}:load", options=(engine, *text_policy_options()))
 
 
 FAMILY = _family()

@@ -56,10 +56,10 @@ def load(spec: str, arg: str, modality: str, *, bos: bool = False, eos: bool = F
 
 def _family():
     from tokenmill.transforms.registry import TokenizerFamily
-    from tokenmill.transforms.tokenizers.base import _text_policy_options
+    from tokenmill.transforms.tokenizers.base import text_policy_options
 
     return TokenizerFamily("bytes", ("text",), ("bytes",), loader=f"{__name__}:load",
-                           options=_text_policy_options(), bare=True)
+                           options=text_policy_options(), bare=True)
 
 
 FAMILY = _family()

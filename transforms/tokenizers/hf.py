@@ -84,10 +84,10 @@ def load(spec: str, arg: str, modality: str, *, bos: bool = False, eos: bool = F
 
 def _family():
     from tokenmill.transforms.registry import TokenizerFamily
-    from tokenmill.transforms.tokenizers.base import _text_policy_options
+    from tokenmill.transforms.tokenizers.base import text_policy_options
 
     return TokenizerFamily("hf", ("text",), ("hf:PATH_OR_URI",), loader=f"{__name__}:load",
-                           options=_text_policy_options(), extra="hf", requires=("tokenizers",))
+                           options=text_policy_options(), extra="hf", requires=("tokenizers",))
 
 
 FAMILY = _family()
