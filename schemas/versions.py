@@ -43,6 +43,9 @@ VERSIONS_DIR = "versions"
 LEASE_NAME = "_commit.lease"
 LEASE_STALE_SECONDS = 600  # a commit takes well under a second; older leases are from dead runs
 LEASE_WAIT_SECONDS = 60
+# A lease whose body stays unreadable this long (empty or half-written: its run died between
+# creating and writing it, e.g. kill -9 or a full disk) is broken; a live run writes it in milliseconds.
+LEASE_UNREADABLE_SECONDS = 5.0
 
 
 class ConcurrentCommitError(RuntimeError):
@@ -98,6 +101,7 @@ def lease(root: str, wait: float = LEASE_WAIT_SECONDS) -> Iterator[None]:
     fs, path = fsspec.core.url_to_fs(join(root, LEASE_NAME))
     body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}).encode()
     deadline = time.monotonic() + wait
+    unreadable_since: float | None = None
     while True:
         try:
             _create_exclusive(fs, path, body)
@@ -105,11 +109,21 @@ def lease(root: str, wait: float = LEASE_WAIT_SECONDS) -> Iterator[None]:
         except FileExistsError:
             try:
                 held = json.loads(fs.cat_file(path))
+                unreadable_since = None
                 if time.time() - float(held.get("time", 0)) > LEASE_STALE_SECONDS or _dead_here(held):
                     fs.rm(path)
                     continue
-            except (FileNotFoundError, ValueError):
-                continue  # released (or half-written) between our two calls
+            except FileNotFoundError:
+                continue  # released between our two calls: take it now
+            except (ValueError, TypeError, AttributeError):  # empty, half-written or not a lease at all
+                now = time.monotonic()
+                unreadable_since = unreadable_since if unreadable_since is not None else now
+                if now - unreadable_since >= LEASE_UNREADABLE_SECONDS:
+                    with contextlib.suppress(FileNotFoundError):
+                        fs.rm(path)
+                    unreadable_since = None
+                    continue
+                held = {"host": "unknown (unreadable lease)", "pid": "?"}
             if time.monotonic() > deadline:
                 raise ConcurrentCommitError(f"{root}: another run holds the commit lease "
                                             f"({held.get('host')}, pid {held.get('pid')})") from None

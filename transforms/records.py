@@ -39,9 +39,16 @@ class InputFile:
 #   tar samples [first, end) ................... first // samples per block
 #   video number n of a file or tar ............ n * BLOCKS_PER_VIDEO + k (its failure: the last of that range)
 #   a file's listing errors .................... FILE_ERRORS_BLOCK
+#   a read task that failed .................... failed_task_block(its first block): negative, below
+#                                                FILE_ERRORS_BLOCK, so never one its blocks took
 BLOCKS_PER_ROW_GROUP = 1000
 BLOCKS_PER_VIDEO = 1 << 20
 FILE_ERRORS_BLOCK = -1
+
+
+def failed_task_block(block: int) -> int:
+    """The error block of a read task that failed, even after yielding blocks of its own."""
+    return FILE_ERRORS_BLOCK - 1 - block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +76,8 @@ class ReadTask:
         return [ErrorRecord(self.source, self.locator(), stage, kind, message)]
 
     def error_block(self, stage: str, kind: str, message: str) -> "TokenBlock":
-        return TokenBlock(self.source, self.block, None, self.error_records(stage, kind, message), self.nbytes)
+        return TokenBlock(self.source, failed_task_block(self.block), None, self.error_records(stage, kind, message),
+                          self.nbytes)
 
 
 @dataclasses.dataclass(frozen=True)

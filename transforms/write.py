@@ -10,6 +10,7 @@ that waits for every shard (schemas/versions.py).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -411,6 +412,10 @@ def build_manifest(results: list[ShardResult], files: list[InputFile], plan: Run
                            f"expected {tokenizer['fingerprint']}")
     data = [r for r in results if r.data_path]
     failed = [r for r in results if r.error_path]
+    paths = collections.Counter([r.data_path for r in data] + [r.error_path for r in failed])
+    twice = sorted(p for p, n in paths.items() if n > 1)
+    if twice:  # two writes to one file: the later one replaced the earlier, and its rows are lost
+        raise RuntimeError(f"shard path(s) written twice: {', '.join(twice)}")
 
     def input_entry(f: InputFile) -> dict[str, Any]:
         run = plan.unchanged[f.uri].get("run", "") if f.uri in plan.unchanged else plan.run_dir

@@ -1,0 +1,70 @@
+"""Root fixes from the 'nothing lost, nothing hangs' pass: a wedged lease, a shard path written twice."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tests.conftest import read_errors, read_rows, run_build, write_jsonl
+from tokenmill.schemas.manifest import read_manifest
+from tokenmill.schemas.validate import validate
+
+
+def test_an_empty_lease_left_by_a_dead_run_is_broken_not_waited_on_forever(tmp_path):
+    """kill -9 between creating the lease and writing it (or ENOSPC on the write) left an empty file."""
+    from tokenmill.schemas.versions import LEASE_NAME, LEASE_UNREADABLE_SECONDS, lease
+
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "one"}, {"text": "two"}])
+    out = tmp_path / "ds"
+    argv = ["--input", str(tmp_path / "a.jsonl"), "--output", str(out), "--tokenizer", "bytes", "--progress", "none"]
+    assert run_build(argv) == 0
+    (out / LEASE_NAME).write_bytes(b"")
+    start = time.monotonic()
+    assert run_build([*argv, "--overwrite"]) == 0
+    assert time.monotonic() - start < LEASE_UNREADABLE_SECONDS + 30
+    assert not (out / LEASE_NAME).exists() and validate(str(out)) == []
+    # A lease that is not JSON at all is treated alike, and while it lasts it is waited for (with sleeps).
+    (tmp_path / LEASE_NAME).write_bytes(b"\x00garbage")
+    start = time.process_time()
+    with lease(str(tmp_path), wait=60):
+        pass
+    assert time.process_time() - start < 1.0  # waited, did not spin
+
+
+def _corrupt_second_row_group(path: Path) -> None:
+    md = pq.read_metadata(path)
+    offset = md.row_group(1).column(0).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[offset:offset + 40] = b"\xab" * 40
+    path.write_bytes(bytes(data))
+
+
+def test_a_read_task_that_fails_after_yielding_blocks_writes_its_own_error_shard(tmp_path):
+    """Row group 0 holds null texts (error rows of block 0); row group 1 is corrupt, so the task fails after
+    yielding block 0. Its dead-letter shard used to take block 0's error-shard path too."""
+    src = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"text": pa.array([None, "kept", None, "also kept"], pa.string())}), src, row_group_size=2,
+                   compression="none")
+    _corrupt_second_row_group(src)
+    out = tmp_path / "ds"
+    assert run_build(["--input", str(src), "--output", str(out), "--tokenizer", "bytes", "--block-size", "100MiB",
+                      "--progress", "none"]) == 0
+    m = read_manifest(str(out))
+    assert len(m.error_files) == len(set(m.error_files)) == 2 and validate(str(out)) == []
+    errors = read_errors(out)
+    assert [(e["locator"], e["stage"]) for e in errors] == [("row:0", "decode"), ("row_groups:0-2", "read")]
+    assert read_rows(out).column("locator").to_pylist() == ["row:1"]
+
+
+def test_the_commit_refuses_a_shard_path_named_twice():
+    import pytest
+
+    from tokenmill.transforms.records import InputFile, ShardResult
+    from tokenmill.transforms.write import build_manifest
+
+    twin = ShardResult("s", 0, None, "_errors/part-x-000000.parquet", 0, 0, 1, 0, "", "h", "f")
+    with pytest.raises(RuntimeError, match="written twice"):
+        build_manifest([twin, twin], [InputFile("s", 1, "")], modality="text", options={},
+                       tokenizer={"fingerprint": "f", "token_dtype": "uint16"})
