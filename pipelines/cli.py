@@ -25,6 +25,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"  {name:10s} {text}")
         print("\n'tokenmill COMMAND --help' documents each command.")
         sys.exit(0 if argv else 2)
+    if argv[0] in ("--version", "-V"):
+        from tokenmill.schemas.manifest import tokenmill_version
+
+        print(f"tokenmill {tokenmill_version()}")
+        sys.exit(0)
     if argv[0] not in COMMANDS:
         print(f"tokenmill: error: unknown command {argv[0]!r} (commands: {', '.join(COMMANDS)})",
               file=sys.stderr)

@@ -33,7 +33,16 @@ def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
     _, unknown = parser.parse_known_args(list(beam_args))
     if unknown:
         raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
-    return PipelineOptions(list(beam_args))
+    options = PipelineOptions(list(beam_args))
+    runner = options.view_as(StandardOptions).runner
+    if runner and not is_local_runner(runner):
+        from apache_beam.runners.runner import create_runner
+
+        try:
+            create_runner(runner)  # what Beam does when the pipeline is made: fail here, in one line
+        except (ValueError, ImportError) as e:
+            raise UsageError(f"--runner={runner}: {str(e).split('. ')[0]}") from None
+    return options
 
 
 def cores_per_worker(options: PipelineOptions) -> int:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from tests.conftest import read_errors, read_rows, run_build, write_jsonl
 from tokenmill.schemas.manifest import read_manifest
@@ -59,8 +60,6 @@ def test_a_read_task_that_fails_after_yielding_blocks_writes_its_own_error_shard
 
 
 def test_the_commit_refuses_a_shard_path_named_twice():
-    import pytest
-
     from tokenmill.transforms.records import InputFile, ShardResult
     from tokenmill.transforms.write import build_manifest
 
@@ -68,3 +67,26 @@ def test_the_commit_refuses_a_shard_path_named_twice():
     with pytest.raises(RuntimeError, match="written twice"):
         build_manifest([twin, twin], [InputFile("s", 1, "")], modality="text", options={},
                        tokenizer={"fingerprint": "f", "token_dtype": "uint16"})
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tokenizer", "patch:16", "--max-pixels", "0"], "--max-pixels must be 1 or more"),
+    (["--tokenizer", "patch:2,16", "--modality", "video", "--decode-timeout", "0"], "--decode-timeout must be"),
+    (["--tokenizer", "bytes", "--runner=Nope"], "--runner=Nope: Unexpected pipeline runner: Nope"),
+])
+def test_options_that_would_fail_every_record_are_one_line_usage_errors(tmp_path, args, message):
+    from tests.conftest import run_cli
+
+    (tmp_path / "a.png").write_bytes(b"")
+    proc = run_cli("tokenmill.pipelines.cli", "build", "--input", str(tmp_path / "a.png"), "--output",
+                   str(tmp_path / "o"), *args)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"tokenmill build: error: {message}"), \
+        proc.stderr
+
+
+def test_tokenmill_version():
+    from tests.conftest import run_cli
+
+    proc = run_cli("tokenmill", "--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("tokenmill ")

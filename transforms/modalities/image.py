@@ -36,6 +36,8 @@ class ImageModality(Modality):
         from tokenmill.transforms.decoders.images import SizePolicy
 
         SizePolicy.parse(reader["size"])
+        if reader["max_pixels"] < 1:  # every image would be refused
+            raise ValueError(f"--max-pixels must be 1 or more, not {reader['max_pixels']}")
 
     def read_and_decode(self, pbegin, spec, incremental, threads: int):
         from tokenmill.transforms.decoders.images import DecodeImages

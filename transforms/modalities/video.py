@@ -51,6 +51,8 @@ class VideoModality(Modality):
 
         SizePolicy.parse(reader["size"])
         self.clip_spec(reader)
+        if not reader["decode_timeout"] > 0:  # every video would time out
+            raise ValueError(f"--decode-timeout must be a positive number of seconds, not {reader['decode_timeout']}")
 
     def read_and_decode(self, pbegin, spec, incremental, threads: int):
         from tokenmill.transforms.decoders.video import DecodeVideos
