@@ -166,6 +166,16 @@ class Modality:
         """Apply the tokenize step: (token blocks, tokenize failures)."""
         raise NotImplementedError
 
+    @staticmethod
+    def rows(tokenizer, block, schema):
+        """One decoded block through the tokenizer: a TokenBlock of rows in `schema` (on the workers)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def schema(tokenizer):
+        """The Arrow schema of this modality's rows for a tokenizer."""
+        raise NotImplementedError
+
 
 _SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 MAX_BYTES = 1 << 30  # keeps a block's token offsets within Arrow's 32-bit list offsets

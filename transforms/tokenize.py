@@ -105,10 +105,8 @@ def image_schema(tokenizer: ImageTokenizer | VideoTokenizer) -> pa.Schema:
                           dim=tokenizer.dim or None, metadata=tokenizer.metadata())
 
 
-# How each modality's blocks become rows, and the schema of those rows.
-ROWS = {"text": (tokenize_block, lambda tok: text_hard_schema(tok.token_type, tok.metadata())),
-        "image": (tokenize_image_block, image_schema),
-        "video": (tokenize_video_block, image_schema)}
+def text_schema(tokenizer: TextTokenizer) -> pa.Schema:
+    return text_hard_schema(tokenizer.token_type, tokenizer.metadata())
 
 
 @beam.typehints.with_output_types(TokenBlock)
@@ -120,9 +118,11 @@ class _TokenizeBlocks(_CountingTokenizeDoFn):
         self._modality, self._spec, self._options, self._threads = modality, spec, options, threads
 
     def setup(self) -> None:
+        from tokenmill.transforms import registry
+
         self._tokenizer = shared_tokenizer(self._spec, self._modality, self._options)
-        self._encode, schema = ROWS[self._modality]
-        self._schema = schema(self._tokenizer)
+        plugin = registry.modality(self._modality)  # how its blocks become rows, and their schema
+        self._encode, self._schema = plugin.rows, plugin.schema(self._tokenizer)
         if self._threads > 1 and getattr(self._tokenizer, "parallel_items", False) \
                 and self._tokenizer.item_pool is None:
             # One BLAS thread per item and items on `threads` threads: a 1024 x 768

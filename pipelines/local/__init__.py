@@ -10,8 +10,8 @@ each measured (docs/benchmarks.md) and each with a switch:
   the pipeline proto: the one place tokenmill relies on Beam internals
   (FnApiRunner.run_via_runner_api, the provision info). tests/test_local_workers.py
   notices when a Beam release changes them.
-* **Thread limits** (a BLAS variable the user set wins): one BLAS thread per
-  worker process when there is a worker per core.
+* **Thread limits** (TOKENMILL_LIMIT_THREADS=0 turns off; a BLAS variable the
+  user set wins): one BLAS thread per worker process when there is a worker per core.
 * **Allocator tuning** (TOKENMILL_MALLOC_TUNING=0 turns off): for modalities
   that ask (video), glibc keeps freed memory instead of handing it back.
 
@@ -98,7 +98,7 @@ def limit_threads(options: PipelineOptions) -> None:
     """
     from tokenmill.pipelines.local.zygote import BLAS_THREAD_VARIABLES
 
-    if _worker_processes(options) > 1:
+    if _worker_processes(options) > 1 and os.environ.get("TOKENMILL_LIMIT_THREADS", "1") != "0":
         for name in BLAS_THREAD_VARIABLES:
             os.environ.setdefault(name, "1")
 

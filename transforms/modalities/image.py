@@ -56,4 +56,17 @@ class ImageModality(Modality):
                                                             threads=cores, label="EncodeImageBlocks")
 
 
+    @staticmethod
+    def rows(tokenizer, block, schema):
+        from tokenmill.transforms.tokenize import tokenize_image_block
+
+        return tokenize_image_block(tokenizer, block, schema)
+
+    @staticmethod
+    def schema(tokenizer):
+        from tokenmill.transforms.tokenize import image_schema
+
+        return image_schema(tokenizer)
+
+
 MODALITY = ImageModality()

@@ -46,4 +46,17 @@ class TextModality(Modality):
                                                           label="EncodeBlocks")
 
 
+    @staticmethod
+    def rows(tokenizer, block, schema):
+        from tokenmill.transforms.tokenize import tokenize_block
+
+        return tokenize_block(tokenizer, block, schema)
+
+    @staticmethod
+    def schema(tokenizer):
+        from tokenmill.transforms.tokenize import text_schema
+
+        return text_schema(tokenizer)
+
+
 MODALITY = TextModality()

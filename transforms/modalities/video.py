@@ -71,4 +71,17 @@ class VideoModality(Modality):
                                                             threads=cores, label="EncodeVideoBlocks")
 
 
+    @staticmethod
+    def rows(tokenizer, block, schema):
+        from tokenmill.transforms.tokenize import tokenize_video_block
+
+        return tokenize_video_block(tokenizer, block, schema)
+
+    @staticmethod
+    def schema(tokenizer):
+        from tokenmill.transforms.tokenize import image_schema
+
+        return image_schema(tokenizer)
+
+
 MODALITY = VideoModality()
