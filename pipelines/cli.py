@@ -42,7 +42,34 @@ def main(argv: Sequence[str] | None = None) -> None:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         code = 0
-    sys.exit(code)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    _leave(code or 0)
+
+
+def _leave(code: int) -> None:
+    """Exit with `code`, skipping the C-level teardown of the interpreter.
+
+    Why: a process that read Parquet through a Python file object (fsspec) can
+    abort at exit ("terminate called without an active exception", exit 134)
+    while pyarrow's I/O threads are torn down: seen in about 1 run in 2 of a
+    bare read-then-exit script here, and in `tokenmill decode`. The command's
+    work is done and flushed by then; atexit handlers still run.
+    """
+    import atexit
+    import os
+
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # closed (BrokenPipeError above)
+                pass
+        os._exit(code)
 
 
 if __name__ == "__main__":
