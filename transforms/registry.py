@@ -166,15 +166,15 @@ class Modality:
         """Apply the tokenize step: (token blocks, tokenize failures)."""
         raise NotImplementedError
 
-    @staticmethod
-    def rows(tokenizer, block, schema):
-        """One decoded block through the tokenizer: a TokenBlock of rows in `schema` (on the workers)."""
-        raise NotImplementedError
+    # How its blocks become rows on the workers, and their Arrow schema: names of functions in
+    # transforms/tokenize.py, (tokenizer, block, schema) -> TokenBlock and (tokenizer) -> pa.Schema.
+    rows_function: str
+    schema_function: str
 
-    @staticmethod
-    def schema(tokenizer):
-        """The Arrow schema of this modality's rows for a tokenizer."""
-        raise NotImplementedError
+    def rows_and_schema(self, tokenizer):
+        from tokenmill.transforms import tokenize
+
+        return getattr(tokenize, self.rows_function), getattr(tokenize, self.schema_function)(tokenizer)
 
 
 _SIZE_SUFFIXES = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}

@@ -122,7 +122,7 @@ class _TokenizeBlocks(_CountingTokenizeDoFn):
 
         self._tokenizer = shared_tokenizer(self._spec, self._modality, self._options)
         plugin = registry.modality(self._modality)  # how its blocks become rows, and their schema
-        self._encode, self._schema = plugin.rows, plugin.schema(self._tokenizer)
+        self._encode, self._schema = plugin.rows_and_schema(self._tokenizer)
         if self._threads > 1 and getattr(self._tokenizer, "parallel_items", False) \
                 and self._tokenizer.item_pool is None:
             # One BLAS thread per item and items on `threads` threads: a 1024 x 768

@@ -13,6 +13,7 @@ SIZE = Option("size", "image size policy: native[:MAX] keeps the size, downscali
 
 class ImageModality(Modality):
     name = "image"
+    rows_function, schema_function = "tokenize_image_block", "image_schema"  # in transforms/tokenize.py
     options = (
         SIZE,
         Option("max_pixels", "images whose header declares more pixels are refused before decoding "
@@ -55,18 +56,6 @@ class ImageModality(Modality):
         return decoded | "TokenizeImages" >> TokenizeBlocks("image", spec.tokenizer.spec, spec.tokenizer.options,
                                                             threads=cores, label="EncodeImageBlocks")
 
-
-    @staticmethod
-    def rows(tokenizer, block, schema):
-        from tokenmill.transforms.tokenize import tokenize_image_block
-
-        return tokenize_image_block(tokenizer, block, schema)
-
-    @staticmethod
-    def schema(tokenizer):
-        from tokenmill.transforms.tokenize import image_schema
-
-        return image_schema(tokenizer)
 
 
 MODALITY = ImageModality()

@@ -9,6 +9,7 @@ from tokenmill.transforms.sources.text import DEFAULT_MAX_DOC_BYTES
 
 class TextModality(Modality):
     name = "text"
+    rows_function, schema_function = "tokenize_block", "text_schema"  # in transforms/tokenize.py
     options = (
         Option("text_field", "JSON field or Parquet column holding the text; dots address nested JSON fields "
                "(default: text)", default="text", metavar="NAME"),
@@ -45,18 +46,6 @@ class TextModality(Modality):
         return decoded | "TokenizeText" >> TokenizeBlocks("text", spec.tokenizer.spec, spec.tokenizer.options,
                                                           label="EncodeBlocks")
 
-
-    @staticmethod
-    def rows(tokenizer, block, schema):
-        from tokenmill.transforms.tokenize import tokenize_block
-
-        return tokenize_block(tokenizer, block, schema)
-
-    @staticmethod
-    def schema(tokenizer):
-        from tokenmill.transforms.tokenize import text_schema
-
-        return text_schema(tokenizer)
 
 
 MODALITY = TextModality()

@@ -10,6 +10,7 @@ from tokenmill.transforms.registry import Modality, Option
 
 class VideoModality(Modality):
     name = "video"
+    rows_function, schema_function = "tokenize_video_block", "image_schema"  # in transforms/tokenize.py
     allocator_tuning = True  # clips of 10-100 MB are freed and allocated again all the time
     options = (
         SIZE,
@@ -70,18 +71,6 @@ class VideoModality(Modality):
         return decoded | "TokenizeVideos" >> TokenizeBlocks("video", spec.tokenizer.spec, spec.tokenizer.options,
                                                             threads=cores, label="EncodeVideoBlocks")
 
-
-    @staticmethod
-    def rows(tokenizer, block, schema):
-        from tokenmill.transforms.tokenize import tokenize_video_block
-
-        return tokenize_video_block(tokenizer, block, schema)
-
-    @staticmethod
-    def schema(tokenizer):
-        from tokenmill.transforms.tokenize import image_schema
-
-        return image_schema(tokenizer)
 
 
 MODALITY = VideoModality()
