@@ -115,6 +115,8 @@ def prepare(spec: BuildSpec, local: bool = True) -> tuple[BuildSpec, dict[str, A
             raise UsageError(str(e)) from None
     if not spec.run.progress_every > 0:
         raise UsageError(f"--progress-every must be a positive number of seconds, not {spec.run.progress_every}")
+    if not 0 <= spec.run.max_error_fraction <= 1:
+        raise UsageError(f"--max-error-fraction must be between 0 and 1, not {spec.run.max_error_fraction}")
     if spec.run.decode_threads is not None and spec.run.decode_threads < 1:
         raise UsageError(f"--decode-threads must be 1 or more, not {spec.run.decode_threads}")
     files = check_inputs(spec.inputs) if local else []
@@ -191,7 +193,7 @@ class BuildDataset(beam.PTransform):
         return results | "CommitManifest" >> CommitManifest(
             spec.output, read["files"], read["plan"], modality=spec.modality, tokenizer=meta,
             options=manifest_options(spec), build_args=spec.to_argv(), spec=recorded_spec(spec),
-            started_at=round(time.time(), 3))
+            started_at=round(time.time(), 3), max_error_fraction=spec.run.max_error_fraction)
 
 
 def decode_threads(spec: BuildSpec, options: PipelineOptions) -> int:

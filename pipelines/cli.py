@@ -19,11 +19,17 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--verbose" in argv:  # every command: tracebacks and worker logs too (workers inherit the variable)
+        import os
+
+        argv = [a for a in argv if a != "--verbose"]
+        os.environ["TOKENMILL_VERBOSE"] = "1"
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: tokenmill COMMAND [options]\n\ncommands:")
         for name, (_, text) in COMMANDS.items():
             print(f"  {name:10s} {text}")
-        print("\n'tokenmill COMMAND --help' documents each command.")
+        print("\n'tokenmill COMMAND --help' documents each command; --verbose with any command shows "
+              "tracebacks and worker logs beside its one-line errors.")
         sys.exit(0 if argv else 2)
     if argv[0] in ("--version", "-V"):
         from tokenmill.schemas.manifest import tokenmill_version
@@ -36,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(2)
     import importlib
 
+    from tokenmill.schemas.manifest import MultiDatasetRoot
+
     module, _, func = COMMANDS[argv[0]][0].partition(":")
     try:
         code = getattr(importlib.import_module(module), func)(argv[1:])
@@ -46,6 +54,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except MultiDatasetRoot as e:  # a dataset command pointed at the root of several: misuse
+        print(f"tokenmill {argv[0]}: error: {e}; pass one of them", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print(f"tokenmill {argv[0]}: interrupted", file=sys.stderr)
+        code = 130
+    except Exception as e:  # a failure: one line naming the cause, the traceback only with --verbose
+        from tokenmill.pipelines.cli_errors import failure_line, verbose
+
+        if verbose():
+            import traceback
+
+            traceback.print_exc()
+        print(f"tokenmill {argv[0]}: failed: {failure_line(e)}", file=sys.stderr)
+        code = 1
     _leave(code or 0)
 
 

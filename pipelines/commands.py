@@ -56,6 +56,23 @@ def validate(argv: Sequence[str] | None = None) -> int:
     return 1 if problems else 0
 
 
+def _check_image_out(path: str) -> None:
+    """An --out that PIL can write, in a folder that exists: checked before any work (a usage error)."""
+    import os
+
+    from PIL import Image
+
+    Image.init()
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in Image.registered_extensions() or Image.registered_extensions()[ext] not in Image.SAVE:
+        known = sorted(e for e, fmt in Image.registered_extensions().items() if fmt in Image.SAVE)
+        raise UsageError(f"--out {path}: cannot write {ext or 'a file without an extension'} images "
+                         f"(use .png, .jpg or .webp; PIL writes {', '.join(known[:12])}, ...)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--out {path}: no folder {folder}")
+
+
 def decode(argv: Sequence[str] | None = None) -> int:
     """`tokenmill decode DIR --id ID --out FILE.png`: the image (or clip) a row's tokens stand for."""
     import numpy as np
@@ -72,6 +89,7 @@ def decode(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--id", required=True, help="row id")
         p.add_argument("--out", required=True, metavar="FILE", help="image file to write (.png keeps it exact)")
         args = p.parse_args(argv)
+        _check_image_out(args.out)
         try:
             manifest = read_manifest(args.dir)
         except FileNotFoundError:

@@ -14,7 +14,7 @@ from typing import Sequence
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from tokenmill.pipelines import local
-from tokenmill.pipelines.cli_errors import UsageError
+from tokenmill.pipelines.cli_errors import UsageError, failure_line, verbose
 from tokenmill.pipelines.local import DEFAULT_LOCAL_RUNNER, is_local_runner, local_defaults  # noqa: F401 (API)
 
 
@@ -24,24 +24,29 @@ def runs_locally(options: PipelineOptions) -> bool:
 
 
 def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
-    """PipelineOptions from the leftover arguments; an argument Beam does not know is an error."""
+    """PipelineOptions from the leftover arguments; an argument Beam does not know is an error.
+
+    The runner is created first, as Beam does when the pipeline is made: that
+    imports its module, whose own options (--dask_client_address, ...) are then
+    known, for a runner named by its short name or its full module path.
+    """
     from apache_beam.options.pipeline_options import _BeamArgumentParser
 
-    parser = _BeamArgumentParser(allow_abbrev=False)
-    for cls in _all_subclasses(PipelineOptions):
-        cls._add_argparse_args(parser)
-    _, unknown = parser.parse_known_args(list(beam_args))
-    if unknown:
-        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
     options = PipelineOptions(list(beam_args))
     runner = options.view_as(StandardOptions).runner
     if runner and not is_local_runner(runner):
         from apache_beam.runners.runner import create_runner
 
         try:
-            create_runner(runner)  # what Beam does when the pipeline is made: fail here, in one line
+            create_runner(runner)  # fail here, in one line
         except (ValueError, ImportError) as e:
             raise UsageError(f"--runner={runner}: {str(e).split('. ')[0]}") from None
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in _all_subclasses(PipelineOptions):
+        cls._add_argparse_args(parser)
+    _, unknown = parser.parse_known_args(list(beam_args))
+    if unknown:
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
     return options
 
 
@@ -82,23 +87,26 @@ def _all_subclasses(cls: type) -> list[type]:
 def run_pipeline(pipeline, prog: str):
     """Run to completion; the result, or None after one line on stderr if the job failed.
 
-    Set TOKENMILL_DEBUG=1 to see Beam's traceback of a failed step as well.
+    With --verbose (or TOKENMILL_DEBUG=1) Beam's logs and tracebacks show as well.
     """
     import logging
-    import os
 
-    if not os.environ.get("TOKENMILL_DEBUG"):
-        # The failure is reported below in one line; Beam's own traceback of the
-        # failing DoFn (logged in-process by local runners) is for debugging.
-        logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
+    if not verbose():
+        # The failure is reported below in one line; Beam's own log of the
+        # failing step (in-process, or forwarded from the workers) is for debugging.
+        for name in ("apache_beam.runners.common", "apache_beam.runners.portability.local_job_service",
+                     "apache_beam.runners.worker"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         result = pipeline.run()
         result.wait_until_finish()
         return result
     except Exception as e:  # say why in one line; the job wrote no manifest
-        text = str(e) or type(e).__name__
-        reason = next((line for line in text.splitlines() if "Error" in line), text.splitlines()[0])
-        print(f"{prog}: failed: {reason.strip()[:500]}", file=sys.stderr)
+        if verbose():
+            import traceback
+
+            traceback.print_exc()
+        print(f"{prog}: failed: {failure_line(e)}", file=sys.stderr)
         return None
 
 

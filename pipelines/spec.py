@@ -67,6 +67,8 @@ RUN = (
     Option("decode_threads", "decoding in parallel in each worker: threads that decode a block's images, or "
            "videos decoded at once (default: for patch:, the CPU cores per worker on a local runner, else 1; "
            "remote runners run a worker per core)", type=int, metavar="N"),
+    Option("max_error_fraction", "fail the build, committing nothing, when more than this fraction of the records "
+           "become error rows (default: 0.5; 1 never fails)", type=float, default=0.5, metavar="F"),
 )
 CORE = (INPUT, OUTPUT, TOKENIZER, MODALITY, OVERWRITE)
 
@@ -126,6 +128,7 @@ class RunOptions:
     progress: str = "auto"
     progress_every: float = 10.0
     decode_threads: int | None = None
+    max_error_fraction: float = 0.5
 
 
 @dataclasses.dataclass(frozen=True)

@@ -152,7 +152,7 @@ def test_a_difference_found_during_the_build_stops_it_without_a_manifest(monkeyp
     assert run_build(["--input", str(tmp_path / "a.jsonl"), "--output", str(out),
                       "--tokenizer", "tiktoken:cl100k_base", "--engine", "sneaky"]) == 1
     assert not (out / "_manifest.json").exists()
-    assert "EngineMismatchError" in capsys.readouterr().err
+    assert "tokenmill build: failed: engine sneaky differs from tiktoken" in capsys.readouterr().err
 
 
 def test_build_with_the_fast_engine_writes_the_same_rows(tmp_path):

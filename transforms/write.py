@@ -275,6 +275,21 @@ def rewrite_shard(root: str, entry: dict[str, Any], staying: list[str], prefix: 
                        sha, "", fingerprint, _row_groups(pq.read_metadata(pa.BufferReader(payload))), sources)
 
 
+def _message(exc_type: type, exc_repr: str) -> str:
+    """The message inside a dead-letter's repr, `Type('message')` -> `message`, else the repr as it is."""
+    import ast
+
+    name = exc_type.__name__
+    if exc_repr.startswith(name + "(") and exc_repr.endswith(")"):
+        try:
+            value = ast.literal_eval(exc_repr[len(name) + 1:-1])
+        except (ValueError, SyntaxError):
+            return exc_repr
+        if isinstance(value, str):
+            return value
+    return exc_repr
+
+
 def failed_to_block(failed: tuple[Any, tuple[type, str, list[str]]], stage: str) -> TokenBlock:
     """A dead-letter element from with_exception_handling, as error records.
 
@@ -283,7 +298,9 @@ def failed_to_block(failed: tuple[Any, tuple[type, str, list[str]]], stage: str)
     """
     element, (exc_type, exc_repr, _tb) = failed
     if isinstance(exc_type, type) and issubclass(exc_type, FatalTokenizerError):
-        raise exc_type(exc_repr)  # not a bad record: the build must stop
+        raise exc_type(_message(exc_type, exc_repr))  # not a bad record: the build must stop
+    if isinstance(exc_type, type) and issubclass(exc_type, ImportError):  # a missing dependency, for every record
+        raise FatalTokenizerError(f"{stage} cannot run here: {exc_type.__name__}: {_message(exc_type, exc_repr)}")
     kind = getattr(exc_type, "__name__", str(exc_type))
     message = f"{stage} failed for the whole block: {exc_repr}"
     if isinstance(element, str):  # a tar of videos that could not be listed
@@ -459,14 +476,42 @@ def run_timing(results: list[ShardResult], started_at: float | None) -> dict[str
             "blocks": blocks, "block_fields": ["written_at", "rows", "tokens", "errors"]}
 
 
+class TooManyErrorsError(RuntimeError):
+    """More of the records failed than --max-error-fraction allows: the run is not committed."""
+
+
+def check_error_fraction(root: str, manifest: Manifest, limit: float) -> None:
+    """Refuse a commit whose error rows exceed `limit` of all its records; name the first error.
+
+    Why: a build whose tokenizer cannot run (a missing dependency, a wrong
+    model) turns every record into an error row; committing that and exiting 0
+    would hand a trainer an empty dataset as a success.
+    """
+    records = manifest.rows + manifest.errors
+    if not records or manifest.errors <= limit * records:
+        return
+    first = ""
+    if manifest.error_files:
+        try:
+            with fsspec.open(join(root, manifest.error_files[0]), "rb") as f:
+                row = pq.ParquetFile(f).read_row_group(0).slice(0, 1).to_pylist()[0]
+            first = f"; first: {row['stage']} {row['error_type']}: {row['message'][:200]} ({row['source']} " \
+                    f"{row['locator']})"
+        except Exception:  # the count alone still says enough
+            pass
+    raise TooManyErrorsError(f"{manifest.errors} of {records} records failed ({manifest.errors / records:.0%}), "
+                             f"more than --max-error-fraction {limit:g}; nothing committed{first}")
+
+
 class _Commit(beam.DoFn):
-    def __init__(self, root: str, kwargs: dict[str, Any]):
-        self._root, self._kwargs = root, kwargs
+    def __init__(self, root: str, kwargs: dict[str, Any], max_error_fraction: float = 1.0):
+        self._root, self._kwargs, self._max_error_fraction = root, kwargs, max_error_fraction
         self._committed = Metrics.counter("tokenmill", "commits")
         self._unchanged = Metrics.counter("tokenmill", "commits_unchanged")
 
     def process(self, results: list[ShardResult], files: list[InputFile], plan: RunPlan) -> Iterator[dict]:
         manifest = build_manifest(results, files, plan, **self._kwargs)
+        check_error_fraction(self._root, manifest, self._max_error_fraction)
         outcome = commit(self._root, manifest, plan.base_commit)
         (self._committed if outcome == "committed" else self._unchanged).inc()
         yield {"root": self._root, "outcome": outcome, "version": manifest.version, "commit": manifest.commit,
@@ -481,9 +526,11 @@ class CommitManifest(beam.PTransform):
 
     def __init__(self, root: str, files, plan, *, modality: str, tokenizer: dict[str, Any],
                  options: dict[str, Any], build_args: list[str] | None = None,
-                 spec: dict[str, Any] | None = None, started_at: float | None = None):
+                 spec: dict[str, Any] | None = None, started_at: float | None = None,
+                 max_error_fraction: float = 1.0):
         super().__init__()
         self._root, self._files, self._plan = root, files, plan
+        self._max_error_fraction = max_error_fraction
         self._kwargs = {"modality": modality, "tokenizer": tokenizer, "options": options,
                         "build_args": build_args, "spec": spec, "started_at": started_at}
 
@@ -491,6 +538,6 @@ class CommitManifest(beam.PTransform):
         all_files = self._files | "GatherInputs" >> beam.combiners.ToList()
         return (results
                 | "GatherShardResults" >> beam.combiners.ToList()
-                | "Commit" >> beam.ParDo(_Commit(self._root, self._kwargs),
+                | "Commit" >> beam.ParDo(_Commit(self._root, self._kwargs, self._max_error_fraction),
                                          files=beam.pvalue.AsSingleton(all_files),
                                          plan=beam.pvalue.AsSingleton(self._plan)))

@@ -186,6 +186,13 @@ def _become_worker(conn: socket.socket) -> None:
             os.close(fd)
         os.environ.clear()
         os.environ.update(json.loads(data))
+        if not (os.environ.get("TOKENMILL_VERBOSE") or os.environ.get("TOKENMILL_DEBUG")):
+            # Beam prints a failing step's traceback to the worker's stderr, and
+            # decoders print C-level noise there; the launcher reports the cause
+            # in one line (pipelines/runners.run_pipeline). --verbose shows it all.
+            quiet = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(quiet, 2)
+            os.close(quiet)
         _limit_threads()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         import logging

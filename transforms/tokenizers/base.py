@@ -23,10 +23,29 @@ class TokenizerSpecError(ValueError):
 
 
 class FatalTokenizerError(RuntimeError):
-    """The tokenizer cannot be trusted (for example, an engine disagreeing with its reference).
+    """The tokenizer cannot be trusted (for example, an engine disagreeing with its reference), or cannot run.
 
     Unlike a bad document, this stops the whole build: no manifest is written.
     """
+
+
+# Not a bad record: the process must stop for these, whatever the record.
+_PROCESS_EXCEPTIONS = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def record_failure(spec: str, e: BaseException) -> BaseException:
+    """What one record's failure to encode is: the exception to keep as its error row, or raise at once.
+
+    A missing module or library (ImportError) says the tokenizer cannot run at
+    all, for any record: that fails the build (FatalTokenizerError) rather than
+    turning every record into an error row. A Rust tokenizer's panic
+    (pyo3's PanicException, a BaseException) is one bad record.
+    """
+    if isinstance(e, _PROCESS_EXCEPTIONS) or isinstance(e, FatalTokenizerError):
+        raise e
+    if isinstance(e, ImportError):
+        raise FatalTokenizerError(f"{spec} cannot run here: {type(e).__name__}: {e}") from e
+    return e
 
 
 def sha256_json(value: Any) -> str:
@@ -164,23 +183,39 @@ class TextTokenizer(Tokenizer):
         for i, text in enumerate(texts):
             try:
                 ids = self._encode(text)
-            except FatalTokenizerError:
-                raise  # the tokenizer itself is wrong: no row of this build can be trusted
-            except Exception as e:  # one bad document must not sink the batch
-                failures.append((i, e))
+            except BaseException as e:  # noqa: BLE001 - one bad document must not sink the batch
+                failures.append((i, record_failure(self.spec, e)))
                 continue
             parts.extend(bos)
             parts.append(ids)
             parts.extend(eos)
             lengths.append(len(ids) + len(bos) + len(eos))
+        values = np.concatenate(parts) if parts else np.zeros(0, np.uint32)
+        if len(values) and int(values.max()) >= self.vocab_size:  # one pass per batch; never a wrapped ID
+            return self._without_out_of_range(texts, failures)
         offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
         np.cumsum(lengths, out=offsets[1:])
-        values = np.concatenate(parts).astype(np.uint32, copy=False) if parts else np.zeros(0, np.uint32)
+        values = values.astype(np.uint32, copy=False)
         value_type = self.token_type
         values_arr = pa.array(values.astype(numpy_dtype(value_type), copy=False), type=value_type)
         column = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values_arr,
                                           type=pa.list_(pa.field("element", value_type, nullable=False)))
         return column, failures
+
+    def _without_out_of_range(self, texts: Sequence[str], failures: list[tuple[int, BaseException]]
+                              ) -> tuple[pa.ListArray, list[tuple[int, BaseException]]]:
+        """encode_batch again, with the documents holding an ID at or above vocab_size as failures."""
+        failed = {i for i, _ in failures}
+        bad = []
+        for i, text in enumerate(texts):
+            if i in failed:
+                continue
+            top = int(self._encode(text).max(initial=0))
+            if top >= self.vocab_size:
+                bad.append((i, ValueError(f"token ID {top} is not below the vocabulary size {self.vocab_size}")))
+        keep = [i for i in range(len(texts)) if i not in failed and i not in {j for j, _ in bad}]
+        column, more = self.encode_batch([texts[i] for i in keep])
+        return column, sorted(failures + bad + [(keep[j], e) for j, e in more], key=lambda f: f[0])
 
 
 class _ArrayTokenizer(Tokenizer):
@@ -222,10 +257,8 @@ class _ArrayTokenizer(Tokenizer):
         grids: list[tuple[int, ...]] = []
         failures: list[tuple[int, Exception]] = []
         for i, result in enumerate(self._encode_each(items)):
-            if isinstance(result, FatalTokenizerError):
-                raise result
-            if isinstance(result, Exception):
-                failures.append((i, result))
+            if isinstance(result, BaseException):
+                failures.append((i, record_failure(self.spec, result)))
                 continue
             out, grid = result
             parts.append(out)
@@ -261,7 +294,9 @@ def _each(encode, items: Sequence[np.ndarray], pool: Any = None) -> list[Any]:
     def one(item: np.ndarray) -> Any:
         try:
             return encode(item)
-        except Exception as e:  # one bad item must not sink the block
+        except BaseException as e:  # noqa: BLE001 - one bad item must not sink the block (see record_failure)
+            if isinstance(e, _PROCESS_EXCEPTIONS):
+                raise
             return e
 
     if pool is not None and len(items) > 1:

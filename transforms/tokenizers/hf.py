@@ -55,7 +55,10 @@ class HFTokenizer(TextTokenizer):
             config = {**_read_optional_json(join(folder, "special_tokens_map.json")),
                       **_read_optional_json(join(folder, "tokenizer_config.json"))}
         self.name = (folder or source).rstrip("/").rsplit("/", 1)[-1]
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # The width of the stored IDs comes from the largest ID the tokenizer can
+        # emit, not from get_vocab_size() (a count): a vocabulary with gaps, or an
+        # added token at 70000 beside 100 entries, would otherwise wrap in uint16.
+        self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self.special_tokens = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()
                                if t.special}
         self.bos_token = _token_name(config.get("bos_token")) or next(
