@@ -21,6 +21,7 @@ from tokenmill.pipelines import runners
 from tokenmill.pipelines.cli_errors import OneLineArgumentParser, UsageError, usage_errors
 from tokenmill.pipelines.progress import BuildProgress, human
 from tokenmill.pipelines.spec import BuildSpec, SpecError, add_options, from_args, tokenizer_epilog
+from tokenmill.schemas.card import CARD_NAME, card_state
 from tokenmill.schemas.manifest import MANIFEST_NAME, read_manifest
 from tokenmill.schemas.storage import join
 from tokenmill.schemas.tables import SCHEMA_VERSION
@@ -229,6 +230,16 @@ def build_pipeline(spec: BuildSpec, options: PipelineOptions, tokenizer_meta: di
     return p
 
 
+# The summary's `card:` line for each schemas.card.card_state.
+CARD_SUMMARY = {
+    "current": f"{CARD_NAME} (`datasets.load_dataset(DIR)` reads this commit)",
+    "foreign": f"{CARD_NAME} is yours (no tokenmill marker): left as it is; `tokenmill files DIR` lists this "
+               "commit's shards",
+    "stale": f"{CARD_NAME} lists another commit's files; the next build or `tokenmill gc` rewrites it",
+    "missing": f"no {CARD_NAME}",
+}
+
+
 def _summary(root: str, seconds: float, runner: str, counters: dict[str, int]) -> str:
     m = read_manifest(root)
     in_bytes = sum(i["size"] for i in m.inputs)
@@ -250,6 +261,7 @@ def _summary(root: str, seconds: float, runner: str, counters: dict[str, int]) -
         f"  errors:     {m.errors}" + ("  (error rows: the manifest's error_files)" if m.errors else ""),
         f"  throughput: {human(in_bytes / seconds, 'B/s')}, {human(m.tokens / seconds, 'tokens/s')}",
         f"  output:     {root}  ({len(m.files)} data shards, manifest {MANIFEST_NAME})",
+        f"  card:       {CARD_SUMMARY[card_state(root, m)]}",
     ]
     if counters:
         lines.append("  counters:   " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))

@@ -3,8 +3,8 @@
 `validate(root)` reads every shard and returns a list of precise problems
 (empty when the dataset is sound): missing or altered files (sha256), column
 types, row and token counts, token IDs at or above vocab_size, latent shapes,
-grids that do not multiply out to num_tokens, and metadata that names another
-tokenizer.
+grids that do not multiply out to num_tokens, metadata that names another
+tokenizer, and a dataset card (README.md) that lists another commit's files.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tokenmill.schemas.card import CARD_NAME, card_state
 from tokenmill.schemas.manifest import Manifest, read_manifest
 from tokenmill.schemas.storage import join, read_bytes
 from tokenmill.schemas.tables import (ERROR_SCHEMA, LATENT_NUMPY, SCHEMA_VERSION, read_metadata, schema_differences,
@@ -131,4 +132,8 @@ def validate(root: str) -> list[str]:
         errors += table.num_rows
     if errors != manifest.errors:
         problems.append(f"error shards hold {errors} rows, manifest says {manifest.errors}")
+    if card_state(root, manifest) == "stale":  # the user's own README.md, or none, is fine
+        problems.append(f"{CARD_NAME}: the dataset card lists other files than commit {manifest.commit}'s, "
+                        "so `datasets.load_dataset` reads another commit (the next build or `tokenmill gc` "
+                        "rewrites it)")
     return problems

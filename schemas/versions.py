@@ -4,6 +4,7 @@ Layout of a dataset root:
 
     _manifest.json                  the current version's manifest + history (the pointer)
     _schema.json                    the current version's schema
+    README.md                       the current commit's dataset card (schemas/card.py)
     versions/<version>/_manifest.json   the latest commit of each version
     versions/<version>/<run>/data/part-*.parquet, .../_errors/part-*.parquet
 
@@ -36,6 +37,7 @@ from typing import Any, Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from tokenmill.schemas.card import publish_card
 from tokenmill.schemas.manifest import MANIFEST_NAME, Manifest, read_manifest, write_manifest, write_schema_json
 from tokenmill.schemas.storage import join
 
@@ -178,6 +180,7 @@ def commit(root: str, manifest: Manifest, base_commit: str) -> str:
         current = read_current(root)
         current_commit = current.commit if current else ""
         if current is not None and current_commit == manifest.commit:
+            publish_card(root, current)  # repairs a card a run killed right after its flip left behind
             return "unchanged"
         if current_commit != base_commit:
             raise ConcurrentCommitError(
@@ -190,6 +193,14 @@ def commit(root: str, manifest: Manifest, base_commit: str) -> str:
         write_manifest(vdir, manifest)
         write_schema_json(root, manifest)
         write_manifest(root, manifest)  # the single atomic step that publishes the commit
+        # The card (README.md, what `datasets.load_dataset(DIR)` reads) follows the flip, still
+        # under the lease. After, not before: a card written first would name files that a
+        # failed flip never publishes (and that gc later removes as unreferenced). So the card
+        # only ever names committed files, and the lease keeps two commits from publishing their
+        # cards in the opposite order to their manifests. A run killed between the two writes
+        # leaves the previous commit's card: `validate` reports it, and the next commit of the
+        # dataset (a rerun of the same build is one, "unchanged") or `gc` rewrites it.
+        publish_card(root, manifest)
     return "committed"
 
 
@@ -214,6 +225,9 @@ def gc(root: str, keep: int, grace_seconds: float = 3600.0, dry_run: bool = Fals
     if keep < 1:
         raise ValueError("keep must be at least 1 (the current version)")
     current = read_manifest(root)
+    if not dry_run:
+        with lease(root):  # a card left by a commit killed after its flip must not name files removed here
+            publish_card(root, read_manifest(root))
     entries = current.versions or [{"version": current.version}]
     kept = [e["version"] for e in entries[-keep:]]
     if current.version not in kept:
