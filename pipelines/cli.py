@@ -7,6 +7,7 @@ from typing import Sequence
 COMMANDS = {
     "build": ("tokenmill.pipelines.build:run", "tokenize raw shards into a Parquet token dataset"),
     "decode": ("tokenmill.pipelines.commands:decode", "turn an image row's tokens back into an image"),
+    "files": ("tokenmill.pipelines.commands:files", "list the current version's shards (pyarrow, Polars, DuckDB)"),
     "fit": ("tokenmill.pipelines.fit:run", "fit a vq codebook or a pca bottleneck on your images"),
     "gc": ("tokenmill.pipelines.commands:gc", "remove old versions and unreferenced files of a dataset"),
     "retokenize": ("tokenmill.pipelines.retokenize:run", "build a new version of a dataset with another tokenizer"),

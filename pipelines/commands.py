@@ -73,6 +73,66 @@ def _check_image_out(path: str) -> None:
         raise UsageError(f"--out {path}: no folder {folder}")
 
 
+def duckdb_expression(paths: Sequence[str]) -> str:
+    """`read_parquet(['a', 'b'])`: SQL string literals, each ' doubled (DuckDB strings have no other escape)."""
+    quoted = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
+    return f"read_parquet([{quoted}])"
+
+
+def files(argv: Sequence[str] | None = None) -> int:
+    """`tokenmill files DIR`: the shards of the current commit (or a version's latest), for other readers.
+
+    Several versions, and runs not committed, share `versions/`: a glob of it
+    mixes them. These are the files one commit names, joined with DIR.
+    """
+    from tokenmill.schemas.manifest import MultiDatasetRoot, read_manifest
+    from tokenmill.schemas.storage import join
+
+    with usage_errors("tokenmill files"):
+        p = dataset_parser("tokenmill files", "Print the data shards of a dataset's current version (or of "
+                                              "--version), to read them with pyarrow, Polars, DuckDB or any "
+                                              "Parquet reader: a glob of versions/ mixes versions.")
+        p.add_argument("--version", metavar="V", help="a version kept in the dataset's history (default: the "
+                                                      "current one)")
+        p.add_argument("--format", choices=("list", "json", "duckdb"), default="list",
+                       help="list: one path per line (default); json: version, commit, counts, files and "
+                            "error_files; duckdb: a read_parquet([...]) expression")
+        p.add_argument("--errors", action="store_true",
+                       help="the error shards instead of the data shards (json always holds both)")
+        args = p.parse_args(argv)
+        try:
+            manifest = read_manifest(args.dir)
+        except FileNotFoundError:
+            raise UsageError(f"{args.dir}: no _manifest.json (not a tokenmill dataset)") from None
+        except MultiDatasetRoot as e:
+            raise UsageError(f"{args.dir}: {e}; run files on each") from None
+        if args.version and args.version != manifest.version:
+            kept = [e["version"] for e in manifest.versions] or [manifest.version]
+            try:
+                if args.version not in kept:
+                    raise FileNotFoundError(args.version)
+                manifest = read_manifest(args.dir, args.version)
+            except FileNotFoundError:
+                raise UsageError(f"{args.dir} has no version {args.version!r} (kept: {', '.join(kept)})") from None
+    data = [join(args.dir, f) for f in manifest.files]
+    errors = [join(args.dir, f) for f in manifest.error_files]
+    chosen = errors if args.errors else data
+    if args.format == "json":
+        print(json.dumps({"root": args.dir, "version": manifest.version, "commit": manifest.commit,
+                          "rows": manifest.rows, "tokens": manifest.tokens, "errors": manifest.errors,
+                          "files": data, "error_files": errors}, indent=2, ensure_ascii=False))
+    elif args.format == "duckdb":
+        if not chosen:  # DuckDB's read_parquet refuses an empty list: say so here instead
+            print(f"tokenmill files: {args.dir}: commit {manifest.commit} has no "
+                  f"{'error' if args.errors else 'data'} shards", file=sys.stderr)
+            return 1
+        print(duckdb_expression(chosen))
+    else:
+        for path in chosen:
+            print(path)
+    return 0
+
+
 def decode(argv: Sequence[str] | None = None) -> int:
     """`tokenmill decode DIR --id ID --out FILE.png`: the image (or clip) a row's tokens stand for."""
     import numpy as np
