@@ -148,7 +148,12 @@ def local_text(text_inputs, tmp_path_factory):
 
 
 @pytest.mark.parametrize("scheme", ["s3", "gs"])
-def test_text_build_between_buckets_reads_back_like_a_local_build(stores, text_inputs, local_text, scheme):
+def test_text_build_between_buckets_reads_back_like_a_local_build(stores, text_inputs, local_text, scheme, capsys):
+    import pyarrow.parquet as pq
+
+    from tokenmill.pipelines.commands import files
+    from tokenmill.schemas.card import card_state
+
     src, out = f"{scheme}://bucket/raw-text", f"{scheme}://bucket/tokens/text"
     upload(text_inputs, src)
     runner = TWO_PROCESSES if scheme == "gs" else None  # worker processes find the stores through env too
@@ -159,6 +164,16 @@ def test_text_build_between_buckets_reads_back_like_a_local_build(stores, text_i
     assert (m.rows, m.errors, m.tokens) == counts and m.rows == len(rows)
     assert [i["uri"] for i in m.inputs] == [f"{src}/{name}" for name in ("a.jsonl", "b.jsonl", "c.txt")]
     assert rows_by_origin(out) == rows
+    # `tokenmill files` gives URIs other readers open as they are; the card lists the same shards
+    capsys.readouterr()
+    assert files([out]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed == [f"{out}/{f}" for f in m.files] and all(u.startswith(f"{scheme}://bucket/") for u in listed)
+    with_rows = 0
+    for uri in listed:
+        with fs.open_binary(uri) as f:
+            with_rows += pq.ParquetFile(f).metadata.num_rows
+    assert with_rows == m.rows and card_state(out, m) == "current"
 
 
 def test_image_build_from_s3_to_s3_reads_back_like_a_local_build(stores, tmp_path):
