@@ -20,7 +20,7 @@ A data shard's schema is the contract a training job reads:
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
 
@@ -79,10 +79,54 @@ def grid_rank(modality: str) -> int:
     return {"image": 2, "video": 3}[modality]
 
 
+def parse_keep_fields(text: str | None) -> tuple[tuple[str, str], ...]:
+    """`lang,url,meta.score:float64` -> (("lang", "string"), ("url", "string"), ("meta.score", "float64")).
+
+    A field is a JSON path (dots address nested objects) or a Parquet column
+    (dots address struct fields), with an optional Arrow type alias after ':'
+    (string by default). Raises ValueError with a one-line reason.
+    """
+    out: list[tuple[str, str]] = []
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        path, _, alias = item.partition(":")
+        path, alias = path.strip(), (alias.strip() or "string")
+        if not path or any(not part for part in path.split(".")):
+            raise ValueError(f"--keep-fields: {item!r} is not a field name (a.b.c, optionally :TYPE)")
+        try:
+            type_ = pa.type_for_alias(alias)
+        except (ValueError, KeyError):
+            raise ValueError(f"--keep-fields: {alias!r} is not an Arrow type (string, int64, float64, bool, "
+                             "date32, timestamp[s], ...)") from None
+        if pa.types.is_nested(type_):
+            raise ValueError(f"--keep-fields: {path} cannot be kept as {alias}: keep nested values as string (JSON)")
+        if any(path == p for p, _ in out):
+            raise ValueError(f"--keep-fields: {path} is named twice")
+        out.append((path, alias))
+    return tuple(out)
+
+
+def keep_fields_type(keep: Sequence[tuple[str, str]]) -> pa.StructType:
+    """The struct type of a text dataset's `meta` column: one child per kept field, named by its path."""
+    return pa.struct([pa.field(path, pa.type_for_alias(alias), nullable=True) for path, alias in keep])
+
+
+def kept_fields_field(struct: pa.StructType) -> pa.Field:
+    """The `meta` column of a text dataset built with --keep-fields."""
+    return _field("meta", struct, "Source fields kept with --keep-fields, each typed as declared (null where the "
+                                  "record lacks it).", True)
+
+
 def dataset_schema(modality: str, kind: str, *, token_dtype: str | None = None,
                    latent_dtype: str | None = None, dim: int | None = None,
-                   metadata: Mapping[str, Any] | None = None) -> pa.Schema:
-    """The schema of one modality and kind. Hard needs token_dtype; soft needs latent_dtype and dim."""
+                   metadata: Mapping[str, Any] | None = None,
+                   keep_fields: Sequence[tuple[str, str]] = ()) -> pa.Schema:
+    """The schema of one modality and kind. Hard needs token_dtype; soft needs latent_dtype and dim.
+
+    keep_fields (text, from --keep-fields) adds a `meta` struct column.
+    """
     if (modality, kind) not in DEFINED:
         raise ValueError(f"no schema for modality={modality!r} kind={kind!r}; defined: "
                          + ", ".join(f"{m}/{k}" for m, k in sorted(DEFINED)))
@@ -106,6 +150,8 @@ def dataset_schema(modality: str, kind: str, *, token_dtype: str | None = None,
                              f"num_tokens x {dim} {latent_dtype} values, little-endian, row-major "
                              "(bfloat16 as raw 16 bits): np.frombuffer(...).reshape(num_tokens, dim)."))
     fields.append(_field("num_tokens", pa.int32(), "Number of tokens (or latent vectors) in the row."))
+    if keep_fields and modality == "text":
+        fields.append(kept_fields_field(keep_fields_type(keep_fields)))
     if modality in ("image", "video"):
         n = grid_rank(modality)
         fields.append(_field("grid", pa.list_(pa.field("element", pa.int32(), nullable=False), n),
@@ -143,7 +189,8 @@ def schema_for_manifest(manifest: Any) -> pa.Schema:
     tok = manifest.tokenizer
     kind = tok.get("kind", "hard")
     return dataset_schema(manifest.modality, kind, token_dtype=manifest.token_dtype if kind == "hard" else None,
-                          latent_dtype=tok.get("latent_dtype"), dim=tok.get("dim"))
+                          latent_dtype=tok.get("latent_dtype"), dim=tok.get("dim"),
+                          keep_fields=parse_keep_fields((manifest.options or {}).get("keep_fields")))
 
 
 def table_from_columns(schema: pa.Schema, columns: Mapping[str, Any], num_rows: int) -> pa.Table:

@@ -200,6 +200,7 @@ class RawBlock(_Records):
     nbytes: int = 0
     sources: list[str] | None = None  # per record, where records come from several files
     metas: list[str | None] | None = None  # per record sidecar metadata (JSON), images
+    fields: Any = None  # Parquet text: the columns --keep-fields names (a pa.RecordBatch), row-aligned
 
 
 @dataclasses.dataclass
@@ -274,6 +275,7 @@ class TextBlock(_Records):
     texts: list[str]
     errors: list[ErrorRecord]
     nbytes: int = 0
+    meta: Any = None  # --keep-fields: a pa.StructArray, one entry per text
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 
-from tokenmill.schemas.tables import dataset_schema, table_from_columns, text_hard_schema
+from tokenmill.schemas.tables import dataset_schema, kept_fields_field, table_from_columns, text_hard_schema
 from tokenmill.transforms.records import ErrorRecord, ImageBlock, TextBlock, TokenBlock, VideoBlock, row_id, row_ids
 from tokenmill.transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
 from tokenmill.transforms.tokenizers.base import ImageTokenizer, TextTokenizer, VideoTokenizer
@@ -30,6 +30,9 @@ def tokenize_block(tokenizer: TextTokenizer, block: TextBlock, schema: pa.Schema
         errors += [ErrorRecord(block.source, locators[i], "tokenize", type(e).__name__, str(e))
                    for i, e in failures]
         locators = [loc for i, loc in enumerate(locators) if i not in failed]
+    meta = block.meta
+    if meta is not None and failures:
+        meta = meta.filter(pa.array([i not in failed for i in range(len(block.texts))]))
     lengths = column.value_lengths().to_numpy(zero_copy_only=False).astype(np.int32)
     table = pa.Table.from_arrays(
         [pa.array(row_ids(block.source, locators), pa.string()),
@@ -39,6 +42,8 @@ def tokenize_block(tokenizer: TextTokenizer, block: TextBlock, schema: pa.Schema
          column,
          pa.array(lengths, pa.int32())],
         schema=schema)
+    if meta is not None:  # --keep-fields
+        table = table.append_column(kept_fields_field(meta.type), meta)
     return TokenBlock(block.source, block.block, table, errors, block.nbytes)
 
 

@@ -180,8 +180,12 @@ def read_whole_text(f: IO[bytes], task: TextStreamTask, max_doc_bytes: int) -> R
     return RawBlock(task.source, task.block, task.fmt, ["file"], [data], [], len(data))
 
 
-def read_parquet(f: IO[bytes], task: ParquetTask, text_field: str, block_bytes: int) -> Iterator[RawBlock]:
-    """Blocks of values of the text column, about `block_bytes` each, with 'row:N' locators."""
+def read_parquet(f: IO[bytes], task: ParquetTask, text_field: str, block_bytes: int,
+                 keep_columns: tuple[str, ...] = ()) -> Iterator[RawBlock]:
+    """Blocks of values of the text column, about `block_bytes` each, with 'row:N' locators.
+
+    keep_columns: top-level columns that --keep-fields reads beside the text (those the file has).
+    """
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(f)
@@ -194,22 +198,25 @@ def read_parquet(f: IO[bytes], task: ParquetTask, text_field: str, block_bytes: 
                               f"Parquet file has no column {column!r}") for loc in locators]
         yield RawBlock(task.source, task.block, "parquet", [], [], errors)
         return
+    extra = [c for c in dict.fromkeys(keep_columns) if c in pf.schema_arrow.names and c != column]
     for g, row in parquet_row_groups(pf, task):
         group = md.row_group(g)
         rows_per_block = max(1, int(block_bytes * group.num_rows / max(group.total_byte_size, 1)))
         block = g * BLOCKS_PER_ROW_GROUP
-        for batch in pf.iter_batches(batch_size=rows_per_block, row_groups=[g], columns=[column]):
+        for batch in pf.iter_batches(batch_size=rows_per_block, row_groups=[g], columns=[column, *extra]):
             values = batch.column(0)
             locators = [f"row:{i}" for i in range(row, row + len(values))]
-            yield RawBlock(task.source, block, "parquet", locators, values, [], values.nbytes)
+            yield RawBlock(task.source, block, "parquet", locators, values, [], values.nbytes,
+                           fields=batch if keep_columns else None)
             block, row = block + 1, row + len(values)
 
 
-def read_task(task: ReadTask, text_field: str, block_bytes: int, max_doc_bytes: int) -> Iterator[RawBlock]:
+def read_task(task: ReadTask, text_field: str, block_bytes: int, max_doc_bytes: int,
+              keep_columns: tuple[str, ...] = ()) -> Iterator[RawBlock]:
     """All blocks of one read task."""
     with fs.open_binary(task.source) as f:
         if isinstance(task, ParquetTask):
-            yield from read_parquet(f, task, text_field, block_bytes)
+            yield from read_parquet(f, task, text_field, block_bytes, keep_columns)
         elif isinstance(task, TextRangeTask):
             yield read_line_range(f, task)
         elif task.fmt == "txt":  # a TextStreamTask: one document per file
@@ -242,15 +249,15 @@ class _PlanTextTasks(beam.DoFn):
 
 @beam.typehints.with_output_types(RawBlock)
 class _ReadBlocks(beam.DoFn):
-    def __init__(self, text_field: str, block_bytes: int, max_doc_bytes: int):
-        self._text_field = text_field
+    def __init__(self, text_field: str, block_bytes: int, max_doc_bytes: int, keep_columns: tuple[str, ...] = ()):
+        self._text_field, self._keep_columns = text_field, keep_columns
         self._block_bytes = block_bytes
         self._max_doc_bytes = max_doc_bytes
         self._bytes = Metrics.counter("tokenmill", "bytes_read")
         self._blocks = Metrics.counter("tokenmill", "blocks")
 
     def process(self, task: ReadTask) -> Iterator[RawBlock]:
-        for block in read_task(task, self._text_field, self._block_bytes, self._max_doc_bytes):
+        for block in read_task(task, self._text_field, self._block_bytes, self._max_doc_bytes, self._keep_columns):
             self._bytes.inc(block.nbytes)
             self._blocks.inc()
             yield block
@@ -268,8 +275,9 @@ class ReadTextShards(beam.PTransform):
 
     def __init__(self, patterns: list[str], *, text_field: str = "text", txt_per_line: bool = False,
                  block_bytes: int = DEFAULT_BLOCK_BYTES, max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
-                 incremental: Incremental | None = None):
+                 incremental: Incremental | None = None, keep_columns: tuple[str, ...] = ()):
         super().__init__()
+        self._keep_columns = tuple(keep_columns)
         self._patterns = list(patterns)
         self._incremental = incremental
         self._text_field = text_field
@@ -285,7 +293,8 @@ class ReadTextShards(beam.PTransform):
         tasks = planned.tasks | "SpreadOverWorkers" >> SpreadOverWorkers()
         blocks, failed = (tasks
                           | "ReadBlocks" >> beam.ParDo(
-                              _ReadBlocks(self._text_field, self._block_bytes, self._max_doc_bytes))
+                              _ReadBlocks(self._text_field, self._block_bytes, self._max_doc_bytes,
+                                          self._keep_columns))
                           .with_exception_handling(partial=True))
         return {"files": listed["files"], "plan": listed["plan"], "blocks": blocks, "errors": planned.errors,
                 "failed": failed}
