@@ -259,10 +259,11 @@ def _summary(root: str, seconds: float, runner: str, counters: dict[str, int]) -
         f"  rows:       {m.rows}",
         f"  tokens:     {m.tokens}",
         f"  errors:     {m.errors}" + ("  (error rows: the manifest's error_files)" if m.errors else ""),
-        f"  throughput: {human(in_bytes / seconds, 'B/s')}, {human(m.tokens / seconds, 'tokens/s')}",
         f"  output:     {root}  ({len(m.files)} data shards, manifest {MANIFEST_NAME})",
         f"  card:       {CARD_SUMMARY[card_state(root, m)]}",
     ]
+    if not up_to_date:  # an up-to-date run tokenized nothing: no rate to speak of
+        lines.insert(-2, f"  throughput: {human(in_bytes / seconds, 'B/s')}, {human(m.tokens / seconds, 'tokens/s')}")
     if counters:
         lines.append("  counters:   " + ", ".join(f"{k}={v}" for k, v in sorted(counters.items())))
     return "\n".join(lines)

@@ -154,3 +154,19 @@ def test_misuse_of_any_command_is_one_line_and_exit_2(tmp_path, argv, message):
     assert proc.returncode == 2, proc.stderr
     [line] = proc.stderr.strip().splitlines()
     assert line.startswith(f"tokenmill {argv[0]}: error: ") and message in line
+
+
+def test_small_things_users_tripped_on(tmp_path):
+    """No Beam tag warning on an image build; an up-to-date rerun prints no throughput."""
+    import numpy as np
+    from PIL import Image
+
+    for i in range(2):
+        Image.fromarray(np.full((32, 48, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    argv = ["build", "--input", str(tmp_path / "*.png"), "--output", str(tmp_path / "ds"), "--tokenizer", "patch:16",
+            "--progress", "none"]
+    first = _cli(*argv)
+    assert first.returncode == 0 and "throughput:" in first.stdout
+    assert "requested in with_outputs()" not in first.stderr and "WARNING" not in first.stderr, first.stderr
+    again = _cli(*argv)
+    assert again.returncode == 0 and "up to date" in again.stdout and "throughput" not in again.stdout

@@ -1,6 +1,8 @@
 """What every reader shares: listing inputs, and dealing read tasks out to workers."""
 from __future__ import annotations
 
+import typing
+
 from typing import Callable, Iterator
 
 import apache_beam as beam
@@ -116,7 +118,9 @@ class SpreadAndSplit(beam.PTransform):
     def expand(self, tasks):
         split = (tasks
                  | "SpreadOverWorkers" >> SpreadOverWorkers()
-                 | "SplitByIndex" >> beam.ParDo(_SplitByIndex(self._split)).with_exception_handling(
+                 | "SplitByIndex" >> beam.ParDo(_SplitByIndex(self._split))
+                 .with_output_types(typing.Any, errors=typing.Any)  # declares the tag beside the dead letters
+                 .with_exception_handling(
                      dead_letter_tag="failed", partial=True).with_outputs("errors", main="tasks"))
         return {"tasks": split["tasks"] | "SpreadSplitTasks" >> SpreadOverWorkers(),
                 "errors": split["errors"], "failed": split["failed"]}
