@@ -90,3 +90,45 @@ def test_tokenmill_version():
 
     proc = run_cli("tokenmill", "--version")
     assert proc.returncode == 0 and proc.stdout.startswith("tokenmill ")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.zst", ".jsonl.gz"])
+def test_a_truncated_compressed_stream_ends_in_an_error_row_at_the_break(tmp_path, suffix):
+    """zstandard's stream reader ends cleanly on a cut-off frame: the records after the cut used to vanish."""
+    import gzip
+
+    import zstandard
+
+    lines = b"".join(b'{"text": "record %05d"}\n' % i for i in range(20000))
+    compress = zstandard.ZstdCompressor().compress if suffix.endswith("zst") else gzip.compress
+    whole = compress(lines)
+    src = tmp_path / f"cut{suffix}"
+    src.write_bytes(whole[: len(whole) * 2 // 3])
+    out = tmp_path / "ds"
+    assert run_build(["--input", str(src), "--output", str(out), "--tokenizer", "bytes", "--block-size", "64KiB",
+                      "--progress", "none"]) == 0
+    kept = read_rows(out).num_rows
+    [error] = read_errors(out)
+    assert error["stage"] == "read" and error["error_type"] in ("TruncatedStream", "EOFError")
+    assert "stream ended early" in error["message"]
+    assert 0 < kept < 20000 and error["locator"] == f"offset:{kept * len(lines) // 20000}"
+    # The whole stream reads whole.
+    src.write_bytes(whole)
+    assert run_build(["--input", str(src), "--output", str(out), "--tokenizer", "bytes", "--progress", "none"]) == 0
+    assert read_rows(out).num_rows == 20000 and read_errors(out) == []
+
+
+def test_a_truncated_zstd_text_file_is_an_error_not_a_shorter_document(tmp_path):
+    import zstandard
+
+    whole = zstandard.ZstdCompressor().compress(("all of it " * 20000).encode())
+    (tmp_path / "doc.txt.zst").write_bytes(whole[:-10])
+    (tmp_path / "ok.txt.zst").write_bytes(whole)
+    out = tmp_path / "ds"
+    assert run_build(["--input", str(tmp_path / "*.txt.zst"), "--output", str(out), "--tokenizer", "bytes",
+                      "--progress", "none"]) == 0
+    rows = read_rows(out).to_pylist()
+    assert [r["source"].rsplit("/", 1)[-1] for r in rows] == ["ok.txt.zst"] and rows[0]["num_tokens"] == 200000
+    [error] = read_errors(out)
+    assert error["source"].endswith("doc.txt.zst") and error["locator"] == "file" and "ends inside a frame" in \
+        error["message"]

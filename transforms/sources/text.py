@@ -111,7 +111,10 @@ def _decompressed(f: IO[bytes], compression: str) -> IO[bytes]:
     if compression == "zstd":
         import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+        from tokenmill.transforms.sources.zstd_frames import FrameCheckedSource
+
+        # stream_reader ends cleanly on a cut-off frame: the wrapper makes that an error.
+        return zstandard.ZstdDecompressor().stream_reader(FrameCheckedSource(f), read_across_frames=True)
     return f
 
 
