@@ -54,6 +54,29 @@ class ConcurrentCommitError(RuntimeError):
     """Another run committed to the dataset after this run started; nothing was written."""
 
 
+class MissingShardsError(RuntimeError):
+    """Shards the run would commit are gone or not the size written (removed by gc, or by hand)."""
+
+
+def missing_shards(root: str, manifest: Manifest) -> list[str]:
+    """The shards `manifest` names that are not there with their recorded size.
+
+    One listing per run folder, not a request per shard: a commit on object
+    storage may name thousands of shards, from a handful of runs.
+    """
+    fs, base = fsspec.core.url_to_fs(root)
+    base = base.rstrip("/")
+    wanted = {s["path"]: s.get("bytes") for s in manifest.shards}
+    wanted.update({s["path"]: None for s in manifest.error_shards})
+    folders = sorted({path.rsplit("/", 2)[0] for path in wanted})  # versions/<v>/<run>
+    found: dict[str, int] = {}
+    for folder in folders:
+        with contextlib.suppress(FileNotFoundError):
+            for path, info in fs.find(join(base, folder), detail=True).items():
+                found[path[len(base) + 1:]] = int(info.get("size") or 0)
+    return sorted(p for p, size in wanted.items() if p not in found or (size is not None and found[p] != size))
+
+
 def version_id(modality: str, tokenizer_fingerprint: str, options: dict[str, Any], schema_version: int) -> str:
     """The id of the rows a build makes (16 hex digits)."""
     key = json.dumps([modality, tokenizer_fingerprint, options, schema_version], sort_keys=True)
@@ -186,6 +209,11 @@ def commit(root: str, manifest: Manifest, base_commit: str) -> str:
             raise ConcurrentCommitError(
                 f"{root}: another run committed {current_commit or 'a dataset'} after this run started "
                 f"from {base_commit or 'an empty output'}; nothing was committed (run again to build on it)")
+        gone = missing_shards(root, manifest)
+        if gone:  # never publish a commit whose files are not all there
+            raise MissingShardsError(f"{root}: {len(gone)} shard(s) this run wrote are gone or changed (removed "
+                                     f"by a gc during the build?), e.g. {gone[0]}; nothing was committed (run "
+                                     "again to rewrite them)")
         manifest.parent = current_commit
         manifest.versions = history(current, manifest)
         vdir = join(root, version_dir(manifest.version))
@@ -219,48 +247,61 @@ def referenced(manifest: Manifest) -> set[str]:
 def gc(root: str, keep: int, grace_seconds: float = 3600.0, dry_run: bool = False) -> GcReport:
     """Remove all but the `keep` latest versions, and files no kept commit names.
 
-    Unreferenced files younger than `grace_seconds` are left alone: they may
-    belong to a run still in progress.
+    A run folder (versions/<version>/<run>/) whose newest file is younger than
+    `grace_seconds` is left whole, whatever its version: a build still in
+    progress keeps writing into it, and may commit it (even into a version
+    removed here). The commit checks its shards are all there
+    (missing_shards), so a build whose files a gc removed fails instead of
+    publishing them. The removal runs under the commit lease: no commit lands
+    half-way through it.
     """
     if keep < 1:
         raise ValueError("keep must be at least 1 (the current version)")
-    current = read_manifest(root)
-    if not dry_run:
-        with lease(root):  # a card left by a commit killed after its flip must not name files removed here
-            publish_card(root, read_manifest(root))
-    entries = current.versions or [{"version": current.version}]
-    kept = [e["version"] for e in entries[-keep:]]
-    if current.version not in kept:
-        kept.append(current.version)
-    keep_files: set[str] = set()
-    for v in kept:
-        keep_files |= referenced(current if v == current.version else read_manifest(root, v))
-    fs, base = fsspec.core.url_to_fs(root)
-    base = base.rstrip("/")
-    now = time.time()
-    removed_files: list[str] = []
-    removed_versions = sorted({e["version"] for e in entries} - set(kept))
-    found = fs.find(join(base, VERSIONS_DIR), detail=True) if fs.exists(join(base, VERSIONS_DIR)) else {}
-    for path, info in sorted(found.items()):
-        rel = path[len(base) + 1:]
-        if rel in keep_files:
-            continue
-        version = rel.split("/")[1] if rel.count("/") >= 2 else ""
-        if version not in removed_versions and now - _mtime(info) < grace_seconds:
-            continue  # maybe a run in progress (a version or run folder not committed yet)
-        removed_files.append(rel)
-        if not dry_run:
-            fs.rm(path)
-    if not dry_run and isinstance(fs, LocalFileSystem):
-        for folder, _dirs, _files in sorted(os.walk(join(base, VERSIONS_DIR)), reverse=True):
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)  # only empty folders go
-    if not dry_run and removed_versions:
-        with lease(root):  # history no longer lists what was removed
-            latest = read_manifest(root)
-            latest.versions = [e for e in latest.versions if e["version"] not in removed_versions]
-            write_manifest(root, latest)
+    read_manifest(root)  # not a dataset: say so before taking any lease
+    with (contextlib.nullcontext() if dry_run else lease(root)):
+        current = read_manifest(root)
+        if not dry_run:  # a card left by a commit killed after its flip must not name files removed here
+            publish_card(root, current)
+        entries = current.versions or [{"version": current.version}]
+        kept = [e["version"] for e in entries[-keep:]]
+        if current.version not in kept:
+            kept.append(current.version)
+        keep_files: set[str] = set()
+        for v in kept:
+            keep_files |= referenced(current if v == current.version else read_manifest(root, v))
+        fs, base = fsspec.core.url_to_fs(root)
+        base = base.rstrip("/")
+        now = time.time()
+        removed_files: list[str] = []
+        removed_versions = sorted({e["version"] for e in entries} - set(kept))
+        found = fs.find(join(base, VERSIONS_DIR), detail=True) if fs.exists(join(base, VERSIONS_DIR)) else {}
+        newest: dict[str, float] = {}  # run folder (or version folder, for its manifest) -> newest mtime
+        for path, info in found.items():
+            folder = _run_folder(path[len(base) + 1:])
+            newest[folder] = max(newest.get(folder, 0.0), _mtime(info))
+        for path, info in sorted(found.items()):
+            rel = path[len(base) + 1:]
+            if rel in keep_files:
+                continue
+            if now - newest[_run_folder(rel)] < grace_seconds:
+                continue  # a run that may still be writing, or about to commit
+            removed_files.append(rel)
+            if not dry_run:
+                fs.rm(path)
+        if not dry_run and isinstance(fs, LocalFileSystem):
+            for folder, _dirs, _files in sorted(os.walk(join(base, VERSIONS_DIR)), reverse=True):
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)  # only empty folders go
+        if not dry_run and removed_versions:  # history no longer lists what was removed
+            current.versions = [e for e in current.versions if e["version"] not in removed_versions]
+            write_manifest(root, current)
     return GcReport(kept, removed_versions, removed_files)
+
+
+def _run_folder(rel: str) -> str:
+    """versions/<v>/<run>/data/x.parquet -> versions/<v>/<run>; versions/<v>/_manifest.json -> versions/<v>."""
+    parts = rel.split("/")
+    return "/".join(parts[:3]) if len(parts) > 3 else "/".join(parts[:2])
 
 
 def _mtime(info: dict[str, Any]) -> float:

@@ -132,3 +132,83 @@ def test_a_truncated_zstd_text_file_is_an_error_not_a_shorter_document(tmp_path)
     [error] = read_errors(out)
     assert error["source"].endswith("doc.txt.zst") and error["locator"] == "file" and "ends inside a frame" in \
         error["message"]
+
+
+def _three_versions(tmp_path: Path) -> Path:
+    write_jsonl(tmp_path / "a.jsonl", [{"text": f"document {i}"} for i in range(30)])
+    out = tmp_path / "ds"
+    for spec in ("bytes", "tiktoken:cl100k_base", "tiktoken:o200k_base"):
+        assert run_build(["--input", str(tmp_path / "a.jsonl"), "--output", str(out), "--tokenizer", spec,
+                          "--progress", "none"]) == 0
+    return out
+
+
+def test_a_commit_refuses_to_publish_shards_that_are_gone(tmp_path):
+    """gc (or a person) removed a shard between writing and committing: the commit fails and writes nothing."""
+    from tokenmill.schemas.versions import MissingShardsError, commit
+
+    out = _three_versions(tmp_path)
+    m = read_manifest(str(out))
+    (out / m.files[0]).unlink()
+    m.inputs = m.inputs + [{"uri": "another input", "size": 1, "change_token": "x"}]  # a new commit's content
+    before = (out / "_manifest.json").read_bytes()
+    with pytest.raises(MissingShardsError, match=r"1 shard\(s\) this run wrote are gone"):
+        commit(str(out), m, base_commit=m.commit)
+    assert (out / "_manifest.json").read_bytes() == before
+
+
+def test_gc_leaves_a_run_in_progress_alone_even_in_a_version_it_removes(tmp_path):
+    """The shipped crontab runs gc without the build's lock: a run writing into an old version keeps its files."""
+    import shutil
+
+    from tokenmill.schemas.versions import gc
+
+    import os
+
+    out = _three_versions(tmp_path)
+    hours_ago = time.time() - 7200
+    for f in (out / "versions").rglob("*"):
+        os.utime(f, (hours_ago, hours_ago))  # built two hours ago
+    m = read_manifest(str(out))
+    first = m.versions[0]["version"]
+    old_run = next(p for p in (out / "versions" / first).iterdir() if p.is_dir())
+    live = out / "versions" / first / "run-in-progress"
+    shutil.copytree(old_run, live, copy_function=shutil.copy)  # fresh files: a rebuild of the first version, still writing
+    report = gc(str(out), keep=1)
+    assert first in report.removed_versions and not old_run.exists()
+    assert live.exists() and sorted(p.name for p in (live / "data").iterdir())
+    assert validate(str(out)) == []
+    report = gc(str(out), keep=1, grace_seconds=0)  # once it is old (a dead run), it goes
+    assert not live.exists() and validate(str(out)) == []
+
+
+def test_gc_racing_a_build_never_yields_a_commit_with_missing_files(tmp_path):
+    """gc with no grace at all, in a loop, while a build runs: the build either commits every file or fails in
+    one line; the dataset validates after either."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = _three_versions(tmp_path)
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(6):
+        write_jsonl(big / f"part-{i}.jsonl", [{"text": f"shard {i} line {j} " * 30} for j in range(2000)])
+    build = subprocess.Popen([sys.executable, "-m", "tokenmill", "build", "--input", str(big), "--output", str(out),
+                              "--tokenizer", "bytes", "--block-size", "256KiB", "--progress", "none",
+                              "--runner=FnApiRunner", "--direct_num_workers=1", "--direct_running_mode=in_memory"],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    gcs = 0
+    while build.poll() is None:
+        subprocess.run([sys.executable, "-m", "tokenmill", "gc", str(out), "--keep", "1", "--grace", "0"], cwd=REPO,
+                       capture_output=True, timeout=120)
+        gcs += 1
+    _, err = build.communicate(timeout=300)
+    assert gcs >= 1
+    if build.returncode == 0:
+        assert read_manifest(str(out)).rows == 6 * 2000
+    else:
+        assert build.returncode == 1 and "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith("tokenmill build: failed: "), err
+    assert validate(str(out)) == []
