@@ -17,10 +17,12 @@ workers and slot = rank * workers + worker:
    remainder at the end of a pass is dropped, or padded with `pad_id`.
 
 The order depends only on the data, the seed, the epoch and the slot, so a
-position is just "n samples into epoch e". `state_dict()` records that;
-`load_state_dict()` makes the next pass skip ahead by replaying the order from
-the tiny `num_tokens` column alone, without reading token data. With
-torchdata's StatefulDataLoader each worker's reader saves and restores itself.
+position is just "n samples into epoch e", plus whether the pass is done.
+`state_dict()` records that; `load_state_dict()` makes the next pass skip ahead
+by replaying the order from the tiny `num_tokens` column alone, without reading
+token data. With torchdata's StatefulDataLoader each worker's reader saves and
+restores itself; a worker that finished its share before the checkpoint was
+saved as done and stays finished until the epoch ends.
 """
 from __future__ import annotations
 
@@ -132,8 +134,9 @@ class TokenReader:
         self.normalization = (float(norm["scale"]), float(norm["offset"])) if norm else None
         self.units = list_units(self.root, self.manifest)
         self.epoch = epoch
-        self._yielded = 0
-        self._skip = 0
+        self._yielded = 0  # samples of this epoch's pass yielded so far
+        self._done = False  # the pass of `epoch` has ended
+        self._resume = False  # the next pass continues a loaded position
 
     # -- identity ------------------------------------------------------------
     def _check(self, tok: dict, fingerprint: str | None, vocab_size: int | None, spec: str | None) -> None:
@@ -164,16 +167,20 @@ class TokenReader:
 
     # -- position ------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Make the next pass read `epoch` from its start (DataLoader workers that are not persistent need it),
+        unless a position loaded for that same epoch is waiting: a loop that resumes calls set_epoch too."""
+        if not (self._resume and epoch == self.epoch):
+            self.epoch, self._yielded, self._done, self._resume = epoch, 0, False, False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "yielded": self._yielded, "seed": self.seed}
+        return {"epoch": self.epoch, "yielded": self._yielded, "done": self._done, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Make the next pass continue the saved one: skip its `yielded` samples, or yield nothing if it was done."""
         if state.get("seed", self.seed) != self.seed:
             raise ValueError(f"state was saved with seed {state['seed']}, this reader has seed {self.seed}")
-        self.epoch, self._skip = int(state["epoch"]), int(state["yielded"])
-        self._yielded = self._skip
+        self.epoch, self._yielded = int(state["epoch"]), int(state["yielded"])
+        self._done, self._resume = bool(state.get("done", False)), True
 
     # -- the stream ------------------------------------------------------------
     def slot(self) -> tuple[int, int]:
@@ -216,16 +223,28 @@ class TokenReader:
             yield buffer.pop()
 
     def __iter__(self) -> Iterator[Any]:
-        epoch, skip = self.epoch, self._skip
-        self._skip = 0
-        self._yielded = skip
+        """One pass over this slot's share: the rest of a loaded position; after a finished pass, the next
+        epoch; else the current epoch from its start.
+
+        The pass is chosen when iter() is called, not at the first next(): after load_state_dict,
+        StatefulDataLoader calls iter() at once and, for a checkpoint taken at the end of an epoch,
+        drops that iterator unused and calls iter() again for the next epoch.
+        """
+        if not self._resume:
+            if self._done:
+                self.epoch += 1
+            self._yielded, self._done = 0, False
+        self._resume = False
+        return iter(()) if self._done else self._pass(self.epoch, self._yielded)
+
+    def _pass(self, epoch: int, skip: int) -> Iterator[Any]:
         refs = self._refs(epoch)
         rows = _RowCache(self)
         samples = self._windows(refs, rows, skip) if self.seq_len else self._rows(refs, rows, skip)
         for sample in samples:
             self._yielded += 1
             yield sample
-        self.epoch, self._yielded = epoch + 1, 0  # a finished pass moves on to the next epoch
+        self._done = True
 
     def _rows(self, refs, rows: "_RowCache", skip: int) -> Iterator[dict[str, Any]]:
         for i, (u, r, _) in enumerate(refs):

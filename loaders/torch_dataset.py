@@ -37,8 +37,8 @@ class TorchTokenDataset(IterableDataset):
 
     def __iter__(self):
         latent_dtype = self.reader.manifest.tokenizer.get("latent_dtype")
-        for sample in self.reader:
-            yield _to_torch(sample, latent_dtype)
+        samples = iter(self.reader)  # now, not at the first next(): see TokenReader.__iter__
+        return (_to_torch(sample, latent_dtype) for sample in samples)
 
     def set_epoch(self, epoch: int) -> None:
         self.reader.set_epoch(epoch)

@@ -8,6 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tokenmill.loaders import DatasetMismatchError, TokenReader, TorchTokenDataset
 from tokenmill.schemas.manifest import read_manifest, write_manifest
@@ -18,13 +20,16 @@ from tokenmill.transforms.records import TokenBlock, row_ids
 from tokenmill.transforms.write import build_manifest, write_block
 
 
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "tokenizers", "count",
+         "characters"]
+
+
 @pytest.fixture(scope="module")
 def text_dataset(tmp_path_factory):
     """About 600 documents of varied length in 20+ shards, cl100k without EOS."""
     src = tmp_path_factory.mktemp("src")
-    words = "the quick brown fox jumps over a lazy dog while tokenizers count characters".split()
     for k in range(3):
-        write_jsonl(src / f"s{k}.jsonl", [{"text": " ".join(words[(i + j) % len(words)]
+        write_jsonl(src / f"s{k}.jsonl", [{"text": " ".join(WORDS[(i + j) % len(WORDS)]
                                                             for j in range(1 + (i * 7 + k) % 60))}
                                           for i in range(200)])
     out = tmp_path_factory.mktemp("ds") / "text"
@@ -91,6 +96,7 @@ def test_resume_mid_epoch_equals_an_uninterrupted_pass(text_dataset, seq_len, st
     state = json.loads(json.dumps(first.state_dict()))  # survives a checkpoint file
     second = TokenReader(str(text_dataset), seed=9, seq_len=seq_len, shuffle_buffer=64)
     second.load_state_dict(state)
+    second.set_epoch(0)  # as a resumed training loop does before each epoch
     assert head + [key(s) for s in second] == full
 
 
@@ -114,6 +120,114 @@ def test_resume_with_two_dataloader_workers(text_dataset):
     got = head + rest
     assert len(got) == len(full)
     assert all((a == b).all() for a, b in zip(got, full))
+
+
+@pytest.fixture(scope="module")
+def resume_pool(tmp_path_factory) -> dict[str, Path]:
+    """Small cl100k text datasets built by the real pipeline: 1, 3, 9 and 59 row groups of uneven sizes."""
+    pool = {}
+    for name, docs, row_group in [("one", [12], "1M"), ("three", [20, 27, 34], "1M"),
+                                  ("nine", [20, 27, 34], "2k"), ("fifty-nine", [40, 55, 47, 12], "400")]:
+        src = tmp_path_factory.mktemp(f"{name}-src")
+        for k, n in enumerate(docs):  # each input its own spread of document lengths
+            write_jsonl(src / f"s{k}.jsonl", [{"text": " ".join(WORDS[(i + j) % len(WORDS)]
+                                                                for j in range(1 + (i * 7 + k) % (8 + 24 * k)))}
+                                              for i in range(n)])
+        pool[name] = tmp_path_factory.mktemp("pool") / name
+        assert run_build(["--input", str(src / "*.jsonl"), "--output", str(pool[name]), "--tokenizer",
+                          "tiktoken:cl100k_base", "--row-group-size", row_group, "--progress", "none"]) == 0
+    assert [len(TokenReader(str(pool[n])).units) for n in pool] == [1, 3, 9, 59]
+    return pool
+
+
+def batch_value(batch) -> object:
+    """A batch as plain Python values, to compare runs element for element."""
+    if isinstance(batch, dict):
+        return {k: batch_value(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return [batch_value(v) for v in batch]
+    return batch.tolist() if hasattr(batch, "tolist") else batch
+
+
+def train(make_loader, epochs: int = 2, resume: tuple[int, dict] | None = None):
+    """A training loop as users write it, over `epochs` epochs: set_epoch, iterate, checkpoint at every moment.
+
+    Returns the batches and, per moment (before epoch 0, after each batch, after each epoch's loop), the
+    number of batches seen, the epoch a resumed run starts with, and the loader's state (pickled, as a
+    checkpoint file would hold it). `resume` = (epoch, state) starts from a checkpoint instead.
+    """
+    import pickle
+
+    dataset, loader = make_loader()
+    first = 0
+    if resume:
+        first = resume[0]
+        loader.load_state_dict(pickle.loads(resume[1]))
+    batches, moments = [], []
+
+    def checkpoint(next_epoch):
+        moments.append((len(batches), next_epoch, pickle.dumps(loader.state_dict())))
+
+    if not resume:
+        checkpoint(0)
+    for epoch in range(first, epochs):
+        dataset.set_epoch(epoch)
+        for batch in loader:
+            batches.append(batch_value(batch))
+            checkpoint(epoch)
+        checkpoint(epoch + 1)
+    return batches, moments
+
+
+def stateful_loader(root: Path, *, num_workers: int, batch_size: int, persistent: bool = False, collate=None,
+                    snapshot_every: int = 1, **kwargs):
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def make():
+        dataset = TorchTokenDataset(str(root), **kwargs)
+        return dataset, StatefulDataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                           persistent_workers=persistent and num_workers > 0, collate_fn=collate,
+                                           snapshot_every_n_steps=snapshot_every)
+    return make
+
+
+@pytest.mark.parametrize("name", ["three", "fifty-nine"])
+def test_checkpoint_at_the_end_of_an_epoch_with_two_workers_resumes_exactly(resume_pool, name):
+    # The bug this pins: a worker that had finished its share was saved as "next epoch, 0 yielded", and a
+    # resume replayed a whole new share (455 batches instead of 453, 683 instead of 452).
+    make = stateful_loader(resume_pool[name], num_workers=2, batch_size=2, seed=4, seq_len=8)
+    full, moments = train(make)
+    per_epoch = len(full) // 2
+    assert per_epoch > 20 and full[:per_epoch] != full[per_epoch:]
+    ends = [m for m in moments if per_epoch - 3 <= m[0] <= per_epoch + 1]
+    assert len(ends) == 6  # three batches before the end, the last batch, after the loop, the next epoch's first
+    for seen, epoch, state in ends:
+        rest, _ = train(make, resume=(epoch, state))
+        assert len(full[:seen]) + len(rest) == len(full)
+        assert full[:seen] + rest == full
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_resume_from_any_checkpoint_equals_an_uninterrupted_run(resume_pool, data):
+    world = data.draw(st.integers(1, 2), label="world_size")
+    seq_len = data.draw(st.sampled_from([None, 8, 24]), label="seq_len")
+    make = stateful_loader(
+        resume_pool[data.draw(st.sampled_from(sorted(resume_pool)), label="dataset")],
+        num_workers=data.draw(st.integers(0, 3), label="num_workers"),
+        persistent=data.draw(st.booleans(), label="persistent_workers"),
+        batch_size=data.draw(st.integers(1, 5), label="batch_size"),
+        snapshot_every=data.draw(st.sampled_from([1, 3]), label="snapshot_every_n_steps"),
+        collate=None if seq_len else list,  # unpacked samples differ in length: keep them as a list
+        rank=data.draw(st.integers(0, world - 1), label="rank"), world_size=world, seq_len=seq_len,
+        shuffle=data.draw(st.booleans(), label="shuffle"),
+        shuffle_buffer=data.draw(st.sampled_from([1, 7, 100]), label="shuffle_buffer"),
+        seed=data.draw(st.integers(0, 2), label="seed"))
+    full, moments = train(make)
+    seen, epoch, state = data.draw(st.sampled_from(moments), label="checkpoint")
+    rest, _ = train(make, resume=(epoch, state))
+    assert (seen, len(rest)) == (seen, len(full) - seen)
+    assert full[:seen] + rest == full
 
 
 def test_reader_refuses_another_tokenizer(text_dataset):
