@@ -1,7 +1,9 @@
 """The training-side reader of tokenmill datasets (no Beam; torch only for TorchTokenDataset)."""
 from tokenmill.loaders.dataset import DatasetMismatchError, TokenReader
+from tokenmill.loaders.latents import LatentFormat, latents_to_array, latents_to_arrays
 
-__all__ = ["DatasetMismatchError", "TokenReader", "TorchTokenDataset"]
+__all__ = ["DatasetMismatchError", "LatentFormat", "TokenReader", "TorchTokenDataset", "latents_to_array",
+           "latents_to_arrays"]
 
 
 def __getattr__(name: str):

@@ -33,9 +33,9 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow.parquet as pq
 
+from tokenmill.loaders.latents import LatentFormat, flat_latents
 from tokenmill.schemas.manifest import MANIFEST_NAME, Manifest
 from tokenmill.schemas.storage import join, read_bytes
-from tokenmill.schemas.tables import LATENT_NUMPY
 from tokenmill.transforms.fs import open_binary
 
 
@@ -346,13 +346,7 @@ class _RowCache:
             out["tokens"] = col.values.to_numpy()
         else:  # one binary value per row: view the data buffer as (total tokens, dim) values
             tok = self.reader.manifest.tokenizer
-            dtype = np.dtype(LATENT_NUMPY[tok["latent_dtype"]])
-            dim = int(tok["dim"])
-            data = np.frombuffer(col.buffers()[2], np.uint8)
-            offsets = np.frombuffer(col.buffers()[1], np.int32)[col.offset: col.offset + len(col) + 1]
-            start = int(offsets[0])
-            out["latents"] = data[start: int(offsets[-1])].view(dtype).reshape(-1, dim)
-            out["offsets"] = (offsets - start) // (dtype.itemsize * dim)
+            out["latents"], out["offsets"] = flat_latents(col, LatentFormat(tok["latent_dtype"], int(tok["dim"])))
         if "grid" in columns:
             g = table.column("grid").combine_chunks()
             out["grid"] = g.values.to_numpy().reshape(len(g), -1)

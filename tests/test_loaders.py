@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tokenmill.loaders import DatasetMismatchError, TokenReader, TorchTokenDataset
+from tokenmill.loaders import (DatasetMismatchError, LatentFormat, TokenReader, TorchTokenDataset,
+                               latents_to_array, latents_to_arrays)
 from tokenmill.schemas.manifest import read_manifest, write_manifest
 from tokenmill.schemas.tables import dataset_schema, table_from_columns
 from tokenmill.schemas.validate import validate
@@ -375,3 +376,108 @@ def test_reader_reads_an_fsspec_uri(text_dataset):
         assert validate("memory://ds") == []
     finally:
         mem.rm("memory://ds", recursive=True)
+
+
+@pytest.fixture(scope="module")
+def image_dataset(tmp_path_factory) -> Path:
+    """patch:16 (uint8 latents, normalized to [-1, 1]) over four PNGs of different sizes and a tar of two
+    PNGs with JSON captions, built by the real pipeline."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    def png(h: int, w: int, k: int) -> bytes:
+        y, x = np.mgrid[0:h, 0:w]
+        buf = io.BytesIO()
+        Image.fromarray(np.stack([x * 3, y * 5, np.full_like(x, 40 * k)], -1).astype(np.uint8)).save(buf, "PNG")
+        return buf.getvalue()
+
+    src = tmp_path_factory.mktemp("images")
+    for k, (h, w) in enumerate([(16, 16), (40, 24), (33, 70), (64, 48)]):
+        (src / f"im{k}.png").write_bytes(png(h, w, k))
+    with tarfile.open(src / "captioned.tar", "w") as tar:
+        for k in range(2):
+            for name, data in ((f"c{k}.png", png(20, 30, 5 + k)),
+                               (f"c{k}.json", json.dumps({"caption": f"picture {k}"}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    out = tmp_path_factory.mktemp("image-ds") / "patch"
+    assert run_build(["--input", str(src / "*"), "--output", str(out), "--tokenizer", "patch:16",
+                      "--progress", "none"]) == 0
+    return out
+
+
+def image_latents(root: Path):
+    """The manifest, shard paths, TokenReader's samples and the raw rows (by id) of a soft image dataset."""
+    m = read_manifest(str(root))
+    reader = {s["id"]: s for s in TokenReader(str(root), shuffle=False)}
+    raw = {r["id"]: r for r in read_rows(root).to_pylist()}
+    assert len(reader) == len(raw) == 6
+    return m, [f"{root}/{f}" for f in m.files], reader, raw
+
+
+# The next three run the one-liners of docs/user-guide.md, "Reading latents with other tools".
+def test_latents_read_by_hf_datasets_match_the_reader(image_dataset):
+    import datasets
+
+    m, files, reader, _ = image_latents(image_dataset)
+    hf = datasets.load_dataset("parquet", data_files=files, split="train").with_transform(
+        lambda batch: {**batch, "latents": latents_to_arrays(batch["latents"], m, float32=True)})
+    assert len(hf) == 6
+    for row in hf:
+        assert row["latents"].dtype == np.float32 and np.array_equal(row["latents"], reader[row["id"]]["latents"])
+        assert row["latents"].min() >= -1 and row["latents"].max() <= 1
+
+
+def test_latents_read_by_polars_are_the_stored_bytes(image_dataset):
+    pl = pytest.importorskip("polars")
+    m, files, _, raw = image_latents(image_dataset)
+    frame = pl.read_parquet(files)
+    arrays = latents_to_arrays(frame["latents"], m)
+    assert len(arrays) == 6
+    for i, a in zip(frame["id"], arrays):
+        assert a.dtype == np.uint8 and a.shape == (raw[i]["num_tokens"], 768) and a.tobytes() == raw[i]["latents"]
+
+
+def test_latents_read_by_duckdb_match_the_reader_and_one_row_converts_alone(image_dataset):
+    import duckdb
+
+    m, files, reader, raw = image_latents(image_dataset)
+    table = duckdb.sql(f"select id, latents from read_parquet({files})").to_arrow_table()
+    arrays = latents_to_arrays(table["latents"], m, float32=True)
+    assert len(arrays) == 6
+    for i, a in zip(table["id"].to_pylist(), arrays):
+        assert np.array_equal(a, reader[i]["latents"])
+    one = next(iter(raw.values()))
+    assert latents_to_array(one["latents"], str(image_dataset)).shape == (one["num_tokens"], 768)
+    assert np.array_equal(latents_to_array(one["latents"], m, float32=True), reader[one["id"]]["latents"])
+
+
+@pytest.mark.parametrize("latent_dtype", ["bfloat16", "float16", "float32"])
+def test_latents_to_arrays_gives_stored_values_or_float32(tmp_path, latent_dtype):
+    import torch
+
+    rng = np.random.default_rng(1)
+    values = [rng.normal(size=(h * w, 4)).astype(np.float32) for h, w in [(1, 3), (2, 2), (1, 1)]]
+    if latent_dtype == "bfloat16":  # stored as the high 16 bits of each float32
+        stored = [(v.view(np.uint32) >> 16).astype(np.uint16) for v in values]
+    else:
+        stored = [v.astype(latent_dtype) for v in values]
+    write_soft_dataset(tmp_path, latent_dtype, 4, list(zip(stored, [(1, 3), (2, 2), (1, 1)])))
+    column = pq.read_table(tmp_path / read_manifest(str(tmp_path)).files[0], columns=["latents"])["latents"]
+    for form in (column, column.to_pylist(), column.to_numpy(zero_copy_only=False)):
+        got = latents_to_arrays(form, str(tmp_path))
+        assert all(g.dtype == s.dtype and np.array_equal(g, s) for g, s in zip(got, stored))
+    widened = latents_to_arrays(column, LatentFormat.of(str(tmp_path)), float32=True)
+    by_torch = [t.to(torch.float32).numpy() for t in (s["latents"] for s in TorchTokenDataset(str(tmp_path),
+                                                                                              shuffle=False))]
+    assert all(w.dtype == np.float32 and np.array_equal(w, t) for w, t in zip(widened, by_torch))
+    if latent_dtype == "float32":
+        assert all(np.array_equal(w, v) for w, v in zip(widened, values))
+
+
+def test_latent_helpers_refuse_a_dataset_of_hard_tokens(resume_pool):
+    with pytest.raises(ValueError, match="holds hard tokens"):
+        latents_to_arrays([], str(resume_pool["one"]))
