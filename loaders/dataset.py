@@ -27,15 +27,18 @@ saved as done and stays finished until the epoch ends.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tokenmill.loaders.latents import LatentFormat, flat_latents
 from tokenmill.schemas.manifest import MANIFEST_NAME, Manifest
 from tokenmill.schemas.storage import join, read_bytes
+from tokenmill.schemas.tables import schema_for_manifest
 from tokenmill.transforms.fs import open_binary
 
 
@@ -92,7 +95,10 @@ class TokenReader:
       - packed text (seq_len set): an int64 array of seq_len + 1 token IDs
       - otherwise a dict: "id", and "tokens" (int64 array) or "latents"
         ((num_tokens, dim) array; bfloat16 as uint16 bits), plus "grid" for
-        image and video.
+        image and video, plus the columns named in `fields` as Python values
+        (e.g. "source", "locator", "num_tokens", "orig_height", "fps"; "meta"
+        as a dict whether stored as a JSON string or a struct). Only those
+        columns are read.
 
     The current commit is read unless `version` names an older version that
     `tokenmill gc` has not removed yet. Either way the reader sees one
@@ -109,7 +115,7 @@ class TokenReader:
                  eos_id: int | str | None = "auto", rank: int | None = None, world_size: int | None = None,
                  expect_fingerprint: str | None = None, expect_vocab_size: int | None = None,
                  expect_tokenizer: str | None = None, epoch: int = 0, normalize: bool = True,
-                 version: str | None = None):
+                 version: str | None = None, fields: Sequence[str] = ()):
         self.root = root.rstrip("/")
         path = join(self.root, MANIFEST_NAME) if not version else join(self.root, "versions", version, MANIFEST_NAME)
         try:
@@ -133,6 +139,7 @@ class TokenReader:
         norm = tok.get("normalization") if normalize else None
         self.normalization = (float(norm["scale"]), float(norm["offset"])) if norm else None
         self.units = list_units(self.root, self.manifest)
+        self.fields = self._fields(fields)
         self.epoch = epoch
         self._yielded = 0  # samples of this epoch's pass yielded so far
         self._done = False  # the pass of `epoch` has ended
@@ -153,6 +160,26 @@ class TokenReader:
             raise DatasetMismatchError(f"{where}: expected fingerprint {fingerprint[:12]}")
         if vocab_size is not None and vocab_size != tok.get("vocab_size"):
             raise DatasetMismatchError(f"{where}: vocab_size is {tok.get('vocab_size')}, expected {vocab_size}")
+
+    def _fields(self, fields: Sequence[str]) -> tuple[str, ...]:
+        """The extra columns a sample carries; each must be a column of the dataset's shards."""
+        if isinstance(fields, str):
+            fields = [fields]
+        if not fields:
+            return ()
+        if self.seq_len is not None:
+            raise ValueError("fields= needs unpacked samples: with seq_len a sample is a window of several "
+                             "documents, so per-row columns have no place in it")
+        if self.units:  # what the shards hold, columns added since a build included (meta of --keep-fields)
+            with open_binary(self.units[0].path) as f:
+                names = pq.ParquetFile(f).schema_arrow.names
+        else:
+            names = schema_for_manifest(self.manifest).names
+        unknown = [f for f in fields if f not in names]
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(map(repr, unknown))}: dataset {self.root} has "
+                             + ", ".join(names))
+        return tuple(dict.fromkeys(f for f in fields if f not in ("id", "tokens", "latents", "grid")))
 
     @staticmethod
     def _separator(tok: dict, eos_id: int | str | None) -> np.ndarray:
@@ -328,6 +355,8 @@ class _RowCache:
             sample["latents"] = (latents * np.float32(norm[0]) + np.float32(norm[1])) if norm else latents.copy()
         if "grid" in t:
             sample["grid"] = tuple(int(x) for x in t["grid"][r])
+        for name in self.reader.fields:
+            sample[name] = t[name][r]
         self._done_one(u)
         return sample
 
@@ -335,7 +364,7 @@ class _RowCache:
         kind = self.reader.kind
         payload = "tokens" if kind == "hard" else "latents"
         columns = ([] if self.reader.seq_len else ["id"]) + [payload] + (
-            ["grid"] if self.reader.manifest.modality != "text" else [])
+            ["grid"] if self.reader.manifest.modality != "text" else []) + list(self.reader.fields)
         with open_binary(unit.path) as f:
             table = pq.ParquetFile(f).read_row_group(unit.row_group, columns=columns)
         col = table.column(payload).combine_chunks()
@@ -350,4 +379,15 @@ class _RowCache:
         if "grid" in columns:
             g = table.column("grid").combine_chunks()
             out["grid"] = g.values.to_numpy().reshape(len(g), -1)
+        for name in self.reader.fields:
+            out[name] = _python_values(name, table.column(name))
         return out
+
+
+def _python_values(name: str, column: pa.ChunkedArray) -> list[Any]:
+    """A column's values as Python objects; `meta` stored as a JSON string is parsed, so it is a dict as
+    when stored as a struct."""
+    values = column.to_pylist()
+    if name == "meta" and (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return [None if v is None else json.loads(v) for v in values]
+    return values

@@ -1,4 +1,4 @@
-"""TokenReader as a torch IterableDataset (needs the `torch` extra)."""
+"""TokenReader as a torch IterableDataset, and a collate_fn for its unpacked samples (needs the `torch` extra)."""
 from __future__ import annotations
 
 from typing import Any
@@ -48,3 +48,30 @@ class TorchTokenDataset(IterableDataset):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reader.load_state_dict(state)
+
+
+def collate_variable(batch: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
+    """A DataLoader collate_fn for unpacked samples, whose lengths differ.
+
+    "tokens" become an int64 (B, L) tensor padded at the end with `pad_id` to the longest sample;
+    "latents" a (B, N, dim) tensor in their dtype, padded with zeros. "lengths" (int64, (B,)) holds each
+    sample's true length and "attention_mask" (bool, (B, L) or (B, N)) is True on real positions.
+    Every other field ("id", "grid", metadata from `fields=`) becomes a list, one value per sample.
+    Packed windows (seq_len) all have one length: the default collate stacks them.
+    """
+    import torch
+
+    payload = "tokens" if "tokens" in batch[0] else "latents"
+    values = [torch.as_tensor(s[payload]) for s in batch]
+    lengths = torch.tensor([len(v) for v in values], dtype=torch.int64)
+    longest = int(lengths.max())
+    padded = torch.full((len(values), longest, *values[0].shape[1:]), pad_id if payload == "tokens" else 0,
+                        dtype=values[0].dtype)
+    for i, v in enumerate(values):
+        padded[i, : len(v)] = v
+    out: dict[str, Any] = {payload: padded, "lengths": lengths,
+                           "attention_mask": torch.arange(longest) < lengths[:, None]}
+    for name in batch[0]:
+        if name != payload:
+            out[name] = [s[name] for s in batch]
+    return out

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tokenmill.loaders import (DatasetMismatchError, LatentFormat, TokenReader, TorchTokenDataset,
-                               latents_to_array, latents_to_arrays)
+                               collate_variable, latents_to_array, latents_to_arrays)
 from tokenmill.schemas.manifest import read_manifest, write_manifest
 from tokenmill.schemas.tables import dataset_schema, table_from_columns
 from tokenmill.schemas.validate import validate
@@ -481,3 +481,109 @@ def test_latents_to_arrays_gives_stored_values_or_float32(tmp_path, latent_dtype
 def test_latent_helpers_refuse_a_dataset_of_hard_tokens(resume_pool):
     with pytest.raises(ValueError, match="holds hard tokens"):
         latents_to_arrays([], str(resume_pool["one"]))
+
+
+def test_fields_add_the_columns_asked_for_and_nothing_by_default(resume_pool):
+    root = resume_pool["nine"]
+    rows = {r["id"]: r for r in read_rows(root).to_pylist()}
+    plain = list(TokenReader(str(root), seed=2))
+    assert all(set(s) == {"id", "tokens"} for s in plain)
+    got = list(TokenReader(str(root), seed=2, fields=["source", "locator", "num_tokens", "id"]))
+    assert [s["id"] for s in got] == [s["id"] for s in plain] and len(got) == len(rows) == 81
+    for s in got:
+        r = rows[s["id"]]
+        assert set(s) == {"id", "tokens", "source", "locator", "num_tokens"}
+        assert (s["source"], s["locator"], s["num_tokens"]) == (r["source"], r["locator"], len(r["tokens"]))
+        assert s["tokens"].tolist() == r["tokens"]
+    assert {Path(s["source"]).name for s in got} == {"s0.jsonl", "s1.jsonl", "s2.jsonl"}
+
+
+def test_image_fields_come_with_meta_as_a_dict(image_dataset):
+    names = ["source", "locator", "orig_height", "orig_width", "height", "width", "meta", "num_tokens"]
+    got = {(Path(s["source"]).name, s["locator"]): s
+           for s in TorchTokenDataset(str(image_dataset), shuffle=False, fields=names)}
+    assert len(got) == 6
+    im2 = got[("im2.png", "file")]
+    assert (im2["orig_height"], im2["orig_width"], im2["height"], im2["width"]) == (33, 70, 33, 70)
+    assert im2["grid"].tolist() == [3, 5] and im2["num_tokens"] == 15 == len(im2["latents"])
+    assert im2["meta"] is None
+    assert got[("captioned.tar", "member:c1.png")]["meta"] == {"json": {"caption": "picture 1"}}
+    rows = {r["id"]: r for r in read_rows(image_dataset).to_pylist()}
+    for s in got.values():
+        assert [s[n] for n in names[:6]] == [rows[s["id"]][n] for n in names[:6]]
+
+
+def test_video_fields_carry_clip_timing(tmp_path):
+    pytest.importorskip("av")
+    from tests.test_video import make_video
+
+    (tmp_path / "in").mkdir()
+    make_video(tmp_path / "in" / "bar.mp4", n=24, fps=25)
+    out = tmp_path / "out"
+    assert run_build(["--input", str(tmp_path / "in"), "--output", str(out), "--tokenizer", "patch:2,16",
+                      "--clip-frames", "8", "--modality", "video", "--progress", "none"]) == 0
+    got = {s["locator"]: s for s in TokenReader(str(out), fields=["locator", "clip_start", "clip_end", "fps",
+                                                                   "frame_indices", "orig_width"])}
+    assert sorted(got) == ["clip:0", "clip:1", "clip:2"]
+    clip = got["clip:1"]
+    assert clip["clip_start"] == pytest.approx(0.32) and clip["clip_end"] == pytest.approx(0.64)
+    assert clip["fps"] == pytest.approx(25) and clip["frame_indices"] == list(range(8, 16))
+    assert clip["orig_width"] == 64 and clip["grid"] == (4, 3, 4)
+
+
+def test_meta_stored_as_a_struct_comes_back_as_a_dict(tmp_path, resume_pool):
+    """Text datasets may carry `meta` as an Arrow struct (kept input fields): the reader yields the same dicts."""
+    import shutil
+
+    root = tmp_path / "with-meta"
+    shutil.copytree(resume_pool["three"], root)
+    for name in read_manifest(str(root)).files:  # each shard rewritten row group by row group, plus `meta`
+        shard = pq.ParquetFile(root / name)
+        groups = [shard.read_row_group(i) for i in range(shard.num_row_groups)]
+        with pq.ParquetWriter(root / name, groups[0].schema.append(
+                pa.field("meta", pa.struct([("url", pa.string()), ("stars", pa.int64())])))) as writer:
+            for g in groups:
+                meta = [{"url": f"https://example.org/{i}", "stars": len(i)} for i in g.column("id").to_pylist()]
+                writer.write_table(g.append_column("meta", pa.array(meta, writer.schema.field("meta").type)))
+    got = list(TokenReader(str(root), fields=["meta"]))
+    assert len(got) == 81
+    assert all(s["meta"] == {"url": f"https://example.org/{s['id']}", "stars": len(s["id"])} for s in got)
+
+
+def test_unknown_fields_and_fields_with_packing_are_refused(resume_pool):
+    with pytest.raises(ValueError, match=r"unknown field\(s\) 'caption', 'fps': dataset .* has id, source, "
+                                         r"locator, modality, tokens, num_tokens$"):
+        TokenReader(str(resume_pool["one"]), fields=["caption", "source", "fps"])
+    with pytest.raises(ValueError, match="fields= needs unpacked samples"):
+        TorchTokenDataset(str(resume_pool["one"]), seq_len=16, fields=["source"])
+
+
+def test_collate_variable_pads_tokens_and_latents_in_a_dataloader(resume_pool, image_dataset):
+    import functools
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    root = str(resume_pool["nine"])
+    docs = {s["id"]: s["tokens"].tolist() for s in TokenReader(root)}
+    batches = list(DataLoader(TorchTokenDataset(root, seed=1, fields=["num_tokens"]), batch_size=4, num_workers=2,
+                              collate_fn=functools.partial(collate_variable, pad_id=-1)))
+    assert sorted(i for b in batches for i in b["id"]) == sorted(docs)
+    for b in batches:
+        size, longest = b["tokens"].shape
+        assert b["tokens"].dtype == torch.int64 and b["lengths"].tolist() == b["num_tokens"]
+        assert longest == max(b["num_tokens"]) and len(b["id"]) == size
+        for i, doc_id in enumerate(b["id"]):
+            n = b["num_tokens"][i]
+            assert b["tokens"][i, :n].tolist() == docs[doc_id] and (b["tokens"][i, n:] == -1).all()
+            assert b["attention_mask"][i].tolist() == [True] * n + [False] * (longest - n)
+
+    images = {s["id"]: s for s in TorchTokenDataset(str(image_dataset), shuffle=False)}
+    b = next(iter(DataLoader(TorchTokenDataset(str(image_dataset), shuffle=False), batch_size=6,
+                             collate_fn=collate_variable)))
+    assert b["latents"].shape == (6, max(len(s["latents"]) for s in images.values()), 768)
+    for i, doc_id in enumerate(b["id"]):
+        n = len(images[doc_id]["latents"])
+        assert torch.equal(b["latents"][i, :n], images[doc_id]["latents"]) and not b["latents"][i, n:].any()
+        assert b["lengths"][i] == n and b["attention_mask"][i].sum() == n
+        assert torch.equal(b["grid"][i], images[doc_id]["grid"])
