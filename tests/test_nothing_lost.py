@@ -212,3 +212,48 @@ def test_gc_racing_a_build_never_yields_a_commit_with_missing_files(tmp_path):
         assert build.returncode == 1 and "Traceback" not in err
         assert err.strip().splitlines()[-1].startswith("tokenmill build: failed: "), err
     assert validate(str(out)) == []
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl"])
+def test_one_huge_record_is_an_error_row_skipped_in_linear_time_and_bounded_memory(tmp_path, suffix):
+    """A 300 MB line: buffering once grew quadratically (a 1 GB line ran past 240 s) and held it all in memory."""
+    import gzip
+
+    src = tmp_path / f"huge{suffix}"
+    size = 300 << 20
+    # Written in pieces: this test's own memory must stay small for the peak RSS check below to mean anything.
+    with (gzip.open(src, "wb", compresslevel=1) if suffix.endswith(".gz") else open(src, "wb")) as f:
+        f.write(b'{"text": "before"}\n{"text": "')
+        for _ in range(size >> 20):
+            f.write(b"x" * (1 << 20))
+        f.write(b'"}\n{"text": "after"}\n')
+    huge = b'{"text": "' + b'"}\n'  # the long line's length, below, without holding it
+    rss_before = _peak_rss_mib()
+    start = time.monotonic()
+    out = tmp_path / "ds"
+    assert run_build(["--input", str(src), "--output", str(out), "--tokenizer", "bytes", "--max-doc-bytes", "1MiB",
+                      "--block-size", "64KiB", "--progress", "none"]) == 0
+    seconds = time.monotonic() - start
+    assert sorted(read_rows(out).column("locator").to_pylist()) == ["offset:0", f"offset:{19 + len(huge) + size}"]
+    [error] = read_errors(out)
+    assert (error["locator"], error["error_type"]) == ("offset:19", "DocumentTooLarge")
+    assert "--max-doc-bytes=1048576" in error["message"]
+    assert seconds < 60  # linear: about a second per 300 MB here
+    assert _peak_rss_mib() - rss_before < 150  # never the whole line (or more) in memory
+
+
+def test_max_doc_bytes_applies_to_parquet_text_values(tmp_path):
+    src = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"text": ["short", "y" * 5000, None, "also short"]}), src)
+    out = tmp_path / "ds"
+    assert run_build(["--input", str(src), "--output", str(out), "--tokenizer", "bytes", "--max-doc-bytes", "4KiB",
+                      "--progress", "none"]) == 0
+    assert sorted(read_rows(out).column("locator").to_pylist()) == ["row:0", "row:3"]
+    assert [(e["locator"], e["error_type"]) for e in read_errors(out)] == [("row:1", "DocumentTooLarge"),
+                                                                          ("row:2", "NonStringText")]

@@ -15,7 +15,8 @@ class TextModality(Modality):
                "(default: text)", default="text", metavar="NAME"),
         Option("txt_per_line", ".txt files hold one document per line (default: one document per file)",
                type=None, default=False),
-        Option("max_doc_bytes", "whole-file .txt documents larger than this become error rows (default: 64MiB)",
+        Option("max_doc_bytes", "records (a JSON line, a Parquet text value, a whole .txt file) larger than this become "
+               "error rows, skipped as they stream past (default: 64MiB)",
                type=byte_size, default=DEFAULT_MAX_DOC_BYTES, metavar="BYTES"),
         Option("keep_fields", "source fields each row keeps in its `meta` column, for the trainer: JSON fields or "
                "Parquet columns, comma-separated, dots for nested ones, each optionally :TYPE (an Arrow type: "

@@ -76,33 +76,82 @@ def plan_blocks(f: InputFile, block_bytes: int, txt_per_line: bool) -> list[Read
             for i in range(n)]
 
 
-def _split_lines(data: bytes, base: int) -> tuple[list[str], list[bytes]]:
-    """Non-blank lines of `data` with their 'offset:N' locators (N = base + index)."""
+def _split_lines(data: bytes, base: int, source: str = "", max_doc_bytes: int | None = None
+                 ) -> tuple[list[str], list[bytes], list[ErrorRecord]]:
+    """Non-blank lines of `data` with their 'offset:N' locators (N = base + index).
+
+    Lines longer than `max_doc_bytes` become DocumentTooLarge error records instead.
+    """
     locators: list[str] = []
     lines: list[bytes] = []
+    errors: list[ErrorRecord] = []
     pos = base
     for line in data.split(b"\n"):
         if line.strip():
-            locators.append(f"offset:{pos}")
-            lines.append(line[:-1] if line.endswith(b"\r") else line)
+            if max_doc_bytes is not None and len(line) > max_doc_bytes:
+                errors.append(_too_large(source, pos, max_doc_bytes))
+            else:
+                locators.append(f"offset:{pos}")
+                lines.append(line[:-1] if line.endswith(b"\r") else line)
         pos += len(line) + 1
-    return locators, lines
+    return locators, lines, errors
 
 
-def read_line_range(f: IO[bytes], task: TextRangeTask) -> RawBlock:
+def _too_large(source: str, offset: int | str, max_doc_bytes: int) -> ErrorRecord:
+    locator = offset if isinstance(offset, str) else f"offset:{offset}"
+    return ErrorRecord(source, locator, "read", "DocumentTooLarge",
+                       f"record is larger than --max-doc-bytes={max_doc_bytes}; skipped")
+
+
+def _line_rest(f: IO[bytes], keep: int, limit: int | None = None) -> tuple[bytes | None, int]:
+    """Read to the end of the current line (newline included): (the bytes, or None past `keep` bytes; bytes consumed).
+
+    Memory stays within `keep` + one chunk however long the line: a 1 GB line
+    is scanned in chunks, not read whole (f.readline() would hold all of it).
+    `limit` stops the scan after that many bytes (the line goes on).
+    """
+    kept = bytearray()
+    consumed = 0
+    while True:
+        if limit is not None and consumed >= limit:
+            return None, consumed
+        chunk = f.read(_READ_CHUNK if limit is None else min(_READ_CHUNK, limit - consumed))
+        if not chunk:
+            return (bytes(kept) if consumed <= keep else None), consumed
+        i = chunk.find(b"\n")
+        part = chunk if i < 0 else chunk[:i + 1]
+        consumed += len(part)
+        if consumed <= keep:
+            kept += part
+        if i >= 0:
+            f.seek(len(part) - len(chunk), 1)  # give back what follows the line
+            return (bytes(kept) if consumed <= keep else None), consumed
+
+
+def read_line_range(f: IO[bytes], task: TextRangeTask, max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> RawBlock:
     """The lines that start in [task.start, task.end) of a seekable plain file."""
     pos = task.start
     if pos > 0:
         f.seek(pos - 1)
         if f.read(1) != b"\n":  # mid-line: that line belongs to the previous block
-            pos += len(f.readline())
+            skipped = _line_rest(f, 0, task.end - pos)[1]
+            if pos + skipped >= task.end:  # no line starts in this range (it lies inside a long one)
+                return RawBlock(task.source, task.block, task.fmt, [], [], [], 0)
+            pos += skipped
     else:
         f.seek(0)
     data = f.read(task.end - pos) if pos < task.end else b""
-    if data and not data.endswith(b"\n"):
-        data += f.readline()  # finish the last line, which may run past `end`
-    locators, lines = _split_lines(data, pos)
-    return RawBlock(task.source, task.block, task.fmt, locators, lines, [], len(data))
+    errors: list[ErrorRecord] = []
+    if data and not data.endswith(b"\n"):  # finish the last line, which may run past `end`
+        start = data.rfind(b"\n") + 1
+        rest, _ = _line_rest(f, max(0, max_doc_bytes + 1 - (len(data) - start)))
+        if rest is None:  # the line is too long: its start is dropped too
+            errors.append(_too_large(task.source, pos + start, max_doc_bytes))
+            data = data[:start]
+        else:
+            data += rest
+    locators, lines, too_large = _split_lines(data, pos, task.source, max_doc_bytes)
+    return RawBlock(task.source, task.block, task.fmt, locators, lines, too_large + errors, len(data))
 
 
 def _decompressed(f: IO[bytes], compression: str) -> IO[bytes]:
@@ -118,51 +167,82 @@ def _decompressed(f: IO[bytes], compression: str) -> IO[bytes]:
     return f
 
 
-def read_line_stream(f: IO[bytes], task: TextStreamTask, block_bytes: int) -> Iterator[RawBlock]:
+def read_line_stream(f: IO[bytes], task: TextStreamTask, block_bytes: int,
+                     max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES) -> Iterator[RawBlock]:
     """Blocks of lines from a (possibly compressed) stream, read front to back.
 
     A stream that breaks off (truncated gzip, corrupt zstd) yields the complete
     lines before the break and an error record at the offset of the first
-    record it could not read.
+    record it could not read. A line longer than `max_doc_bytes` becomes a
+    DocumentTooLarge error record and is skipped as it streams past: memory
+    stays within a block plus `max_doc_bytes`, and time linear, however long
+    the line (a buffer re-joined per chunk made one 1 GB line quadratic).
     """
     stream = _decompressed(f, task.compression)
     # read1 returns what one decompression step produced, so the data before a
     # break is kept; read(n) would discard it along with the exception.
     read = getattr(stream, "read1", stream.read)
-    block, offset, pending = task.block, 0, b""
+    block, offset = task.block, 0  # offset: stream position of pending[0]
+    pending = bytearray()
+    last_nl = -1  # index in `pending` of its last newline
+    skipping = False  # inside an oversized line, discarding it
+    errors: list[ErrorRecord] = []  # for the next block out
+    total = 0
+
+    def emit(cut: int) -> RawBlock:
+        nonlocal block, offset, errors
+        locators, lines, too_large = _split_lines(bytes(pending[:cut]), offset, task.source, max_doc_bytes)
+        out = RawBlock(task.source, block, task.fmt, locators, lines, errors + too_large, cut)
+        del pending[:cut]
+        block, offset, errors = block + 1, offset + cut, []
+        return out
+
     while True:
         try:
             chunk = read(_READ_CHUNK)
-        except (EOFError, OSError, zlib.error, ValueError) as e:
-            yield _tail_error(task, block, offset, pending, e)
-            return
-        except Exception as e:  # zstandard.ZstdError and the like
-            yield _tail_error(task, block, offset, pending, e)
+        except Exception as e:  # EOFError, OSError, zlib.error, zstandard.ZstdError and the like
+            yield _tail_error(task, block, offset, bytes(pending), e, errors)
             return
         if not chunk:
             break
+        total += len(chunk)
+        if skipping:
+            i = chunk.find(b"\n")
+            if i < 0:
+                offset += len(chunk)
+                continue
+            offset += i + 1
+            chunk, skipping = chunk[i + 1:], False
+        j = chunk.rfind(b"\n")
+        if j >= 0:
+            last_nl = len(pending) + j
         pending += chunk
-        if len(pending) >= block_bytes:
-            cut = pending.rfind(b"\n") + 1
-            if cut:
-                locators, lines = _split_lines(pending[:cut], offset)
-                yield RawBlock(task.source, block, task.fmt, locators, lines, [], cut)
-                block, offset, pending = block + 1, offset + cut, pending[cut:]
-    if offset == 0 and not pending:
+        if len(pending) - (last_nl + 1) > max_doc_bytes:  # the unfinished last line is already too long
+            start = offset + last_nl + 1
+            errors.append(_too_large(task.source, start, max_doc_bytes))
+            if last_nl >= 0:
+                yield emit(last_nl + 1)
+            offset += len(pending)
+            pending.clear()
+            last_nl, skipping = -1, True
+        elif len(pending) >= block_bytes and last_nl >= 0:
+            yield emit(last_nl + 1)
+            last_nl = -1
+    if total == 0:
         yield RawBlock(task.source, block, task.fmt, [], [],
                        [ErrorRecord(task.source, "file", "read", "EmptyFile",
                                     "file decompresses to zero bytes: no records")])
         return
-    locators, lines = _split_lines(pending, offset)
-    yield RawBlock(task.source, block, task.fmt, locators, lines, [], len(pending))
+    yield emit(len(pending))
 
 
-def _tail_error(task: TextStreamTask, block: int, offset: int, pending: bytes, exc: Exception) -> RawBlock:
+def _tail_error(task: TextStreamTask, block: int, offset: int, pending: bytes, exc: Exception,
+                errors: list[ErrorRecord] = ()) -> RawBlock:
     cut = pending.rfind(b"\n") + 1
-    locators, lines = _split_lines(pending[:cut], offset)
+    locators, lines, too_large = _split_lines(pending[:cut], offset, task.source)
     err = ErrorRecord(task.source, f"offset:{offset + cut}", "read", type(exc).__name__,
                       f"stream ended early ({exc}); records from this offset on are lost")
-    return RawBlock(task.source, block, task.fmt, locators, lines, [err], cut)
+    return RawBlock(task.source, block, task.fmt, locators, lines, [*errors, *too_large, err], cut)
 
 
 def read_whole_text(f: IO[bytes], task: TextStreamTask, max_doc_bytes: int) -> RawBlock:
@@ -184,11 +264,12 @@ def read_whole_text(f: IO[bytes], task: TextStreamTask, max_doc_bytes: int) -> R
 
 
 def read_parquet(f: IO[bytes], task: ParquetTask, text_field: str, block_bytes: int,
-                 keep_columns: tuple[str, ...] = ()) -> Iterator[RawBlock]:
+                 keep_columns: tuple[str, ...] = (), max_doc_bytes: int | None = None) -> Iterator[RawBlock]:
     """Blocks of values of the text column, about `block_bytes` each, with 'row:N' locators.
 
     keep_columns: top-level columns that --keep-fields reads beside the text (those the file has).
     """
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(f)
@@ -209,9 +290,26 @@ def read_parquet(f: IO[bytes], task: ParquetTask, text_field: str, block_bytes: 
         for batch in pf.iter_batches(batch_size=rows_per_block, row_groups=[g], columns=[column, *extra]):
             values = batch.column(0)
             locators = [f"row:{i}" for i in range(row, row + len(values))]
-            yield RawBlock(task.source, block, "parquet", locators, values, [], values.nbytes,
+            errors = []
+            if max_doc_bytes is not None and _is_text(values.type):
+                sizes = pc.binary_length(values)
+                big = pc.fill_null(pc.greater(sizes, max_doc_bytes), False)
+                if pc.any(big).as_py():
+                    keep = pc.invert(big)
+                    errors = [_too_large(task.source, loc, max_doc_bytes)
+                              for loc, b in zip(locators, big.to_pylist()) if b]
+                    locators = [loc for loc, b in zip(locators, big.to_pylist()) if not b]
+                    values, batch = values.filter(keep), batch.filter(keep)
+            yield RawBlock(task.source, block, "parquet", locators, values, errors, values.nbytes,
                            fields=batch if keep_columns else None)
             block, row = block + 1, row + len(values)
+
+
+def _is_text(type_) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(type_) or pa.types.is_large_string(type_) or pa.types.is_binary(type_) \
+        or pa.types.is_large_binary(type_)
 
 
 def read_task(task: ReadTask, text_field: str, block_bytes: int, max_doc_bytes: int,
@@ -219,13 +317,13 @@ def read_task(task: ReadTask, text_field: str, block_bytes: int, max_doc_bytes: 
     """All blocks of one read task."""
     with fs.open_binary(task.source) as f:
         if isinstance(task, ParquetTask):
-            yield from read_parquet(f, task, text_field, block_bytes, keep_columns)
+            yield from read_parquet(f, task, text_field, block_bytes, keep_columns, max_doc_bytes)
         elif isinstance(task, TextRangeTask):
-            yield read_line_range(f, task)
+            yield read_line_range(f, task, max_doc_bytes)
         elif task.fmt == "txt":  # a TextStreamTask: one document per file
             yield read_whole_text(f, task, max_doc_bytes)
         else:
-            yield from read_line_stream(f, task, block_bytes)
+            yield from read_line_stream(f, task, block_bytes, max_doc_bytes)
 
 
 class _PlanTextTasks(beam.DoFn):
