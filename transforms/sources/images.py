@@ -5,7 +5,9 @@ Records carry raw encoded bytes; decoding happens in transforms/decoders/images.
   tasks of up to `files_per_block` files; each file is one record, locator 'file'.
 - Tar shards (never extracted): members key.jpg sit beside key.json or key.txt
   sidecars, which are kept as the row's `meta`. Members whose path is absolute
-  or climbs out of the archive ('..'), and links, are rejected. A plain .tar is
+  or climbs out of the archive ('..'), links, later duplicates of a key, and a
+  listing that stops before the end of the archive are error rows
+  (transforms/sources/tars.py). A plain .tar is
   indexed (transforms/sources/tars.py) and its samples are read by byte range in
   tasks of `images_per_block` that workers share; a compressed tar cannot be
   read by range and is streamed by one worker.
@@ -14,8 +16,9 @@ Records carry raw encoded bytes; decoding happens in transforms/decoders/images.
 from __future__ import annotations
 
 import functools
-import json
+import lzma
 import tarfile
+import zlib
 from typing import IO, Iterator
 
 import apache_beam as beam
@@ -26,7 +29,7 @@ from tokenmill.transforms.records import (BLOCKS_PER_ROW_GROUP, ErrorRecord, Ima
                                           ParquetTask, RawBlock, ReadTask, TarIndexTask, TarMembersTask, TarStreamTask)
 from tokenmill.transforms.incremental import Incremental, ListInputs, RunPlan
 from tokenmill.transforms.sources.common import SpreadAndSplit, parquet_placeholder, parquet_row_groups, plan_parquet
-from tokenmill.transforms.sources.tars import index_tar, safe_member
+from tokenmill.transforms.sources.tars import TarSamples, TarStream, end_of_archive_error, index_tar
 from tokenmill.transforms.coders import BlockCoder  # noqa: F401  (registers the block coder)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -116,70 +119,63 @@ def read_tar_members(f: IO[bytes], task: TarMembersTask) -> RawBlock:
 
 
 def read_tar(f: IO[bytes], task: TarStreamTask, images_per_block: int) -> Iterator[RawBlock]:
-    """Blocks of images from a tar stream, each with its sidecar metadata (WebDataset layout)."""
+    """Blocks of images from a (compressed) tar stream, each with its sidecar metadata (WebDataset layout).
+
+    Samples are grouped as in an index (tars.TarSamples: duplicates and bad
+    sidecars are error rows); a stream that breaks, or whose listing stops
+    before the end-of-archive marker, ends in an error row where it stopped.
+    """
     block = task.block
     locators: list[str] = []
     payloads: list[bytes] = []
     metas: list[str | None] = []
-    errors: list[ErrorRecord] = []
-    pending: dict[str, dict] = {}  # key → {"image": (name, bytes), "meta": {...}}
+    groups = TarSamples(task.source, IMAGE_EXTENSIONS, streaming=True)
 
-    def flush_key(key: str) -> None:
-        entry = pending.pop(key)
-        if "image" in entry:
-            name, data = entry["image"]
+    def add(samples) -> None:
+        for (name, data), meta in samples:
             locators.append(f"member:{name}")
             payloads.append(data)
-            metas.append(json.dumps(entry["meta"], sort_keys=True) if entry["meta"] else None)
+            metas.append(meta)
 
     def take_block() -> RawBlock:
-        nonlocal block, locators, payloads, metas, errors
-        out = RawBlock(task.source, block, "image", locators, payloads, errors,
+        nonlocal block, locators, payloads, metas
+        out = RawBlock(task.source, block, "image", locators, payloads, groups.errors,
                        sum(len(p) for p in payloads), metas=metas)
         block += 1
-        locators, payloads, metas, errors = [], [], [], []
+        locators, payloads, metas, groups.errors = [], [], [], []
         return out
 
+    stream = TarStream(f)
+    tar, member = None, None
     try:
-        with tarfile.open(fileobj=f, mode="r|*") as tar:
-            for member in tar:
-                if not safe_member(member.name):
-                    errors.append(ErrorRecord(task.source, f"member:{member.name}", "read", "UnsafeMember",
-                                              "tar member path escapes the archive; not read"))
-                    continue
-                if not member.isfile():
-                    if member.issym() or member.islnk():
-                        errors.append(ErrorRecord(task.source, f"member:{member.name}", "read", "UnsafeMember",
-                                                  "tar links are not followed"))
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                key, dot, ext = member.name.rpartition(".")
-                ext = "." + ext.lower() if dot else ""
-                if base.startswith("."):
-                    continue
+        tar = tarfile.open(fileobj=stream, mode="r|")
+        for member in tar:
+            got = groups.part(member)
+            if got is not None:
+                key, part = got
                 data = tar.extractfile(member).read()
-                # WebDataset keeps a sample's files together: a new key closes the earlier ones.
-                for done in [k for k in pending if k != key]:
-                    flush_key(done)
-                entry = pending.setdefault(key, {"meta": {}})
-                if ext in IMAGE_EXTENSIONS:
-                    entry["image"] = (member.name, data)
-                elif ext == ".json":
-                    try:
-                        entry["meta"]["json"] = json.loads(data)
-                    except ValueError as e:
-                        errors.append(ErrorRecord(task.source, f"member:{member.name}", "read",
-                                                  "JSONDecodeError", f"sidecar is not JSON: {e}"))
-                elif ext == ".txt":
-                    entry["meta"]["txt"] = data.decode("utf-8", "replace")
-                if len(payloads) >= images_per_block:
-                    yield take_block()
-    except (tarfile.TarError, EOFError, OSError) as e:
-        errors.append(ErrorRecord(task.source, f"member-after:{locators[-1][7:] if locators else ''}", "read",
-                                  type(e).__name__, f"tar stream ended early ({e}); members after this are lost"))
-    for key in list(pending):
-        flush_key(key)
-    if payloads or errors or block == task.block:
+                if part == "main":
+                    groups.set_main(key, (member.name, data))
+                else:
+                    groups.set_sidecar(key, part, data)
+            member = None
+            add(groups.take())
+            if len(payloads) >= images_per_block:
+                yield take_block()
+        if (err := end_of_archive_error(task.source, tar.offset, stream.since(tar.offset))) is not None:
+            groups.errors.append(err)
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
+        # Cut off inside a member's data: that member (TruncatedTar, as an index says it); else where the
+        # listing had got to.
+        where = "file" if tar is None else f"member:{member.name}" if member is not None else f"offset:{tar.offset}"
+        cut = member is not None and isinstance(e, (EOFError, tarfile.ReadError))
+        groups.errors.append(ErrorRecord(task.source, where, "read", "TruncatedTar" if cut else type(e).__name__,
+                                         f"tar stream ended early ({e}); members from here on are lost"))
+    finally:
+        if tar is not None:
+            tar.close()
+    add(groups.take(finish=True))
+    if payloads or groups.errors or block == task.block:
         yield take_block()
 
 

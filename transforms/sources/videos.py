@@ -6,8 +6,10 @@ workers; decoding (transforms/decoders/video.py) then streams each video clip by
 - Plain (uncompressed) tars: their headers are walked, without reading any
   video bytes, and each video member becomes a task that reads its byte range.
   Members key.mp4 sit beside key.json or key.txt sidecars, kept as the row's
-  `meta`. Members whose path is absolute or climbs out of the archive, and
-  links, are rejected. Compressed tars cannot be read by range and are refused.
+  `meta`. Members whose path is absolute or climbs out of the archive, links,
+  later duplicates of a key, and a listing that stops before the end of the
+  archive are error rows (transforms/sources/tars.py). Compressed tars cannot
+  be read by range and are refused.
 """
 from __future__ import annotations
 
