@@ -3,7 +3,8 @@
 Pure functions plan and read blocks; `ReadTextShards` wraps them for Beam.
 Plain files are cut into byte ranges that workers read in parallel with a seek;
 compressed streams and Parquet files are read front to back, one block at a time,
-so a huge file is never held in memory whole.
+so a huge file is never held in memory whole. A UTF-8 byte order mark at the
+start of a .jsonl or .txt (after decompression) is dropped, not read as text.
 
 Why not Beam's ReadFromText / fileio / ReadFromParquetBatched: ReadFromText
 emits one element per line, and that per-element cost put a straightforward
@@ -32,6 +33,7 @@ from tokenmill.transforms.coders import BlockCoder  # noqa: F401  (registers the
 DEFAULT_BLOCK_BYTES = 8 << 20
 DEFAULT_MAX_DOC_BYTES = 64 << 20
 _READ_CHUNK = 1 << 20
+UTF8_BOM = b"\xef\xbb\xbf"
 
 _COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 _FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".txt": "txt",
@@ -76,10 +78,17 @@ def plan_blocks(f: InputFile, block_bytes: int, txt_per_line: bool) -> list[Read
             for i in range(n)]
 
 
+def _without_bom(data: bytes) -> bytes:
+    """`data` less a UTF-8 byte order mark it starts with. Only for data that starts a (decompressed) stream:
+    there a BOM says the encoding and is no part of the first record; anywhere else it is data."""
+    return data[len(UTF8_BOM):] if data.startswith(UTF8_BOM) else data
+
+
 def _split_lines(data: bytes, base: int, source: str = "", max_doc_bytes: int | None = None
                  ) -> tuple[list[str], list[bytes], list[ErrorRecord]]:
-    """Non-blank lines of `data` with their 'offset:N' locators (N = base + index).
+    """Non-blank lines of `data` with their 'offset:N' locators (N = base + index, where the line starts).
 
+    At base 0, the start of the stream, a BOM is dropped from the first line (its locator stays offset:0).
     Lines longer than `max_doc_bytes` become DocumentTooLarge error records instead.
     """
     locators: list[str] = []
@@ -87,12 +96,13 @@ def _split_lines(data: bytes, base: int, source: str = "", max_doc_bytes: int | 
     errors: list[ErrorRecord] = []
     pos = base
     for line in data.split(b"\n"):
-        if line.strip():
-            if max_doc_bytes is not None and len(line) > max_doc_bytes:
+        body = _without_bom(line) if pos == 0 else line
+        if body.strip():
+            if max_doc_bytes is not None and len(body) > max_doc_bytes:
                 errors.append(_too_large(source, pos, max_doc_bytes))
             else:
                 locators.append(f"offset:{pos}")
-                lines.append(line[:-1] if line.endswith(b"\r") else line)
+                lines.append(body[:-1] if body.endswith(b"\r") else body)
         pos += len(line) + 1
     return locators, lines, errors
 
@@ -260,7 +270,7 @@ def read_whole_text(f: IO[bytes], task: TextStreamTask, max_doc_bytes: int) -> R
     if not data:
         err = ErrorRecord(task.source, "file", "read", "EmptyFile", "file decompresses to zero bytes")
         return RawBlock(task.source, task.block, task.fmt, [], [], [err])
-    return RawBlock(task.source, task.block, task.fmt, ["file"], [data], [], len(data))
+    return RawBlock(task.source, task.block, task.fmt, ["file"], [_without_bom(data)], [], len(data))
 
 
 def read_parquet(f: IO[bytes], task: ParquetTask, text_field: str, block_bytes: int,

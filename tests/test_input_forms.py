@@ -1,0 +1,52 @@
+"""Inputs in forms the readers used to misread: a BOM before the first JSON line, Parquet text columns that
+are dictionary-encoded or views, large JPEGs decoded at a reduced size. Each through a real build."""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import read_errors, read_rows, run_build
+from tokenmill.transforms.tokenizers.byte_level import ByteTokenizer
+
+BOM = b"\xef\xbb\xbf"
+LINES = [b'{"text": "first"}', b'{"text": "second"}', b"", b'{"text": "third"}']
+
+
+def texts_by_source(out: Path) -> dict[str, list[tuple[str, str]]]:
+    """(locator, text) of every row, per input file name, in locator order."""
+    got: dict[str, list[tuple[str, str]]] = {}
+    for r in read_rows(out).to_pylist():
+        got.setdefault(Path(r["source"]).name, []).append((r["locator"], ByteTokenizer("bytes").decode(r["tokens"])))
+    return {name: sorted(rows, key=lambda lt: int(lt[0].split(":")[1]) if ":" in lt[0] else 0)
+            for name, rows in got.items()}
+
+
+@pytest.mark.parametrize("block_size", ["8MiB", "1", "2", "20"])
+def test_a_bom_before_the_first_record_is_not_part_of_it(tmp_path, block_size):
+    """A UTF-8 BOM at the start of a file made its first JSON line malformed (plain, .gz, .zst, any block size)."""
+    import zstandard
+
+    data = BOM + b"\n".join(LINES) + b"\n"
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "bom.jsonl").write_bytes(data)
+    (src / "bom.jsonl.gz").write_bytes(gzip.compress(data))
+    (src / "bom.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+    (src / "doc.txt").write_bytes(BOM + "one document, ünïcode".encode())
+    (src / "plain.jsonl").write_bytes(b"\n".join(LINES) + b"\n")  # no BOM: offsets as before
+    (src / "inner.jsonl").write_bytes(b'{"text": "a"}\n' + BOM + b'{"text": "b"}\n')  # a BOM mid-file is data
+    out = tmp_path / "ds"
+    assert run_build(["--input", str(src / "*"), "--output", str(out), "--tokenizer", "bytes",
+                      "--block-size", block_size, "--progress", "none", "--max-error-fraction", "1"]) == 0
+    got = texts_by_source(out)
+    starts = [0, 4 + len(LINES[0]), 4 + len(LINES[0]) + len(LINES[1]) + 2]  # the lines start after the BOM's 3 bytes
+    texts = ["first", "second", "third"]
+    assert got["bom.jsonl"] == got["bom.jsonl.gz"] == got["bom.jsonl.zst"] == [
+        (f"offset:{s}", t) for s, t in zip(starts, texts, strict=True)]
+    assert got["plain.jsonl"] == [(f"offset:{max(0, s - 3)}", t) for s, t in zip(starts, texts, strict=True)]
+    assert got["doc.txt"] == [("file", "one document, ünïcode")]
+    assert got["inner.jsonl"] == [("offset:0", "a")]
+    assert [(Path(e["source"]).name, e["locator"], e["error_type"]) for e in read_errors(out)] == [
+        ("inner.jsonl", "offset:14", "JSONDecodeError")]
