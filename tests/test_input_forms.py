@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import read_errors, read_rows, run_build
@@ -50,3 +52,20 @@ def test_a_bom_before_the_first_record_is_not_part_of_it(tmp_path, block_size):
     assert got["inner.jsonl"] == [("offset:0", "a")]
     assert [(Path(e["source"]).name, e["locator"], e["error_type"]) for e in read_errors(out)] == [
         ("inner.jsonl", "offset:14", "JSONDecodeError")]
+
+
+@pytest.mark.parametrize("column", [
+    pa.array(["alpha", None, "beta", "alpha"]).dictionary_encode(),
+    pa.array(["alpha", None, "beta", "alpha"], pa.large_string()).dictionary_encode(),
+    pa.array(["alpha", None, "beta", "alpha"], pa.string_view()),
+    pa.array(["alpha", None, "beta", "alpha"], pa.large_string()),
+], ids=["dictionary-string", "dictionary-large-string", "string-view", "large-string"])
+def test_dictionary_encoded_and_view_text_columns_are_read_as_strings(tmp_path, column):
+    """Parquet text columns of these types were rejected as 'not string', every row an error."""
+    src = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"text": column}), src, row_group_size=2)
+    out = tmp_path / "ds"
+    assert run_build(["--input", str(src), "--output", str(out), "--tokenizer", "bytes", "--progress", "none",
+                      "--max-error-fraction", "1"]) == 0
+    assert texts_by_source(out)["t.parquet"] == [("row:0", "alpha"), ("row:2", "beta"), ("row:3", "alpha")]
+    assert [(e["locator"], e["error_type"]) for e in read_errors(out)] == [("row:1", "NonStringText")]

@@ -1,4 +1,5 @@
-"""Raw records → document strings: JSON lines, UTF-8 text, Parquet string columns.
+"""Raw records → document strings: JSON lines, UTF-8 text, Parquet string columns (string, large_string,
+string_view, or dictionary-encoded strings).
 
 Every record either becomes a document or an ErrorRecord saying why not
 (malformed JSON, missing field, non-string text, invalid UTF-8).
@@ -34,6 +35,18 @@ def _type_name(value: Any) -> str:
 
 def _utf8_error(e: UnicodeDecodeError) -> str:
     return f"invalid UTF-8 at byte {e.start}: {e.object[e.start:e.start + 4]!r}"
+
+
+def _as_strings(values: Any) -> Any:
+    """A Parquet text column as plain strings: a dictionary-encoded column is decoded and a string_view one
+    cast, which are strings written another way; any other type is returned as it is (and rejected)."""
+    if not isinstance(values, (pa.Array, pa.ChunkedArray)):
+        return values
+    if pa.types.is_dictionary(values.type):
+        values = values.cast(values.type.value_type)
+    if pa.types.is_string_view(values.type):
+        values = values.cast(pa.large_string())  # large: a view column's strings may pass 2 GiB together
+    return values
 
 
 def _optional_field(record: Any, path: list[str]) -> Any:
@@ -128,7 +141,7 @@ def decode_block(raw: RawBlock, text_field: str = "text", keep_fields: tuple[tup
             except UnicodeDecodeError as e:
                 reject(loc, "UnicodeDecodeError", _utf8_error(e))
     elif raw.fmt == "parquet":
-        values = raw.payloads
+        values = _as_strings(raw.payloads)
         if isinstance(values, (pa.Array, pa.ChunkedArray)) and not (
                 pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
             for loc in raw.locators:
