@@ -3,11 +3,14 @@ are dictionary-encoded or views, large JPEGs decoded at a reduced size. Each thr
 from __future__ import annotations
 
 import gzip
+import io
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from tests.conftest import read_errors, read_rows, run_build
 from tokenmill.transforms.tokenizers.byte_level import ByteTokenizer
@@ -69,3 +72,25 @@ def test_dictionary_encoded_and_view_text_columns_are_read_as_strings(tmp_path, 
                       "--max-error-fraction", "1"]) == 0
     assert texts_by_source(out)["t.parquet"] == [("row:0", "alpha"), ("row:2", "beta"), ("row:3", "alpha")]
     assert [(e["locator"], e["error_type"]) for e in read_errors(out)] == [("row:1", "NonStringText")]
+
+
+def test_orig_size_of_a_large_jpeg_is_its_true_size_not_the_reduced_decode(tmp_path):
+    """PIL's draft() decodes a large JPEG at 1/2, 1/4 or 1/8 size; orig_height/orig_width took that size."""
+    y, x = np.mgrid[0:800, 0:1200]
+    img = Image.fromarray(np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8))
+    src = tmp_path / "in"
+    src.mkdir()
+    img.save(src / "wide.jpg", quality=80)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter: 800 wide, 1200 high
+    img.save(src / "turned.jpg", quality=80, exif=exif.tobytes())
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    (src / "wide.png").write_bytes(buf.getvalue())  # no draft for PNG: the reference
+    out = tmp_path / "ds"
+    assert run_build(["--input", str(src / "*"), "--output", str(out), "--tokenizer", "patch:16", "--size",
+                      "native:256", "--progress", "none"]) == 0
+    rows = {Path(r["source"]).name: r for r in read_rows(out).to_pylist()}
+    sizes = {name: (r["orig_height"], r["orig_width"], r["height"], r["width"]) for name, r in rows.items()}
+    assert sizes == {"wide.jpg": (800, 1200, 171, 256), "wide.png": (800, 1200, 171, 256),
+                     "turned.jpg": (1200, 800, 256, 171)}

@@ -102,8 +102,11 @@ def decode_image(data: bytes, policy: SizePolicy = SizePolicy(), max_pixels: int
     if im.format == "JPEG" and policy.kind != "crop" and policy.size:
         im.draft("RGB", policy.target(w, h)[1])  # let libjpeg downscale by 1/2, 1/4, 1/8 while decoding
     im.load()
+    decoded = im.size
     ImageOps.exif_transpose(im, in_place=True)  # orientation from EXIF; a no-op without it
-    info["orig_width"], info["orig_height"] = im.size  # as displayed, after the rotation
+    # The original size as displayed: the header's (the decode may be draft-reduced), turned as EXIF turns it.
+    if im.size != decoded:
+        info["orig_width"], info["orig_height"] = h, w
     im = _to_rgb(im)
     box, size = policy.target(*im.size)
     if box is not None:
