@@ -39,7 +39,8 @@ def test_cli_yaml_and_json_give_one_spec():
 
 def test_resolved_spec_fills_its_modality_and_family_defaults():
     spec = from_args(build.make_parser().parse_args(ARGV)).resolved("text")
-    assert spec.reader_options == {"max_doc_bytes": 64 << 20, "text_field": "body", "txt_per_line": False}
+    assert spec.reader_options == {"keep_fields": None, "max_doc_bytes": 64 << 20, "text_field": "body",
+                                   "txt_per_line": False}
     assert dict(spec.tokenizer.options) == {"bos": False, "engine": "tiktoken", "eos": True}
     assert BuildSpec.from_json(spec.to_json()) == spec
     assert spec.to_argv()[:4] == ["--input", "in/*.jsonl", "--tokenizer", "tiktoken:cl100k_base"]
