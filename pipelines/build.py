@@ -50,8 +50,11 @@ def make_parser() -> OneLineArgumentParser:
 
 
 def check_inputs(patterns: Sequence[str]) -> list[InputFile]:
-    """Fail fast on globs that match nothing; returns every file matched, once, sorted by URI."""
-    found: dict[str, InputFile] = {}
+    """Fail fast on globs that match nothing; returns every file matched, once, sorted by URI.
+
+    The pipeline lists again with the same functions (fs.match_all), so both see the same inputs.
+    """
+    found: list[InputFile] = []
     for pattern in patterns:
         try:
             matched = fs.match(pattern)
@@ -59,8 +62,8 @@ def check_inputs(patterns: Sequence[str]) -> list[InputFile]:
             raise UsageError(f"cannot list input {pattern!r}: {e}") from None
         if not matched:
             raise UsageError(f"input {pattern!r} matches no files")
-        found.update((f.uri, f) for f in matched)
-    return [found[uri] for uri in sorted(found)]
+        found += matched
+    return fs.unique(found)
 
 
 def prepare_output(root: str) -> None:

@@ -13,9 +13,8 @@ from tokenmill.transforms.records import (BLOCKS_PER_ROW_GROUP, ErrorRecord, Inp
 
 
 def list_files(patterns: list[str]) -> list[InputFile]:
-    """Every file matched by any pattern, once, sorted by URI."""
-    found = {f.uri: f for pattern in patterns for f in fs.match(pattern)}
-    return [found[uri] for uri in sorted(found)]
+    """Every file matched by any pattern, once (local files by real path), sorted by URI."""
+    return fs.match_all(patterns)
 
 
 def _task_key(task: ReadTask) -> tuple[str, int]:
