@@ -85,6 +85,9 @@ def test_links_to_the_same_file_or_folder_are_read_once_under_the_plain_name(tmp
     assert read_manifest(str(out)).rows == 6
     # The same file named twice, once through a link: one input, one row.
     assert [f.uri for f in fs.match_all([str(inp / "a-link.jsonl"), str(inp / "d1.jsonl")])] == [str(inp / "d1.jsonl")]
+    # A hard link is the same file too: the shorter name stays.
+    os.link(inp / "d3.jsonl", inp / "d3-hard.jsonl")
+    assert [f.uri for f in fs.match(str(inp / "d3*"))] == [str(inp / "d3.jsonl")]
     # A link alone keeps the name it was given.
     assert [f.uri for f in fs.match_all([str(inp / "a-link.jsonl")])] == [str(inp / "a-link.jsonl")]
 

@@ -57,14 +57,8 @@ def match(pattern: str) -> list[InputFile]:
     symlinks but enter each folder once, so a link to an ancestor adds nothing.
     """
     if is_local(pattern):
-        out = []
-        for name in _list_local(canonical(pattern)):
-            try:
-                st = os.stat(name)
-            except FileNotFoundError:  # removed while listing
-                continue
-            out.append(InputFile(name, st.st_size, f"mtime={st.st_mtime_ns}"))
-        return unique(out)
+        return unique([InputFile(name, st.st_size, f"mtime={st.st_mtime_ns}")
+                       for name, st in _list_local(canonical(pattern))])
     fs, _ = fsspec.core.url_to_fs(pattern)
     protocol = pattern.split("://", 1)[0]
     found = with_retries(lambda: _list_remote(fs, pattern), f"listing {pattern}")
@@ -87,17 +81,28 @@ def match_all(patterns: list[str]) -> list[InputFile]:
 
 
 def unique(files: list[InputFile]) -> list[InputFile]:
-    """`files` without repeats, sorted by URI: local files by real path, others by URI.
+    """`files` without repeats, sorted by URI: local files by what they resolve to, others by URI.
 
-    Of names for the same local file, the one through the fewest symlinks is
-    kept (then the shortest), so a link beside its target changes nothing.
+    A local file is known by its device and inode (its real path where the
+    filesystem has no inode numbers): the same file whatever symlinks lead to
+    it, for a stat each (realpath costs a syscall per path component). Of
+    names for one file, the one through the fewest symlinks is kept (then the
+    shortest), so a link beside its target changes nothing.
     """
-    by_key: dict[str, list[InputFile]] = {}
+    by_key: dict[object, list[InputFile]] = {}
     for f in files:
-        by_key.setdefault(os.path.realpath(canonical(f.uri)) if is_local(f.uri) else f.uri, []).append(f)
+        by_key.setdefault(_file_key(f.uri) if is_local(f.uri) else f.uri, []).append(f)
     kept = [group[0] if len(group) == 1 else min(group, key=lambda f: (
         _links_in(canonical(f.uri)) if is_local(f.uri) else 0, len(f.uri), f.uri)) for group in by_key.values()]
     return sorted(kept, key=lambda f: f.uri)
+
+
+def _file_key(uri: str) -> object:
+    path = canonical(uri)
+    try:
+        return _identity(path, os.stat(path))
+    except OSError:
+        return path
 
 
 def _links_in(path: str) -> int:
@@ -106,11 +111,12 @@ def _links_in(path: str) -> int:
     return sum(os.path.islink("/".join(parts[:i])) for i in range(2, len(parts) + 1))
 
 
-def _list_local(path: str) -> list[str]:
-    """The files a local path or glob names (absolute `path`), repeats possible."""
-    if os.path.isfile(path):  # the literal name wins over a glob reading of it
-        return [path]
-    if os.path.isdir(path):
+def _list_local(path: str) -> list[tuple[str, os.stat_result]]:
+    """The files a local path or glob names (absolute `path`) and their stat, repeats possible."""
+    kind, st = _kind(path)
+    if kind == "file":  # the literal name wins over a glob reading of it
+        return [(path, st)]
+    if kind == "dir":
         return _walk(path, ["**"])
     parts = path.split("/")
     first = next((i for i, part in enumerate(parts) if _magic(part)), None)
@@ -123,12 +129,12 @@ def _magic(part: str) -> bool:
     return any(c in part for c in GLOB_CHARS)
 
 
-def _folder_key(path: str, st: os.stat_result) -> object:
-    """What makes two paths the same folder: device and inode where the filesystem has them."""
+def _identity(path: str, st: os.stat_result) -> object:
+    """What makes two paths the same file or folder: device and inode where the filesystem has them."""
     return (st.st_dev, st.st_ino) if st.st_ino else os.path.realpath(path)
 
 
-def _walk(base: str, parts: list[str]) -> list[str]:
+def _walk(base: str, parts: list[str]) -> list[tuple[str, os.stat_result]]:
     """Files under folder `base` whose relative path matches `parts`, glob's way.
 
     One glob component per part (`*`, `?` and `[...]` within a name, `**` for
@@ -138,14 +144,14 @@ def _walk(base: str, parts: list[str]) -> list[str]:
     route, so loops end. Folders reached through a symlink wait until every
     folder reachable without one is done, so files keep their plain names.
     """
-    files: list[str] = []
+    files: list[tuple[str, os.stat_result]] = []
     seen: set[tuple[object, int]] = set()
     plain: list[tuple[str, int, int]] = [(base, 0, 0)]  # (folder, pattern position, depth)
     linked: collections.deque[tuple[str, int, int]] = collections.deque()
     while plain or linked:
         folder, i, depth = plain.pop() if plain else linked.popleft()
         try:
-            key = (_folder_key(folder, os.stat(folder)), i)
+            key = (_identity(folder, os.stat(folder)), i)
         except (FileNotFoundError, NotADirectoryError):
             continue
         if key in seen:
@@ -157,7 +163,7 @@ def _walk(base: str, parts: list[str]) -> list[str]:
         part, last = parts[i], i == len(parts) - 1
         if part == "**" and not last:
             plain.append((folder, i + 1, depth))  # ** as no folder at all
-        entries: list[tuple[str, str, bool]] = []  # (path, kind, is a symlink)
+        entries: list[tuple[str, tuple[str, Any], bool]] = []  # (path, (kind, stat), is a symlink)
         if _magic(part):
             try:
                 with os.scandir(folder) as it:
@@ -176,9 +182,9 @@ def _walk(base: str, parts: list[str]) -> list[str]:
         else:
             path = os.path.join(folder, part)
             entries.append((path, _kind(path), os.path.islink(path)))
-        for path, kind, link in entries:
+        for path, (kind, st), link in entries:
             if kind == "file" and last:
-                files.append(path)
+                files.append((path, st))
                 if len(files) > MAX_LIST_FILES:
                     raise ListingError(f"listing {base} found more than {MAX_LIST_FILES} files; "
                                        "list narrower globs")
@@ -194,13 +200,13 @@ def _is_ancestor(folder: str, of: str) -> bool:
     return of == folder or of.startswith(folder.rstrip("/") + "/")
 
 
-def _kind(path: str) -> str:
-    """"file", "dir" or "" (missing, a dangling or looping link, a device, a FIFO), following symlinks."""
+def _kind(path: str) -> tuple[str, Any]:
+    """("file" | "dir" | "", stat) following symlinks; "" for missing, a dangling or looping link, a device, a FIFO."""
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except OSError:
-        return ""
-    return "file" if stat.S_ISREG(mode) else "dir" if stat.S_ISDIR(mode) else ""
+        return "", None
+    return ("file" if stat.S_ISREG(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode) else ""), st
 
 
 def _list_remote(fs: fsspec.AbstractFileSystem, pattern: str) -> dict[str, dict]:
