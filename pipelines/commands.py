@@ -42,13 +42,27 @@ def schema(argv: Sequence[str] | None = None) -> int:
 
 
 def validate(argv: Sequence[str] | None = None) -> int:
-    """`tokenmill validate DIR`: exit 0 if the dataset is sound, 1 with one line per problem if not."""
+    """`tokenmill validate DIR`: exit 0 if the dataset is sound, 1 with one line per problem if not.
+
+    A damaged manifest or a failing store is one such line, never a traceback;
+    the storage layer's retry warnings show only with --verbose, as the last line names the failure.
+    """
+    import logging
+
+    from tokenmill.pipelines.cli_errors import verbose
     from tokenmill.schemas.validate import validate as check
 
     with usage_errors("tokenmill validate"):
         p = dataset_parser("tokenmill validate", "Check every shard of a dataset against its manifest and schema.")
         args = p.parse_args(argv)
-    problems = check(args.dir)
+    storage_log = logging.getLogger("tokenmill.schemas.storage")
+    level = storage_log.level
+    if not verbose():
+        storage_log.setLevel(logging.ERROR)
+    try:
+        problems = check(args.dir)
+    finally:
+        storage_log.setLevel(level)
     for line in problems:
         print(f"tokenmill validate: {line}", file=sys.stderr)
     if not problems:
@@ -85,8 +99,7 @@ def files(argv: Sequence[str] | None = None) -> int:
     Several versions, and runs not committed, share `versions/`: a glob of it
     mixes them. These are the files one commit names, joined with DIR.
     """
-    from tokenmill.schemas.manifest import MultiDatasetRoot, read_manifest
-    from tokenmill.schemas.storage import join
+    from tokenmill.schemas.manifest import MultiDatasetRoot, dataset_path, read_manifest
 
     with usage_errors("tokenmill files"):
         p = dataset_parser("tokenmill files", "Print the data shards of a dataset's current version (or of "
@@ -114,8 +127,8 @@ def files(argv: Sequence[str] | None = None) -> int:
                 manifest = read_manifest(args.dir, args.version)
             except FileNotFoundError:
                 raise UsageError(f"{args.dir} has no version {args.version!r} (kept: {', '.join(kept)})") from None
-    data = [join(args.dir, f) for f in manifest.files]
-    errors = [join(args.dir, f) for f in manifest.error_files]
+    data = [dataset_path(args.dir, f) for f in manifest.files]
+    errors = [dataset_path(args.dir, f) for f in manifest.error_files]
     chosen = errors if args.errors else data
     if args.format == "json":
         print(json.dumps({"root": args.dir, "version": manifest.version, "commit": manifest.commit,
@@ -167,10 +180,10 @@ def decode(argv: Sequence[str] | None = None) -> int:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from tokenmill.schemas.storage import join
+    from tokenmill.schemas.manifest import dataset_path
 
     for shard in manifest.files:
-        with open_binary(join(args.dir, shard)) as f:
+        with open_binary(dataset_path(args.dir, shard)) as f:
             table = pq.read_table(f, filters=pc.field("id") == args.id)
         if table.num_rows:
             row = table.to_pylist()[0]

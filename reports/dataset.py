@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tokenmill.schemas.manifest import MANIFEST_NAME, read_manifest
+from tokenmill.schemas.manifest import MANIFEST_NAME, dataset_path, read_manifest
 from tokenmill.schemas.storage import join, read_bytes
 from tokenmill.schemas.tables import ERROR_SCHEMA, LATENT_NUMPY, read_metadata, schema_for_manifest
 from tokenmill.transforms.fs import open_binary
@@ -34,7 +34,7 @@ class DatasetView:
         return self.manifest.tokenizer.get("kind", "hard")
 
     def _open(self, relative: str):
-        return open_binary(join(self.root, relative))
+        return open_binary(dataset_path(self.root, relative))
 
     def schema(self) -> pa.Schema:
         """The schema of the first data shard (with its metadata), else the one the manifest implies."""

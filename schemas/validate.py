@@ -5,6 +5,7 @@
 types, row and token counts, token IDs at or above vocab_size, latent shapes,
 grids that do not multiply out to num_tokens, metadata that names another
 tokenizer, and a dataset card (README.md) that lists another commit's files.
+Error shards are checked like data shards (sha256, row counts, schema).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tokenmill.schemas.card import CARD_NAME, card_state
-from tokenmill.schemas.manifest import Manifest, read_manifest
+from tokenmill.schemas.manifest import MANIFEST_NAME, Manifest, ManifestError, dataset_path, read_manifest
 from tokenmill.schemas.storage import join, read_bytes
 from tokenmill.schemas.tables import (ERROR_SCHEMA, LATENT_NUMPY, SCHEMA_VERSION, read_metadata, schema_differences,
                             schema_for_manifest)
@@ -69,28 +70,72 @@ def _check_table(path: str, table: pa.Table, manifest: Manifest, shard: dict[str
     return problems
 
 
+class _Unreachable(Exception):
+    """The store failed (no credentials, endpoint down): the check stops with one line saying so."""
+
+
+def _read(root: str, path: str) -> bytes | None:
+    """The bytes of a manifest-named file, None if it is missing; _Unreachable on any other storage failure."""
+    uri = dataset_path(root, path)
+    try:
+        return read_bytes(uri)
+    except FileNotFoundError:
+        return None
+    except Exception as e:
+        raise _Unreachable(f"{uri}: cannot read: {_cause(e)}") from None
+
+
+def _cause(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def validate(root: str) -> list[str]:
-    """Problems found in the dataset at `root`; [] means valid."""
+    """Problems found in the dataset at `root`; [] means valid.
+
+    Never raises for a damaged dataset or a failing store: a manifest that is
+    malformed or names a path outside the dataset is one line, and a storage
+    failure (missing credentials, an endpoint that is down) ends the check
+    with one line naming it.
+    """
     try:
         manifest = read_manifest(root)
     except FileNotFoundError:
         return [f"{root}: no _manifest.json (not a tokenmill dataset, or its build did not finish)"]
+    except ManifestError as e:
+        return [str(e)]
     except ValueError as e:
         return [f"{root}/_manifest.json: unreadable: {e}"]
+    except Exception as e:
+        return [f"{join(root, MANIFEST_NAME)}: cannot read: {_cause(e)}"]
     problems: list[str] = []
+    try:
+        _check(root, manifest, problems)
+    except _Unreachable as e:
+        problems.append(str(e))
+    return problems
+
+
+def _check(root: str, manifest: Manifest, problems: list[str]) -> None:
     if manifest.schema_version != SCHEMA_VERSION:
         problems.append(f"schema_version {manifest.schema_version} is not supported (expected {SCHEMA_VERSION})")
-        return problems
-    expected = schema_for_manifest(manifest)
-    listed = [s["path"] for s in manifest.shards]
-    if listed != list(manifest.files):
+        return
+    try:
+        expected = schema_for_manifest(manifest)
+    except Exception as e:  # a tokenizer entry no schema fits (an unknown kind or dtype)
+        problems.append(f"manifest 'tokenizer' gives no {manifest.modality} schema: {_cause(e)}")
+        return
+    if [s["path"] for s in manifest.shards] != list(manifest.files):
         problems.append("manifest 'files' and 'shards' list different files")
     rows = tokens = 0
     for shard in manifest.shards:
         path = shard["path"]
-        try:
-            data = read_bytes(join(root, path))
-        except FileNotFoundError:
+        absent = [k for k in ("rows", "tokens", "sha256") if k not in shard]
+        if absent:
+            problems.append(f"{path}: the manifest's shard entry has no {', '.join(absent)}")
+            continue
+        data = _read(root, path)
+        if data is None:
             problems.append(f"{path}: missing")
             continue
         digest = hashlib.sha256(data).hexdigest()
@@ -112,28 +157,56 @@ def validate(root: str) -> list[str]:
         if fingerprint != manifest.tokenizer.get("fingerprint"):
             problems.append(f"{path}: tokenizer fingerprint {fingerprint} differs from the manifest's "
                             f"{manifest.tokenizer.get('fingerprint')}")
-        problems += _check_table(path, pf.read(), manifest, shard)
+        try:
+            problems += _check_table(path, pf.read(), manifest, shard)
+        except Exception as e:  # rows the manifest's tokenizer entry cannot describe
+            problems.append(f"{path}: cannot check its rows: {_cause(e)}")
         rows += shard["rows"]
         tokens += shard["tokens"]
     if rows != manifest.rows:
         problems.append(f"shards hold {rows} rows, manifest says {manifest.rows}")
     if tokens != manifest.tokens:
         problems.append(f"shards hold {tokens} tokens, manifest says {manifest.tokens}")
+    _check_errors(root, manifest, problems)
+    try:
+        card = card_state(root, manifest)
+    except Exception as e:
+        raise _Unreachable(f"{join(root, CARD_NAME)}: cannot read: {_cause(e)}") from None
+    if card == "stale":  # the user's own README.md, or none, is fine
+        problems.append(f"{CARD_NAME}: the dataset card lists other files than commit {manifest.commit}'s, "
+                        "so `datasets.load_dataset` reads another commit (the next build or `tokenmill gc` "
+                        "rewrites it)")
+
+
+def _check_errors(root: str, manifest: Manifest, problems: list[str]) -> None:
+    """Error shards as data shards are checked: present, the sha256 and row count their entry records, the schema."""
+    entries = {e["path"]: e for e in manifest.error_shards}
+    if [e["path"] for e in manifest.error_shards] != list(manifest.error_files):
+        problems.append("manifest 'error_files' and 'error_shards' list different files")
     errors = 0
     for path in manifest.error_files:
-        try:
-            table = pq.read_table(pa.BufferReader(read_bytes(join(root, path))))
-        except FileNotFoundError:
+        entry = entries.get(path, {})
+        data = _read(root, path)
+        if data is None:
             problems.append(f"{path}: missing")
+            continue
+        if path in entries and "sha256" not in entry:
+            problems.append(f"{path}: the manifest's error shard entry has no sha256")
+        digest = hashlib.sha256(data).hexdigest()
+        if "sha256" in entry and digest != entry["sha256"]:
+            problems.append(f"{path}: sha256 {digest[:16]}... does not match the manifest's "
+                            f"{entry['sha256'][:16]}... (file changed or corrupt)")
+            continue
+        try:
+            table = pq.read_table(pa.BufferReader(data))
+        except Exception as e:
+            problems.append(f"{path}: not readable as Parquet: {e}")
             continue
         diff = schema_differences(table.schema, ERROR_SCHEMA)
         if diff:
             problems.append(f"{path}: not an error shard: {'; '.join(diff)}")
+        if "errors" in entry and table.num_rows != entry["errors"]:
+            problems.append(f"{path}: {table.num_rows} error rows, manifest says {entry['errors']}")
         errors += table.num_rows
     if errors != manifest.errors:
         problems.append(f"error shards hold {errors} rows, manifest says {manifest.errors}")
-    if card_state(root, manifest) == "stale":  # the user's own README.md, or none, is fine
-        problems.append(f"{CARD_NAME}: the dataset card lists other files than commit {manifest.commit}'s, "
-                        "so `datasets.load_dataset` reads another commit (the next build or `tokenmill gc` "
-                        "rewrites it)")
-    return problems

@@ -28,7 +28,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindows
 from fsspec.implementations.local import LocalFileSystem
 
-from tokenmill.schemas.manifest import DATA_DIR, ERRORS_DIR, Manifest, now_iso, tokenmill_version
+from tokenmill.schemas.manifest import DATA_DIR, ERRORS_DIR, Manifest, dataset_path, now_iso, tokenmill_version
 from tokenmill.schemas.storage import (DIRECT_ALIGN, join, local_atomic_path, local_render_buffer, read_bytes,
                              write_bytes_atomic, write_file_direct)
 from tokenmill.schemas.tables import ERROR_SCHEMA, read_metadata
@@ -259,7 +259,7 @@ def carried_result(entry: dict[str, Any], fingerprint: str) -> ShardResult:
 def rewrite_shard(root: str, entry: dict[str, Any], staying: list[str], prefix: str,
                   fingerprint: str) -> ShardResult:
     """Copy a shard without the rows of changed or removed inputs (no tokenizing)."""
-    table = pq.read_table(pa.BufferReader(read_bytes(join(root, entry["path"]))))
+    table = pq.read_table(pa.BufferReader(read_bytes(dataset_path(root, entry["path"]))))
     table = table.filter(pc.is_in(table.column("source"), pa.array(staying, pa.string())))
     is_errors = "errors" in entry
     name = "carry-" + entry["path"].rsplit("/", 1)[-1]
@@ -493,7 +493,7 @@ def check_error_fraction(root: str, manifest: Manifest, limit: float) -> None:
     first = ""
     if manifest.error_files:
         try:
-            with fsspec.open(join(root, manifest.error_files[0]), "rb") as f:
+            with fsspec.open(dataset_path(root, manifest.error_files[0]), "rb") as f:
                 row = pq.ParquetFile(f).read_row_group(0).slice(0, 1).to_pylist()[0]
             first = f"; first: {row['stage']} {row['error_type']}: {row['message'][:200]} ({row['source']} " \
                     f"{row['locator']})"
