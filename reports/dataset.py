@@ -4,6 +4,8 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
+import re
 from typing import Any, Iterator
 
 import numpy as np
@@ -14,7 +16,25 @@ import pyarrow.parquet as pq
 from tokenmill.schemas.manifest import MANIFEST_NAME, dataset_path, read_manifest
 from tokenmill.schemas.storage import join, read_bytes
 from tokenmill.schemas.tables import ERROR_SCHEMA, LATENT_NUMPY, read_metadata, schema_for_manifest
-from tokenmill.transforms.fs import open_binary
+from tokenmill.transforms.fs import canonical, open_binary
+
+_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+class NotLocalError(ValueError):
+    """What a report would have to fetch. Reports read the dataset and local files, never the network:
+    a row's source or a tokenizer file is data, and a URL in it must not make `inspect` or `report` connect."""
+
+
+def local_file(uri: str, what: str) -> str:
+    """The path of `uri` if it is a regular local file (FIFOs and devices could block a read); else NotLocalError."""
+    schemes = {m.group(1).lower() for m in _URL.finditer(uri)}
+    if schemes - {"file"}:
+        raise NotLocalError(f"{what} {uri} is not a local file, and reports fetch nothing from the network")
+    path = canonical(uri)
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise NotLocalError(f"{what} {uri} is not a regular file")
+    return path
 
 
 class DatasetView:
@@ -108,6 +128,9 @@ class DatasetView:
         if it no longer has the dataset's fingerprint (a vq file refitted in place, say)."""
         tok_meta = self.manifest.tokenizer
         spec = tok_meta["spec"]
+        if _URL.search(str(spec)) and {m.group(1).lower() for m in _URL.finditer(spec)} - {"file"}:
+            raise NotLocalError(f"tokenizer {spec} names a file that is not local, and reports fetch nothing "
+                                "from the network")
         if self.modality == "text":
             from tokenmill.transforms.tokenizers.spec import load_text_tokenizer
 
@@ -124,25 +147,28 @@ class DatasetView:
     def original_image(self, row: dict[str, Any]) -> np.ndarray:
         """The source image of a row, decoded with the build's size policy (what was tokenized).
 
-        Reads image files ('file'), tar members ('member:NAME') and Parquet rows ('row:N').
+        Reads image files ('file'), tar members ('member:NAME') and Parquet rows ('row:N'), only where
+        the source is a local file (NotLocalError otherwise).
         """
         from tokenmill.transforms.decoders.images import DEFAULT_MAX_PIXELS, SizePolicy, decode_image
 
         options = self.manifest.options
-        source, locator = row["source"], row["locator"]
+        locator = row["locator"]
+        source = local_file(row["source"], "source")
         if locator == "file":
-            data = read_bytes(source)
+            with open(source, "rb") as f:
+                data = f.read()
         elif locator.startswith("member:"):
             import tarfile
 
-            with open_binary(source) as f, tarfile.open(fileobj=f, mode="r:*") as tar:
+            with open(source, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
                 member = tar.extractfile(locator.removeprefix("member:"))
                 if member is None:
                     raise ValueError(f"{source}: {locator} is not a file")
                 data = member.read()
         elif locator.startswith("row:"):
             field = options.get("image_field", "image")
-            with open_binary(source) as f:
+            with open(source, "rb") as f:
                 table = pq.read_table(f, columns=[field])
             value = table.column(field)[int(locator.removeprefix("row:"))].as_py()
             data = value.get("bytes") if isinstance(value, dict) else value

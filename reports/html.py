@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from tokenmill.reports.dataset import DatasetView, png_bytes
+from tokenmill.reports.dataset import DatasetView, NotLocalError, png_bytes
 from tokenmill.reports.render import visible
 from tokenmill.reports.stats import LONG_TOKEN_CHARS, codebook_usage, error_summary, throughput, token_granularity
 from tokenmill.transforms.tokenizers.codebook import psnr
@@ -73,12 +73,16 @@ def _bars(hist: dict[int, int], xlabel: str, title: str, mark: float | None = No
 
 
 def _text_section(view: DatasetView) -> str:
+    try:
+        token_bytes = view.tokenizer.token_bytes
+    except ValueError as e:  # a tokenizer file that moved, or that is not local (never fetched)
+        return f"<h2>Granularity</h2><p class=note>not available: {html.escape(str(e))}</p>"
     counts = _token_counts(view)
     # BOS/EOS are markers, not text: they would count as long tokens (<|endoftext|> is 13 characters).
     special = [i for i in (view.manifest.tokenizer.get("special_tokens") or {}).values() if i < len(counts)]
     markers = int(counts[special].sum())
     counts[special] = 0
-    g = token_granularity(counts, view.tokenizer.token_bytes)
+    g = token_granularity(counts, token_bytes)
     longest = [[t["id"], _Raw(f"<code>{html.escape(visible(t['text']))}</code>"), t["chars"], t["bytes"], t["count"]]
                for t in g["longest"]]
     return "".join([
@@ -119,6 +123,8 @@ def _reconstruction_section(view: DatasetView, samples: int) -> str:
         recon = tok.decode_image(view.payload(row), tuple(row["grid"]), row["height"], row["width"])
         try:
             original = view.original_image(row)
+        except NotLocalError as e:  # a URL, say: never fetched; say why instead
+            score, first = None, f"<span class=note>original not shown: {html.escape(str(e))}</span>"
         except Exception as e:  # the source moved or is unreadable: show the reconstruction alone
             score, first = None, f"<span class=note>original unavailable: {html.escape(type(e).__name__)}</span>"
         else:

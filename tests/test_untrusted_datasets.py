@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import pytest
 
-from tests.conftest import run_build, run_cli, write_jsonl
+from tests.conftest import ONE_WORKER, run_build, run_cli, write_jsonl
 from tokenmill.schemas.validate import validate
 
 
@@ -202,3 +202,36 @@ def test_a_malformed_manifest_is_one_line_never_a_traceback(text_ds, tmp_path, c
     assert proc.stderr.strip() == f"tokenmill validate: {tmp_path}/m1/_manifest.json: damaged: not a JSON object " \
                                   "but a list"
 
+
+def test_reports_fetch_nothing_a_dataset_names(tmp_path, server, capsys):
+    """Sources and a vq codebook served by a local HTTP server: the build fetches them; report and inspect make no
+    request, and say why the original and the reconstruction are not shown."""
+    import numpy as np
+    from PIL import Image
+
+    from tokenmill.pipelines import commands, fit
+    from tokenmill.reports.inspect import inspect_dataset
+
+    served = tmp_path / "served"
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(served / f"im{i}.png")
+    assert fit.run(["--kind", "vq", "--input", str(served / "*.png"), "--output", str(served / "vq.npz"),
+                    "--patch", "8", "--codes", "4", *ONE_WORKER]) == 0
+    inputs = [a for i in range(2) for a in ("--input", f"{server.url}/im{i}.png")]
+    for name, spec in (("patch", "patch:16"), ("vq", f"vq:{server.url}/vq.npz")):
+        assert run_build([*inputs, "--output", str(tmp_path / name), "--tokenizer", spec, "--progress", "none"]) == 0
+    assert server.requests  # the build read them
+    server.requests.clear()
+    capsys.readouterr()
+    assert commands.report([str(tmp_path / "patch"), "--out", str(tmp_path / "r1")]) == 0
+    page = (tmp_path / "r1" / "index.html").read_text()
+    assert page.count("original not shown: source http://127.0.0.1:") == 2
+    assert f"source {server.url}/im0.png is not a local file, and reports fetch nothing from the network" in page
+    assert page.count('alt="reconstruction"') == 2
+    assert commands.report([str(tmp_path / "vq"), "--out", str(tmp_path / "r2")]) == 0
+    page = (tmp_path / "r2" / "index.html").read_text()
+    assert f"not available: tokenizer vq:{server.url}/vq.npz names a file that is not local" in page
+    result = inspect_dataset(str(tmp_path / "vq"), rows=2, out_dir=str(tmp_path / "inspect"))
+    assert all("names a file that is not local" in r["reconstruction_error"] for r in result["rows"])
+    assert server.requests == []
