@@ -127,6 +127,8 @@ class BuildProgress:
         self._thread: threading.Thread | None = None
         self._bar = None
         self._start = 0.0
+        self.failed_polls = 0  # reads of the output that raised (a storage outage, say); each was skipped
+        self.last_failure = ""
 
     # -- reading records ------------------------------------------------------
     def _fs(self):
@@ -135,27 +137,41 @@ class BuildProgress:
         return fsspec.core.url_to_fs(join(self.root, PROGRESS_DIR))
 
     def poll(self) -> None:
-        """Read progress records not seen yet."""
-        fsys, path = self._fs()
+        """Read progress records not seen yet.
+
+        Never raises: the progress display must not decide a build's outcome.
+        A poll that fails in any way (a storage client's own exception types
+        during an outage, not only OSError) is counted and skipped; the next
+        poll reads what it missed.
+        """
         try:
-            names = fsys.glob(join(path, "*.json"))
-        except (FileNotFoundError, OSError):
-            return
-        for name in names:
-            if name in self.totals.records:
-                continue
+            fsys, path = self._fs()
             try:
-                self.totals.add(name, json.loads(fsys.cat_file(name)))
-            except (OSError, ValueError):  # gone or half-visible: read it on the next poll
-                continue
+                names = fsys.glob(join(path, "*.json"))
+            except FileNotFoundError:
+                return
+            for name in names:
+                if name in self.totals.records:
+                    continue
+                try:
+                    self.totals.add(name, json.loads(fsys.cat_file(name)))
+                except (FileNotFoundError, ValueError):  # gone or half-visible: read it on the next poll
+                    continue
+        except Exception as e:
+            self._failed(e)
+
+    def _failed(self, e: Exception) -> None:
+        self.failed_polls += 1
+        first = (str(e).strip().splitlines() or [""])[0]
+        self.last_failure = f"{type(e).__name__}: {first}"[:300]
 
     def _clear(self) -> None:
-        fsys, path = self._fs()
         try:
+            fsys, path = self._fs()
             if fsys.exists(path):
                 fsys.rm(path, recursive=True)
-        except OSError:
-            pass
+        except Exception as e:  # leftovers are cleared by the next build; never fail this one for them
+            self._failed(e)
 
     # -- showing it -----------------------------------------------------------
     def _show(self, finished: bool = False) -> None:
@@ -175,7 +191,10 @@ class BuildProgress:
         interval = min(self.every, 0.5) if self.mode == "bar" else self.every
         while not self._stop.wait(interval):
             self.poll()
-            self._show()
+            try:
+                self._show()
+            except Exception as e:  # a closed stream, say: the build goes on without a display
+                self._failed(e)
 
     def __enter__(self) -> "BuildProgress":
         self._start = time.perf_counter()
@@ -197,9 +216,15 @@ class BuildProgress:
             self._thread.join()
         if self.mode != "none":
             self.poll()
-            self._show(finished=exc_type is None and self.succeeded)
+            try:
+                self._show(finished=exc_type is None and self.succeeded)
+            except Exception as e:
+                self._failed(e)
         if self._bar is not None:
             self._bar.close()
         self._clear()
+        if self.failed_polls and self.mode != "none":
+            print(f"{self.prog}: progress: {self.failed_polls} read(s) of the output for progress failed and were "
+                  f"skipped (last: {self.last_failure}); the build's own outcome stands", file=self.stream, flush=True)
 
     succeeded = True  # the caller sets False when the run failed, so the last line is not "done"

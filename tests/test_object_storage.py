@@ -10,7 +10,11 @@ from __future__ import annotations
 import importlib.util
 import io
 import logging
+import os
+import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,7 +33,7 @@ import fsspec  # noqa: E402
 from tokenmill.loaders.dataset import TokenReader  # noqa: E402
 from tokenmill.schemas.manifest import read_manifest  # noqa: E402
 from tokenmill.schemas.storage import is_transient, read_bytes, with_retries, write_bytes_atomic  # noqa: E402
-from tests.conftest import MULTILINGUAL, TWO_PROCESSES, run_build, write_jsonl  # noqa: E402
+from tests.conftest import MULTILINGUAL, REPO, TWO_PROCESSES, run_build, write_jsonl  # noqa: E402
 from tokenmill.transforms import fs  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
@@ -316,3 +320,86 @@ def test_commit_lease_is_exclusive_and_reruns_are_incremental_on_object_storage(
     assert "inputs_to_tokenize=1" in capsys.readouterr().out
     m = read_manifest(out)
     assert m.rows == first.rows + 1 and m.parent == first.commit
+
+
+def test_progress_survives_the_store_going_away_mid_build(stores, tmp_path):
+    """The store stops once the first progress record is written and is back 3 s later. The poller's reads fail
+    with botocore's own errors (not OSError): each is skipped and counted, and the build's retried writes decide
+    the exit, 0. A poller that died used to print a traceback."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    for i in range(3):
+        write_jsonl(tmp_path / f"in{i}.jsonl", [{"text": f"doc {i}.{j} " + "word " * 40} for j in range(3000)])
+    upload(tmp_path, "s3://bucket/raw-progress")
+    out = "s3://bucket/tokens/progress"
+    watcher = fsspec.filesystem("s3", skip_instance_cache=True)
+    build = subprocess.Popen([sys.executable, "-m", "tokenmill", "build", "--input", "s3://bucket/raw-progress",
+                              "--output", out, "--tokenizer", "bytes", "--block-size", "64k", "--progress", "log",
+                              "--progress-every", "0.05", "--runner=FnApiRunner", "--direct_num_workers=1",
+                              "--direct_running_mode=in_memory"],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not watcher.glob("bucket/tokens/progress/.tokenmill-progress/*.json"):
+            assert build.poll() is None and time.monotonic() < deadline, "no progress record was written"
+            watcher.invalidate_cache()
+            time.sleep(0.01)
+        stores.stop()
+        time.sleep(3.0)
+        assert build.poll() is None, "the build ended before the outage did: nothing was tested"
+        stores.start()
+        stdout, stderr = build.communicate(timeout=300)
+    finally:
+        if build.poll() is None:
+            build.kill()
+    assert build.returncode == 0, stderr
+    assert "Traceback" not in stderr and "Exception in thread" not in stderr, stderr
+    progress = [line for line in stderr.splitlines() if line.startswith("tokenmill build: progress:")]
+    m = read_manifest(out)
+    assert (m.rows, m.errors) == (9000, 0)
+    assert f"rows {m.rows}, tokens {m.tokens}" in progress[-2] and "done in" in progress[-2]
+    skipped = re.fullmatch(r"tokenmill build: progress: (\d+) read\(s\) of the output for progress failed and were "
+                           r"skipped \(last: EndpointConnectionError: Could not connect to the endpoint URL: .*\); "
+                           r"the build's own outcome stands", progress[-1])
+    assert skipped and int(skipped.group(1)) >= 10, progress[-1]
+
+
+def test_progress_that_cannot_reach_the_store_at_the_end_does_not_fail_the_build(stores):
+    from tokenmill.pipelines.progress import BuildProgress
+
+    shown = io.StringIO()
+    display = BuildProgress("s3://bucket/progress-direct", {"s3://bucket/x": 10}, mode="log", every=0.02,
+                            stream=shown)
+    try:
+        with display:
+            stores.stop()
+            time.sleep(0.3)
+    finally:
+        stores.start()
+    assert display.failed_polls >= 3
+    assert "progress failed and were skipped (last: EndpointConnectionError" in shown.getvalue()
+
+
+def _validate_cli(root: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tokenmill", "validate", root], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+def test_validate_without_credentials_or_endpoint_is_one_line_naming_the_storage_error(stores, text_inputs):
+    root = "s3://bucket/tokens/validate"
+    upload(text_inputs, "s3://bucket/raw-validate")
+    assert run_build(["--input", "s3://bucket/raw-validate", "--output", root, "--tokenizer", "bytes"]) == 0
+    assert _validate_cli(root, dict(os.environ)).returncode == 0
+    no_keys = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    proc = _validate_cli(root, no_keys)
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        f"tokenmill validate: {root}/_manifest.json: cannot read: NoCredentialsError: Unable to locate credentials"]
+    start = time.monotonic()
+    proc = _validate_cli(root, {**os.environ, "AWS_ENDPOINT_URL_S3": f"http://{LOOPBACK}:{free_port()}"})
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(f"tokenmill validate: {root}/_manifest.json: cannot read: EndpointConnectionError: "
+                                  "Could not connect to the endpoint URL: "), proc.stderr
+    assert time.monotonic() - start < 60  # tried again for about 16 s, then said why in one line
