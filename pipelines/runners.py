@@ -95,12 +95,22 @@ def run_pipeline(pipeline, prog: str):
         # The failure is reported below in one line; Beam's own log of the
         # failing step (in-process, or forwarded from the workers) is for debugging.
         for name in ("apache_beam.runners.common", "apache_beam.runners.portability.local_job_service",
-                     "apache_beam.runners.worker"):
+                     "apache_beam.runners.portability.fn_api_runner.worker_handlers", "apache_beam.runners.worker"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+    import contextlib
+
+    deaths: list[str] = []
     try:
-        result = pipeline.run()
-        result.wait_until_finish()
+        with (local.worker_deaths_end_the_run() if runs_locally(pipeline.options)
+              else contextlib.nullcontext([])) as deaths:
+            result = pipeline.run()
+            result.wait_until_finish()
         return result
+    except KeyboardInterrupt:
+        if not deaths:
+            raise  # the user's Ctrl-C
+        print(f"{prog}: failed: {deaths[0]}", file=sys.stderr)
+        return None
     except Exception as e:  # say why in one line; the job wrote no manifest
         if verbose():
             import traceback

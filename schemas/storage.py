@@ -190,11 +190,30 @@ def write_bytes_atomic(uri: str, data: bytes | memoryview | Any) -> None:
     """
     fs, path = fsspec.core.url_to_fs(uri)
     if isinstance(fs, LocalFileSystem):
-        with local_atomic_path(path) as tmp, open(tmp, "wb") as f:
-            f.write(data)
+        # Write, fsync, rename, fsync the folder: after a crash the file is the old one or the whole new one.
+        with local_atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        _fsync_folder(os.path.dirname(path))
     else:
         payload = bytes(data)
         with_retries(lambda: fs.pipe_file(path, payload), f"writing {uri}")
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename in `folder` durable, where the filesystem lets a folder be opened and synced."""
+    try:
+        fd = os.open(folder or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_bytes(uri: str) -> bytes:

@@ -50,6 +50,22 @@ LEASE_WAIT_SECONDS = 60
 LEASE_UNREADABLE_SECONDS = 5.0
 
 
+# The steps of a commit, in order, at which tests/test_faults.py kills the committing process.
+FAULT_STEPS = ("before_commit", "after_lease", "after_root_manifest", "after_version_manifest")
+
+
+def _fault(step: str) -> None:
+    """Test seam: with TOKENMILL_FAULT=STEP the process dies by SIGKILL right here (tests/test_faults.py).
+
+    Why a seam: an outside `kill -9` hits an exact commit step only by chance;
+    this is the same signal at a chosen step. Unset, it costs one dict lookup.
+    """
+    if os.environ.get("TOKENMILL_FAULT") == step:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class ConcurrentCommitError(RuntimeError):
     """Another run committed to the dataset after this run started; nothing was written."""
 
@@ -199,11 +215,15 @@ def commit(root: str, manifest: Manifest, base_commit: str) -> str:
     content, and otherwise raises ConcurrentCommitError without writing.
     """
     manifest.commit = commit_id(manifest)
+    _fault("before_commit")
     with lease(root):
+        _fault("after_lease")
         current = read_current(root)
         current_commit = current.commit if current else ""
         if current is not None and current_commit == manifest.commit:
-            publish_card(root, current)  # repairs a card a run killed right after its flip left behind
+            # Repairs what a run killed right after its flip left behind: its card and version manifest.
+            _publish_version(root, current)
+            publish_card(root, current)
             return "unchanged"
         if current_commit != base_commit:
             raise ConcurrentCommitError(
@@ -216,11 +236,14 @@ def commit(root: str, manifest: Manifest, base_commit: str) -> str:
                                      "again to rewrite them)")
         manifest.parent = current_commit
         manifest.versions = history(current, manifest)
-        vdir = join(root, version_dir(manifest.version))
-        write_schema_json(vdir, manifest)
-        write_manifest(vdir, manifest)
         write_schema_json(root, manifest)
         write_manifest(root, manifest)  # the single atomic step that publishes the commit
+        _fault("after_root_manifest")
+        # The version's own manifest follows the flip: written first, it would name a commit that a
+        # run killed before the flip never published. A kill here leaves it naming the version's
+        # previous commit (published), until the next commit of the dataset repairs it.
+        _publish_version(root, manifest)
+        _fault("after_version_manifest")
         # The card (README.md, what `datasets.load_dataset(DIR)` reads) follows the flip, still
         # under the lease. After, not before: a card written first would name files that a
         # failed flip never publishes (and that gc later removes as unreferenced). So the card
@@ -230,6 +253,18 @@ def commit(root: str, manifest: Manifest, base_commit: str) -> str:
         # dataset (a rerun of the same build is one, "unchanged") or `gc` rewrites it.
         publish_card(root, manifest)
     return "committed"
+
+
+def _publish_version(root: str, manifest: Manifest) -> None:
+    """versions/<version>/_manifest.json (and its schema) for a published commit, where it names another."""
+    vdir = join(root, version_dir(manifest.version))
+    try:
+        if read_manifest(vdir).commit == manifest.commit:
+            return
+    except (FileNotFoundError, ValueError):
+        pass
+    write_schema_json(vdir, manifest)
+    write_manifest(vdir, manifest)
 
 
 @dataclasses.dataclass

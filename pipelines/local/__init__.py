@@ -177,6 +177,54 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _TUNED = False
 
 
+class WorkerDied(RuntimeError):
+    """A local worker process died while the pipeline ran (killed, out of memory, a crash in native code)."""
+
+
+@contextlib.contextmanager
+def worker_deaths_end_the_run() -> Iterator[list[str]]:
+    """Turn a local worker's death into the end of the run, instead of a wait forever.
+
+    Why: Beam's FnApiRunner notices a dead worker only in the thread that
+    started it ("Worker subprocess exited with return code 137", raised in its
+    `run_worker` thread); the main thread keeps waiting for the worker's
+    results, forever (seen with kill -9 of a worker, warm or cold). Here that
+    thread's exception interrupts the main thread (SIGINT), and the run fails
+    with one line. Yields the list the death is recorded in.
+    """
+    import signal
+    import threading
+
+    from tokenmill.pipelines.local import _worker_client
+
+    deaths: list[str] = []
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        text = str(args.exc_value)
+        if (args.thread is not None and args.thread.name.startswith("run_worker")
+                and "Worker subprocess exited with return code" in text):
+            code = text.rsplit(" ", 1)[-1]
+            how = {"137": "killed (SIGKILL: out of memory, or kill -9)", "139": "crashed (SIGSEGV)",
+                   "134": "aborted (SIGABRT)", str(_worker_client.NO_STATUS):
+                   "ended without a word (killed, e.g. out of memory or kill -9, or crashed in native code)",
+                   }.get(code, f"exit code {code}")
+            deaths.append(f"a worker process died while the pipeline ran: {how}; nothing was committed")
+            if len(deaths) == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+            return
+        quiet = not (os.environ.get("TOKENMILL_VERBOSE") or os.environ.get("TOKENMILL_DEBUG"))
+        if quiet and (deaths or type(args.exc_value).__name__ == "RpcError"):
+            return  # the threads of a dead worker's gRPC channels, before or after: the one line says it all
+        previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield deaths
+    finally:
+        threading.excepthook = previous
+
+
 def keep_freed_memory() -> bool:
     """Have glibc keep freed memory for reuse instead of handing it back to the kernel at once.
 

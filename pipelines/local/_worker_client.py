@@ -11,6 +11,9 @@ import os
 import socket
 import sys
 
+# The exit status when the worker ended without reporting one: killed (SIGKILL) or crashed.
+NO_STATUS = 255
+
 
 def main() -> int:
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -24,7 +27,7 @@ def main() -> int:
         if not chunk:
             break
         status += chunk
-    return int(status) if status.strip().lstrip(b"-").isdigit() else 1
+    return int(status) if status.strip().lstrip(b"-").isdigit() else NO_STATUS
 
 
 if __name__ == "__main__":

@@ -1,0 +1,105 @@
+"""Fault injection: a build killed (SIGKILL) at each step of its commit leaves the previous commit intact, nothing
+hangs, and a rerun equals an uninterrupted build.
+
+The kill comes from a test seam in schemas/versions.py (TOKENMILL_FAULT=STEP): a real SIGKILL of the
+process running the commit, at an exact step, which an outside `kill -9` can only hit by chance.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, read_rows, write_jsonl
+from tokenmill.schemas.manifest import read_manifest
+from tokenmill.schemas.validate import validate
+from tokenmill.schemas.versions import FAULT_STEPS
+
+IN_MEMORY = ["--runner=FnApiRunner", "--direct_num_workers=1", "--direct_running_mode=in_memory"]
+TWO_PROCESSES = ["--runner=FnApiRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+
+
+def _build(src, out, *extra, fault: str | None = None, runner=IN_MEMORY, timeout: float = 180):
+    env = {k: v for k, v in os.environ.items() if k != "TOKENMILL_FAULT"}
+    if fault:
+        env["TOKENMILL_FAULT"] = fault
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "tokenmill", "build", "--input", str(src), "--output", str(out),
+                           "--tokenizer", "bytes", "--progress", "none", *extra, *runner],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    return proc, time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    first, second = root / "first", root / "second"
+    first.mkdir()
+    write_jsonl(first / "a.jsonl", [{"text": f"first {i}"} for i in range(50)])
+    second.mkdir()
+    write_jsonl(second / "a.jsonl", [{"text": f"first {i}"} for i in range(50)])
+    write_jsonl(second / "b.jsonl", [{"text": f"second {i}"} for i in range(70)])
+    clean = root / "clean"
+    assert _build(second, clean)[0].returncode == 0  # what an uninterrupted build of `second` makes
+    return first, second, clean
+
+
+@pytest.mark.parametrize("step", FAULT_STEPS)
+def test_a_build_killed_at_each_commit_step_leaves_the_previous_commit_and_reruns_exactly(tmp_path, sources, step):
+    first, second, clean = sources
+    out = tmp_path / "ds"
+    assert _build(first, out)[0].returncode == 0
+    before = read_manifest(str(out))
+    killed, seconds = _build(second, out, fault=step)
+    assert killed.returncode == -9, killed.stderr  # it really died there
+    assert seconds < 60
+    now = read_manifest(str(out))
+    flipped = FAULT_STEPS.index(step) >= FAULT_STEPS.index("after_root_manifest")
+    if flipped:  # the flip happened: the new commit is whole
+        assert now.rows == 120 and now.commit != before.commit
+    else:
+        assert now.commit == before.commit and now.rows == 50
+    problems = validate(str(out))
+    assert problems == [] or flipped and all("README.md" in p for p in problems), problems  # only the card lags
+    # A version's own manifest never names a commit that was not published.
+    published = {before.commit, now.commit}
+    assert read_manifest(str(out), now.version).commit in published
+    rerun, seconds = _build(second, out)  # the dead run's lease is broken, not waited on
+    assert rerun.returncode == 0, rerun.stderr
+    assert seconds < 60 and validate(str(out)) == []
+    assert read_rows(out).equals(read_rows(clean))
+
+
+@pytest.mark.parametrize("forked", ["1", "0"])
+def test_a_worker_killed_while_committing_fails_the_build_in_bounded_time(tmp_path, sources, monkeypatch, forked):
+    """With worker processes, the commit runs in a worker. Beam's runner waited forever for a dead worker
+    (warm or cold); its death must end the build in one line."""
+    monkeypatch.setenv("TOKENMILL_FORK_WORKERS", forked)
+    first, second, _ = sources
+    out = tmp_path / "ds"
+    assert _build(first, out, runner=TWO_PROCESSES)[0].returncode == 0
+    killed, seconds = _build(second, out, fault="after_lease", runner=TWO_PROCESSES, timeout=120)
+    assert killed.returncode == 1 and seconds < 60
+    assert killed.stderr.strip().splitlines()[-1].startswith(
+        "tokenmill build: failed: a worker process died while the pipeline ran: "), killed.stderr
+    assert "Traceback" not in killed.stderr
+    assert read_manifest(str(out)).rows == 50 and validate(str(out)) == []
+    assert _build(second, out, runner=TWO_PROCESSES)[0].returncode == 0 and read_manifest(str(out)).rows == 120
+
+
+def test_three_concurrent_builds_give_one_commit_and_clean_refusals(tmp_path, sources):
+    _, second, clean = sources
+    out = tmp_path / "ds"
+    procs = [subprocess.Popen([sys.executable, "-m", "tokenmill", "build", "--input", str(second), "--output",
+                               str(out), "--tokenizer", "bytes", "--progress", "none", *IN_MEMORY],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [(p.wait(timeout=180), p.stderr.read()) for p in procs]
+    assert all(code in (0, 1) for code, _ in results) and any(code == 0 for code, _ in results)
+    for code, err in results:
+        if code == 1:
+            assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("tokenmill build: failed: ")
+    assert validate(str(out)) == [] and read_rows(out).equals(read_rows(clean))
+    assert len(read_manifest(str(out)).versions) == 1
