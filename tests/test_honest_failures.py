@@ -5,7 +5,9 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import REPO, read_errors, read_rows, run_build, write_jsonl
 from tokenmill.schemas.manifest import read_manifest
@@ -170,3 +172,25 @@ def test_small_things_users_tripped_on(tmp_path):
     assert "requested in with_outputs()" not in first.stderr and "WARNING" not in first.stderr, first.stderr
     again = _cli(*argv)
     assert again.returncode == 0 and "up to date" in again.stdout and "throughput" not in again.stdout
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"kind": "vq", "patch": 4, "codes": np.zeros((0, 48), np.float32)}, "codes must be (K, 48) with K >= 1"),
+    ({"kind": "vq", "patch": 4}, "a vq file needs patch, codes; it has no codes"),
+    ({"kind": "vq", "patch": 4, "codes": np.full((8, 48), np.nan, np.float32)}, "codes holds NaN or infinite"),
+    ({"kind": "vq", "patch": 0, "codes": np.zeros((8, 0), np.float32)}, "patch must be one positive integer"),
+    ({"kind": "pca", "patch": 4, "mean": np.zeros(48, np.float32)}, "it has no components"),
+    ({"kind": "pca", "patch": 4, "mean": np.zeros(47, np.float32), "components": np.eye(3, 48, dtype=np.float32)},
+     "mean (48,)"),
+])
+def test_a_broken_codebook_is_one_line_and_exit_2(tmp_path, arrays, message):
+    from tokenmill.transforms.tokenizers.codebook import save_npz
+
+    kind = arrays["kind"]
+    (tmp_path / f"{kind}.npz").write_bytes(save_npz({k: np.asarray(v) for k, v in arrays.items()}))
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")
+    proc = _cli("build", "--input", str(tmp_path / "a.png"), "--output", str(tmp_path / "ds"), "--tokenizer",
+                f"{kind}:{tmp_path / (kind + '.npz')}")
+    assert proc.returncode == 2, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("tokenmill build: error: ") and message in line, line

@@ -63,6 +63,18 @@ def _load_npz(uri: str, kind: str) -> dict[str, np.ndarray]:
         raise TokenizerSpecError(f"cannot read {kind} file {uri}: {e}") from None
     if str(arrays.get("kind")) != kind:
         raise TokenizerSpecError(f"{uri} is not a {kind} file (kind={arrays.get('kind')})")
+    need = {"vq": ("patch", "codes"), "pca": ("patch", "mean", "components")}[kind]
+    missing = [k for k in need if k not in arrays]
+    if missing:
+        raise TokenizerSpecError(f"{uri}: a {kind} file needs {', '.join(need)}; it has no {', '.join(missing)}")
+    for name in need:
+        a = arrays[name]
+        if a.dtype.kind not in "iuf":
+            raise TokenizerSpecError(f"{uri}: {name} must hold numbers, not {a.dtype}")
+        if not np.isfinite(a).all():
+            raise TokenizerSpecError(f"{uri}: {name} holds NaN or infinite values")
+    if arrays["patch"].size != 1 or int(arrays["patch"]) < 1:
+        raise TokenizerSpecError(f"{uri}: patch must be one positive integer, not {arrays['patch'].tolist()}")
     return arrays
 
 
@@ -133,8 +145,8 @@ class _VQ(_PatchFitted):
     def __init__(self, spec: str, uri: str):
         super().__init__(spec, uri, "vq")
         self.codes = self._arrays["codes"].astype(np.float32)
-        if self.codes.ndim != 2 or self.codes.shape[1] != self.values:
-            raise TokenizerSpecError(f"{uri}: codes must be (K, {self.values})")
+        if self.codes.ndim != 2 or self.codes.shape[1] != self.values or len(self.codes) == 0:
+            raise TokenizerSpecError(f"{uri}: codes must be (K, {self.values}) with K >= 1, not {self.codes.shape}")
         self._norms = (self.codes ** 2).sum(1)
         self.vocab_size = len(self.codes)
 
@@ -161,8 +173,10 @@ class _PCA(_PatchFitted):
         super().__init__(spec, uri, "pca")
         self.mean = self._arrays["mean"].astype(np.float32)
         self.components = self._arrays["components"].astype(np.float32)
-        if self.components.ndim != 2 or self.components.shape[1] != self.values:
-            raise TokenizerSpecError(f"{uri}: components must be (d, {self.values})")
+        if self.components.ndim != 2 or self.components.shape[1] != self.values or len(self.components) == 0 \
+                or self.mean.shape != (self.values,):
+            raise TokenizerSpecError(f"{uri}: components must be (d, {self.values}) with d >= 1 and mean "
+                                     f"({self.values},), not {self.components.shape} and {self.mean.shape}")
         self.dim = len(self.components)
         self.latent_dtype = latent_dtype
 
