@@ -103,3 +103,51 @@ def test_three_concurrent_builds_give_one_commit_and_clean_refusals(tmp_path, so
             assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("tokenmill build: failed: ")
     assert validate(str(out)) == [] and read_rows(out).equals(read_rows(clean))
     assert len(read_manifest(str(out)).versions) == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs: a real full disk (ENOSPC), where the tests run as root and may mount; else skipped."""
+    if os.geteuid() != 0:
+        pytest.skip("ENOSPC cases need root, to mount a small tmpfs")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def _fill(disk, leave: int) -> None:
+    """Fill the disk but `leave` bytes."""
+    import shutil
+
+    free = shutil.disk_usage(disk).free
+    with open(disk / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+
+
+@pytest.mark.parametrize("leave", [0, 4096, 8192, 16384, 32768, 65536])
+def test_a_full_disk_at_any_write_fails_in_one_line_and_keeps_the_previous_commit(small_disk, sources, leave):
+    first, second, clean = sources
+    out = small_disk / "ds"
+    assert _build(first, out)[0].returncode == 0
+    before = read_manifest(str(out))
+    _fill(small_disk, leave)
+    proc, seconds = _build(second, out)
+    assert seconds < 60
+    if proc.returncode == 0:  # it fitted
+        assert read_manifest(str(out)).rows == 120 and validate(str(out)) == []
+    else:
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("tokenmill build: failed: "), proc.stderr
+        assert "No space left on device" in proc.stderr
+        assert read_manifest(str(out)).commit == before.commit and validate(str(out)) == []
+    (small_disk / "filler").unlink()
+    rerun, _ = _build(second, out)
+    assert rerun.returncode == 0, rerun.stderr
+    assert validate(str(out)) == [] and read_rows(out).equals(read_rows(clean))
