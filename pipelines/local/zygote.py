@@ -97,7 +97,7 @@ class WorkerZygote:
             code = 0
             try:
                 os.close(self._life_w)
-                _serve(listener, life_r)
+                _serve(listener, life_r, self.folder)
             except BaseException:  # noqa: BLE001 - a zygote must never return into the launcher's code
                 code = 1
             finally:
@@ -128,7 +128,7 @@ class WorkerZygote:
         self.close()
 
 
-def _serve(listener: socket.socket, life: int) -> None:
+def _serve(listener: socket.socket, life: int, folder: str | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -149,7 +149,9 @@ def _serve(listener: socket.socket, life: int) -> None:
                     _become_worker(conn)  # never returns
                 workers.add(pid)
                 conn.close()
-    deadline = time.monotonic() + 10.0  # workers end when the runner closes their control channel
+    # Workers end when the runner closes their control channel, which a finished run has done by
+    # now; a launcher that died (kill -9) closed nothing, and its workers must not outlive it long.
+    deadline = time.monotonic() + 2.0
     while workers and time.monotonic() < deadline:
         _reap(workers, block=False)
         time.sleep(0.02)
@@ -157,6 +159,8 @@ def _serve(listener: socket.socket, life: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     _reap(workers, block=True)
+    if folder:  # the launcher's close() removes it too, but a killed launcher cannot
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _reap(workers: set[int], block: bool) -> None:
