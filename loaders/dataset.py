@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tokenmill.loaders.latents import LatentFormat, flat_latents
-from tokenmill.schemas.manifest import MANIFEST_NAME, Manifest
+from tokenmill.schemas.manifest import MANIFEST_NAME, Manifest, dataset_path
 from tokenmill.schemas.storage import join, read_bytes
 from tokenmill.schemas.tables import schema_for_manifest
 from tokenmill.transforms.fs import open_binary
@@ -55,10 +55,23 @@ class Unit:
     rows: int
 
 
-def list_units(root: str, manifest: Manifest) -> list[Unit]:
+def list_units(root: str, manifest: Manifest, verify_sha256: bool = False) -> list[Unit]:
+    """The row groups of the manifest's shards; paths stay inside `root` (schemas.manifest.dataset_path).
+
+    verify_sha256 reads every shard once, whole, and refuses one whose sha256
+    is not the manifest's: as costly as reading the dataset's bytes once more.
+    """
     units = []
     for shard in manifest.shards:
-        uri = join(root, shard["path"])
+        uri = dataset_path(root, shard["path"])
+        if verify_sha256:
+            import hashlib
+
+            with open_binary(uri) as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            if digest != shard.get("sha256"):
+                raise DatasetMismatchError(f"{uri}: sha256 {digest[:12]} is not the manifest's "
+                                           f"{str(shard.get('sha256'))[:12]}: the shard changed after its commit")
         groups = shard.get("row_groups")
         if groups is None:  # older manifests: read the footer
             with open_binary(uri) as f:
@@ -104,6 +117,11 @@ class TokenReader:
     `tokenmill gc` has not removed yet. Either way the reader sees one
     complete commit: the manifest it opens names every file it reads.
 
+    Shard paths must stay inside the dataset, and every row group read must
+    hold the rows the manifest says (DatasetMismatchError otherwise);
+    `verify_sha256` also checks each shard's bytes once, up front, at the cost
+    of reading the whole dataset once more.
+
     expect_fingerprint / expect_vocab_size / expect_tokenizer (a spec) make the
     reader refuse a dataset built with another tokenizer. With `normalize` (the
     default), latents stored as uint8 with a recorded normalization (patch:P)
@@ -115,7 +133,7 @@ class TokenReader:
                  eos_id: int | str | None = "auto", rank: int | None = None, world_size: int | None = None,
                  expect_fingerprint: str | None = None, expect_vocab_size: int | None = None,
                  expect_tokenizer: str | None = None, epoch: int = 0, normalize: bool = True,
-                 version: str | None = None, fields: Sequence[str] = ()):
+                 version: str | None = None, fields: Sequence[str] = (), verify_sha256: bool = False):
         self.root = root.rstrip("/")
         path = join(self.root, MANIFEST_NAME) if not version else join(self.root, "versions", version, MANIFEST_NAME)
         try:
@@ -138,7 +156,7 @@ class TokenReader:
         self.rank, self.world_size = rank, world_size
         norm = tok.get("normalization") if normalize else None
         self.normalization = (float(norm["scale"]), float(norm["offset"])) if norm else None
-        self.units = list_units(self.root, self.manifest)
+        self.units = list_units(self.root, self.manifest, verify_sha256)
         self.fields = self._fields(fields)
         self.epoch = epoch
         self._yielded = 0  # samples of this epoch's pass yielded so far
@@ -225,6 +243,9 @@ class TokenReader:
     def _lengths(self, unit: Unit) -> np.ndarray:
         with open_binary(unit.path) as f:
             t = pq.ParquetFile(f).read_row_group(unit.row_group, columns=["num_tokens"])
+        if t.num_rows != unit.rows:  # a shard replaced after its commit: positions would silently shift
+            raise DatasetMismatchError(f"{unit.path} row group {unit.row_group} holds {t.num_rows} rows; the "
+                                       f"manifest says {unit.rows}")
         return t.column(0).to_numpy()
 
     def _refs(self, epoch: int) -> Iterator[tuple[int, int, int]]:

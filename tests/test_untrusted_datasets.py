@@ -235,3 +235,33 @@ def test_reports_fetch_nothing_a_dataset_names(tmp_path, server, capsys):
     result = inspect_dataset(str(tmp_path / "vq"), rows=2, out_dir=str(tmp_path / "inspect"))
     assert all("names a file that is not local" in r["reconstruction_error"] for r in result["rows"])
     assert server.requests == []
+
+
+def test_the_training_reader_trusts_no_manifest_path_and_checks_what_it_reads(tmp_path, text_ds):
+    """Paths stay inside the dataset; a row group must hold the manifest's rows; sha256 on request."""
+    import json
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from tokenmill.loaders.dataset import DatasetMismatchError, TokenReader
+    from tokenmill.schemas.manifest import ManifestError
+
+    ds = tmp_path / "ds"
+    shutil.copytree(text_ds, ds)
+    raw = json.loads((ds / "_manifest.json").read_text())
+    first = raw["shards"][0]["path"]
+    assert sum(1 for _ in TokenReader(str(ds), shuffle=False, verify_sha256=True)) == raw["rows"]
+    # A shard rewritten after its commit: fewer rows than the manifest says.
+    table = pq.read_table(ds / first)
+    pq.write_table(table.slice(0, table.num_rows - 1), ds / first)
+    with pytest.raises(DatasetMismatchError, match="sha256"):
+        TokenReader(str(ds), verify_sha256=True)
+    with pytest.raises(DatasetMismatchError, match="rows; the manifest says"):
+        list(TokenReader(str(ds), shuffle=False))
+    # A manifest whose shard path leaves the dataset.
+    for bad in ("../outside.parquet", "/etc/passwd", "http://127.0.0.1:1/x.parquet"):
+        raw["shards"][0]["path"] = bad
+        (ds / "_manifest.json").write_text(json.dumps(raw))
+        with pytest.raises(ManifestError):
+            TokenReader(str(ds))
