@@ -7,18 +7,33 @@ from typing import Any
 import numpy as np
 
 from tokenmill.reports.dataset import DatasetView, png_bytes
-from tokenmill.reports.render import (code_grid_lines, contact_sheet, marked_text, token_pieces, token_pixels,
-                            video_frames, visible)
+from tokenmill.reports.render import (code_grid_lines, contact_sheet, describe_pieces, marked_text, token_pixels,
+                                     video_frames, visible)
 from tokenmill.schemas.tables import type_json
 
 
 def describe_text_row(view: DatasetView, row: dict[str, Any]) -> dict[str, Any]:
-    tok = view.tokenizer
+    """The row's text and its tokens, each with the exact bytes it stands for (the tokenizer's `token_pieces`).
+
+    A token that starts or ends inside a character (byte-level BPE, byte
+    fallback) shows that character's bytes as \\xNN and carries "split":
+    "start", "end" or "both"; in "marked" a boundary inside a character is drawn
+    as ¦ instead of |.
+    """
     ids = [int(i) for i in row["tokens"]]
-    raw = [tok.token_bytes(i) for i in ids]
-    pieces = token_pieces(raw)
-    return {"text": "".join(pieces), "marked": marked_text(pieces),
-            "tokens": [{"id": i, "text": p, "chars": len(p), "bytes": len(b)} for i, b, p in zip(ids, raw, pieces)]}
+    raw = view.tokenizer.token_pieces(ids)
+    pieces = describe_pieces(raw)
+    tokens = []
+    for i, b, p in zip(ids, raw, pieces, strict=True):
+        token = {"id": i, "text": p.text, "chars": p.chars, "bytes": len(b)}
+        split = {(True, False): "start", (False, True): "end", (True, True): "both"}.get((p.starts_inside,
+                                                                                         p.ends_inside))
+        if split:
+            token["split"] = split
+        tokens.append(token)
+    return {"text": b"".join(raw).decode("utf-8", "replace"),
+            "marked": marked_text([p.text for p in pieces], inside=[p.ends_inside for p in pieces]),
+            "tokens": tokens}
 
 
 def _patch(view: DatasetView) -> int:
@@ -108,7 +123,8 @@ def format_inspection(result: dict[str, Any], max_tokens: int = 64) -> str:
         if "tokens" in row:
             lines.append("  text:   " + visible(row["text"]))
             shown = row["tokens"][:max_tokens]
-            lines.append("  tokens: " + marked_text([t["text"] for t in shown])
+            lines.append("  tokens: " + marked_text([t["text"] for t in shown],
+                                                    inside=[t.get("split") in ("end", "both") for t in shown])
                          + (" ..." if len(row["tokens"]) > max_tokens else ""))
             lines.append("  ids:    " + " ".join(f"{t['id']}:{t['chars']}" for t in shown)
                          + (" ..." if len(row["tokens"]) > max_tokens else "") + "   (id:characters)")

@@ -4,7 +4,7 @@ Pure functions over numpy arrays and bytes; no I/O.
 """
 from __future__ import annotations
 
-import codecs
+import dataclasses
 from typing import Sequence
 
 import numpy as np
@@ -12,18 +12,59 @@ import numpy as np
 _ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
-def token_pieces(token_bytes: Sequence[bytes]) -> list[str]:
-    """The text each token adds, decoding the byte stream incrementally.
+SPLIT = "¦"  # a token boundary inside a character
 
-    A token ending inside a multi-byte character adds nothing, and the token
-    that completes it adds the whole character, so the pieces join to the
-    decoded text and their lengths to its length in characters.
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One token's part of a document, as a person reads it."""
+
+    text: str  # its whole characters as they are; bytes of a character it shares with a neighbour as \xNN
+    chars: int  # the characters it completes: over a document they add up to the document's length
+    nbytes: int
+    starts_inside: bool  # it begins inside a character (byte-level BPE, byte fallback)
+    ends_inside: bool
+
+
+def describe_pieces(token_bytes: Sequence[bytes]) -> list[Piece]:
+    """Each token's bytes (a tokenizer's `token_pieces`) placed in the document they join to.
+
+    A character split across tokens is shown, in each, as the bytes it holds
+    (`\\xe4\\xb8`), and counted once, by the token that completes it; bytes that
+    are not UTF-8 at all are shown the same way.
     """
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    pieces = [decoder.decode(b) for b in token_bytes]
-    if pieces:
-        pieces[-1] += decoder.decode(b"", final=True)
-    return pieces
+    data = b"".join(token_bytes)
+    bounds = [0]  # where each character starts, then the end
+    readable: list[str] = []
+    for ch in data.decode("utf-8", "surrogateescape"):
+        undecodable = 0xDC80 <= ord(ch) <= 0xDCFF
+        readable.append(f"\\x{ord(ch) - 0xDC00:02x}" if undecodable else ch)
+        bounds.append(bounds[-1] + (1 if undecodable else len(ch.encode("utf-8"))))
+    out: list[Piece] = []
+    k = 0  # the character holding the token's first byte
+    start = 0
+    for raw in token_bytes:
+        end = start + len(raw)
+        text, chars, last = [], 0, k
+        for c in range(k, len(readable)):
+            if bounds[c] >= end:
+                break
+            lo, hi = bounds[c], bounds[c + 1]
+            whole = lo >= start and hi <= end
+            part = data[max(lo, start):min(hi, end)]
+            text.append(readable[c] if whole else "".join(f"\\x{b:02x}" for b in part))
+            chars += hi <= end
+            last = c
+        out.append(Piece("".join(text), chars, len(raw), starts_inside=k < len(readable) and bounds[k] < start,
+                         ends_inside=bool(raw) and bounds[last] < end < bounds[last + 1]))
+        k = last if raw and bounds[last + 1] > end else (last + 1 if raw else k)
+        start = end
+    return out
+
+
+def token_pieces(token_bytes: Sequence[bytes]) -> list[str]:
+    """The text each token holds, as a person reads it (Piece.text)."""
+    return [p.text for p in describe_pieces(token_bytes)]
 
 
 def visible(piece: str) -> str:
@@ -31,9 +72,11 @@ def visible(piece: str) -> str:
     return "".join(_ESCAPES.get(c, c) for c in piece)
 
 
-def marked_text(pieces: Sequence[str], mark: str = "|") -> str:
-    """The text with each token boundary shown by `mark`."""
-    return mark + mark.join(visible(p) for p in pieces) + mark
+def marked_text(pieces: Sequence[str], mark: str = "|", inside: Sequence[bool] | None = None) -> str:
+    """The text with each token boundary shown by `mark`, or by SPLIT after a piece that ends inside a
+    character (`inside[i]`)."""
+    marks = [SPLIT if inside is not None and inside[i] else mark for i in range(len(pieces))]
+    return mark + "".join(visible(p) + m for p, m in zip(pieces, marks, strict=True))
 
 
 def code_grid_lines(codes: np.ndarray, grid: Sequence[int], max_rows: int = 16, max_cols: int = 16) -> list[str]:

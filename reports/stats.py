@@ -12,16 +12,17 @@ LONG_TOKEN_CHARS = 8  # "packs >= 8 characters": where spelling a word from its 
 def token_granularity(counts: np.ndarray, token_bytes: Callable[[int], bytes], top: int = 20) -> dict[str, Any]:
     """How much text each token used packs, weighted by how often it is used.
 
-    counts[i] is how often ID i occurs. A token's characters are the whole
-    characters its bytes decode to (a token holding part of a multi-byte
-    character counts only the characters it completes).
+    counts[i] is how often ID i occurs; `token_bytes` is the tokenizer's (the
+    bytes an ID stands for on its own). A token's characters are the whole
+    characters in its bytes: a token holding part of a multi-byte character
+    does not count it, and shows those bytes as \\xNN.
     """
     used = np.flatnonzero(counts)
     weights = counts[used].astype(np.float64)
     raw = [token_bytes(int(i)) for i in used]
     nbytes = np.array([len(b) for b in raw], np.int64)
-    text = [b.decode("utf-8", errors="ignore") for b in raw]
-    chars = np.array([len(t) for t in text], np.int64)
+    chars = np.array([len(b.decode("utf-8", errors="ignore")) for b in raw], np.int64)
+    text = [b.decode("utf-8", errors="backslashreplace") for b in raw]  # part of a character as \xNN
     total = weights.sum() or 1.0
     order = sorted(range(len(used)), key=lambda k: (-chars[k], -weights[k], int(used[k])))[:top]
     return {

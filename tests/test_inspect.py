@@ -42,15 +42,19 @@ def row_text(row, tok) -> str:
     return tok.decode(row["tokens"][:-1])
 
 
-def test_characters_split_across_tokens_are_counted_once(text_dataset, capsys, cl100k):
+def test_a_character_split_across_tokens_shows_its_bytes_and_counts_once(text_dataset, capsys, cl100k):
     rows = read_rows(text_dataset).to_pylist()
     row = next(r for r in rows if "🚀" in row_text(r, cl100k))
     shown = run_inspect(capsys, str(text_dataset), "--id", row["id"])["rows"][0]
     text = row_text(row, cl100k) + "<|endoftext|>"
     assert sum(t["chars"] for t in shown["tokens"]) == len(text)
     assert sum(t["bytes"] for t in shown["tokens"]) == len(text.encode())
-    assert any(t["chars"] == 0 for t in shown["tokens"])  # an emoji spans several byte tokens
-    assert token_pieces([b"\xf0\x9f", b"\x9a\x80", b"!"]) == ["", "🚀", "!"]
+    # cl100k cuts the rocket (f0 9f 9a 80) in three: each part shows its bytes, and the boundaries are marked
+    at = next(k for k, t in enumerate(shown["tokens"]) if t["text"] == " \\xf0\\x9f")
+    rocket = [(t["text"], t["chars"], t["split"]) for t in shown["tokens"][at:at + 3]]
+    assert rocket == [(" \\xf0\\x9f", 1, "end"), ("\\x9a", 0, "both"), ("\\x80", 1, "start")]
+    assert "| \\xf0\\x9f¦\\x9a¦\\x80|" in shown["marked"]
+    assert token_pieces([b"\xf0\x9f", b"\x9a\x80", b"!"]) == ["\\xf0\\x9f", "\\x9a\\x80", "!"]
 
 
 def test_text_output_for_a_terminal(text_dataset, capsys):

@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from tokenmill.schemas.tables import numpy_dtype, token_type_for_vocab
 from tokenmill.transforms.buffers import BufferPool
+from tokenmill.transforms.tokenizers import spans
 
 
 class TokenizerSpecError(ValueError):
@@ -112,8 +113,69 @@ class TextTokenizer(Tokenizer):
         """Identity of the vocabulary and algorithm, without the BOS/EOS policy."""
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The bytes one ID stands for (used to measure granularity)."""
+        """The bytes one ID stands for on its own (the report's granularity counts these).
+
+        Where a token holds part of a multi-byte character (byte-level BPE, byte
+        fallback), that part: never a decoded replacement character.
+        """
         return self.decode([token_id]).encode("utf-8")
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        """Where each token of `text` lies: (start, end) byte offsets into its UTF-8 (spans.utf8), one per
+        ID of `_encode(text)` (no BOS/EOS).
+
+        The spans tile the document (see transforms/tokenizers/spans.py): joined,
+        their bytes are the document, byte for byte. Text the tokenizer skips or
+        normalises away belongs to the token after it; a span may start or end
+        inside a character. This default places each token's `token_bytes`, exact
+        for tokenizers whose IDs stand for fixed bytes (tiktoken, bytes); families
+        with offsets (hf:, sentencepiece:) override it.
+        """
+        data = spans.utf8(text)
+        pieces = [self.token_bytes(int(i)) for i in self._encode(text)]
+        return spans.spans_of_pieces(data, pieces) or spans.spans_by_search(data, pieces)
+
+    def token_pieces(self, ids: Sequence[int]) -> list[bytes]:
+        """The bytes each ID stands for in this sequence, for views that have IDs but no text (inspect).
+
+        Joined, they are the document the IDs decode to, special tokens as their
+        names. This default is `token_bytes` per ID, exact where IDs stand for
+        fixed bytes; families whose tokens depend on their neighbours override it
+        (see `_pieces_by_reencoding`).
+        """
+        return [self.token_bytes(int(i)) for i in ids]
+
+    def _pieces_by_reencoding(self, ids: Sequence[int]) -> list[bytes]:
+        """token_pieces from the text: each run of IDs between special tokens is decoded, encoded again and
+        cut at its `token_spans`. A run that does not encode back to the same IDs (an unknown token, text
+        the normaliser changed) gets `token_bytes` per ID instead."""
+        special = set(self.special_tokens.values())
+        out: list[bytes] = []
+        run: list[int] = []
+
+        def flush() -> None:
+            if not run:
+                return
+            text = self.decode(run)
+            try:
+                same = self._encode(text).tolist() == run
+            except Exception:  # noqa: BLE001 - a view falls back to the IDs' own bytes
+                same = False
+            if same:
+                data = spans.utf8(text)
+                out.extend(data[s:e] for s, e in self.token_spans(text))
+            else:
+                out.extend(self.token_bytes(i) for i in run)
+            run.clear()
+
+        for i in map(int, ids):
+            if i in special:
+                flush()
+                out.append(self.token_bytes(i))
+            else:
+                run.append(i)
+        flush()
+        return out
 
     # Tokens that --bos / --eos add; None where the vocabulary has none.
     bos_token: str | None = None
