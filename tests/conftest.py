@@ -215,3 +215,35 @@ def video_dataset(tmp_path_factory) -> Path:
         rows=1, tokens=t * h * w, errors=0, inputs=[{"uri": "/videos/a.mp4", "size": 1, "change_token": ""}],
         shards=[], options={}))
     return root
+
+
+# -- text tokenizers trained here (nothing is downloaded) --------------------
+
+def training_lines(n: int = 3000) -> list[str]:
+    """Sentences of words drawn from MULTILINGUAL, then MULTILINGUAL itself: text to train small vocabularies."""
+    import random
+
+    rng = random.Random(0)
+    words = " ".join(MULTILINGUAL).split()
+    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(n)]
+    return lines + [t.replace("\n", " ") for t in MULTILINGUAL if t.strip()] * 20
+
+
+@pytest.fixture(scope="session")
+def sp_models(tmp_path_factory) -> dict[str, Path]:
+    """SentencePiece .model files trained with byte fallback: "bpe" and "unigram" (<unk>=0, <s>=1, </s>=2),
+    and "no-bos" (a unigram model trained with bos_id=-1)."""
+    import sentencepiece as spm
+
+    folder = tmp_path_factory.mktemp("spm")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(training_lines()), encoding="utf-8")
+    out = {}
+    for name, kind, ids in (("bpe", "bpe", (0, 1, 2)), ("unigram", "unigram", (0, 1, 2)),
+                            ("no-bos", "unigram", (0, -1, 1))):
+        spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / name), model_type=kind,
+                                       vocab_size=600, hard_vocab_limit=False, byte_fallback=True,
+                                       character_coverage=0.98, unk_id=ids[0], bos_id=ids[1], eos_id=ids[2],
+                                       pad_id=-1, num_threads=1, minloglevel=2)
+        out[name] = folder / f"{name}.model"
+    return out

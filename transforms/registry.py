@@ -33,6 +33,7 @@ FAMILIES = {
     "tiktoken": "tokenmill.transforms.tokenizers.bpe:FAMILY",
     "bytes": "tokenmill.transforms.tokenizers.byte_level:FAMILY",
     "hf": "tokenmill.transforms.tokenizers.hf:FAMILY",
+    "sentencepiece": "tokenmill.transforms.tokenizers.sentencepiece_model:FAMILY",
     "patch": "tokenmill.transforms.tokenizers.patches:FAMILY",
     "vq": "tokenmill.transforms.tokenizers.codebook:VQ_FAMILY",
     "pca": "tokenmill.transforms.tokenizers.codebook:PCA_FAMILY",
