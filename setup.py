@@ -34,7 +34,9 @@ setup(
         "threadpoolctl>=3.1",
     ],
     extras_require={
-        "hf": ["tokenizers>=0.20"],
+        # hf: reads a plain tokenizer.json with tokenizers alone; transformers (with sentencepiece for a
+        # tokenizer.model) builds every other folder AutoTokenizer loads. transformers does not need torch.
+        "hf": ["tokenizers>=0.20", "transformers>=5,<6", "sentencepiece>=0.2.2,!=0.2.3"],
         # sentencepiece 0.2.3 needs protobuf 7, which apache-beam does not allow.
         "sentencepiece": ["sentencepiece>=0.2.2,!=0.2.3"],
         "fast": ["bpe-openai>=0.1.4"],
@@ -45,9 +47,9 @@ setup(
         "aws": ["s3fs>=2024.6", "boto3>=1.34"],
         # moto's S3 server and the GCS emulator serve the object-storage tests on
         # 127.0.0.1; build makes the sdist that --setup_file stages.
-        "test": ["pytest>=8", "hypothesis>=6", "tokenizers>=0.20", "sentencepiece>=0.2.2,!=0.2.3", "duckdb>=1.0",
-                 "datasets>=3", "polars>=1.0", "moto[s3]>=5", "flask>=3", "flask-cors>=4",
-                 "gcp-storage-emulator>=2024.8", "build>=1.2"],
+        "test": ["pytest>=8", "hypothesis>=6", "tokenizers>=0.20", "transformers>=5,<6",
+                 "sentencepiece>=0.2.2,!=0.2.3", "duckdb>=1.0", "datasets>=3", "polars>=1.0", "moto[s3]>=5",
+                 "flask>=3", "flask-cors>=4", "gcp-storage-emulator>=2024.8", "build>=1.2"],
         "bench": ["datasets>=3", "psutil>=5"],
         "report": ["matplotlib>=3.8"],
         "video": ["decord>=0.6", "av>=12"],

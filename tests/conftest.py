@@ -247,3 +247,70 @@ def sp_models(tmp_path_factory) -> dict[str, Path]:
                                        pad_id=-1, num_threads=1, minloglevel=2)
         out[name] = folder / f"{name}.model"
     return out
+
+
+@pytest.fixture(scope="session")
+def hf_folders(tmp_path_factory, sp_models) -> dict[str, Path]:
+    """Tokenizer folders shaped as models ship them, built here.
+
+    Loaded by transformers: "llama" and "gemma" (tokenizer.model, SentencePiece
+    BPE, + tokenizer_config.json naming LlamaTokenizer / GemmaTokenizer), "t5"
+    (unigram tokenizer.model + T5Tokenizer: no BOS), "gpt2" (vocab.json +
+    merges.txt + GPT2Tokenizer) and "llama-json" (llama saved by transformers:
+    tokenizer.json under LlamaTokenizer). Read by tokenizers alone (a
+    tokenizer.json and no class): "byte-level" (BPE), "wordpiece" (lowercasing,
+    accent-stripping, BERT-style) and "unigram" (NFKC, Metaspace).
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("hf-folders")
+    out: dict[str, Path] = {}
+
+    def folder(name: str, config: dict[str, Any] | None, model: Path | None = None) -> Path:
+        out[name] = root / name
+        out[name].mkdir()
+        if model is not None:
+            shutil.copy(model, out[name] / "tokenizer.model")
+        if config is not None:
+            (out[name] / "tokenizer_config.json").write_text(json.dumps(config))
+        return out[name]
+
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    folder("llama", {"tokenizer_class": "LlamaTokenizer", **specials}, sp_models["bpe"])
+    folder("gemma", {"tokenizer_class": "GemmaTokenizer", **specials}, sp_models["bpe"])
+    folder("t5", {"tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "unk_token": "<unk>",
+                  "pad_token": "<unk>", "extra_ids": 0}, sp_models["unigram"])
+    AutoTokenizer.from_pretrained(str(out["llama"])).save_pretrained(str(root / "llama-json"))
+    out["llama-json"] = root / "llama-json"
+
+    texts = training_lines(300)
+    byte_level = Tokenizer(models.BPE())
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.decoder = decoders.ByteLevel()
+    byte_level.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder("byte-level", None)
+    byte_level.save(str(out["byte-level"] / "tokenizer.json"))
+    folder("gpt2", {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>",
+                    "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"})
+    byte_level.model.save(str(out["gpt2"]))  # vocab.json + merges.txt
+
+    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wordpiece.decoder = decoders.WordPiece()
+    wordpiece.train_from_iterator(texts, trainers.WordPieceTrainer(
+        vocab_size=400, special_tokens=["[UNK]", "[CLS]", "[SEP]", "[PAD]"]))
+    folder("wordpiece", None)
+    wordpiece.save(str(out["wordpiece"] / "tokenizer.json"))
+
+    unigram = Tokenizer(models.Unigram())
+    unigram.normalizer = normalizers.NFKC()
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    unigram.decoder = decoders.Metaspace()
+    unigram.train_from_iterator(texts, trainers.UnigramTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], unk_token="<unk>"))
+    folder("unigram", None)
+    unigram.save(str(out["unigram"] / "tokenizer.json"))
+    return out

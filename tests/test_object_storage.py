@@ -180,6 +180,32 @@ def test_text_build_between_buckets_reads_back_like_a_local_build(stores, text_i
     assert with_rows == m.rows and card_state(out, m) == "current"
 
 
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_tokenizer_folders_and_models_in_buckets_load_like_local_ones(stores, hf_folders, sp_models, scheme,
+                                                                      monkeypatch):
+    """hf: reads a plain tokenizer.json where it lies; for transformers it copies the folder's small files
+    (not weights) to a local temp folder. sentencepiece: reads the .model file."""
+    from tokenmill.transforms.tokenizers import hf
+    from tokenmill.transforms.tokenizers.spec import load_text_tokenizer
+
+    root = f"{scheme}://bucket/tokenizers"
+    for name in ("llama", "gpt2", "byte-level"):
+        upload(hf_folders[name], f"{root}/{name}")
+    write_bytes_atomic(f"{root}/llama/model.safetensors", b"\0" * 4096)  # weights beside the tokenizer
+    write_bytes_atomic(f"{root}/bpe.model", sp_models["bpe"].read_bytes())
+    read = []
+    monkeypatch.setattr(hf, "SMALL_FILE", 1024)
+    monkeypatch.setattr(hf, "read_bytes", lambda uri: read.append(uri) or read_bytes(uri))
+    pairs = [(f"hf:{hf_folders[n]}", f"hf:{root}/{n}") for n in ("llama", "gpt2", "byte-level")]
+    pairs.append((f"sentencepiece:{sp_models['bpe']}", f"sentencepiece:{root}/bpe.model"))
+    for local, remote in pairs:
+        here, there = load_text_tokenizer(local, eos=True), load_text_tokenizer(remote, eos=True)
+        assert here.fingerprint() == there.fingerprint(), remote
+        for text in MULTILINGUAL:
+            assert here.encode(text).tolist() == there.encode(text).tolist(), (remote, text)
+    assert f"{root}/llama/tokenizer.model" in read and f"{root}/llama/model.safetensors" not in read
+
+
 def test_image_build_from_s3_to_s3_reads_back_like_a_local_build(stores, tmp_path):
     src = tmp_path / "images"
     src.mkdir()
