@@ -48,6 +48,14 @@ def test_ids_equal_autotokenizer_on_the_multilingual_corpus(hf_folders, name):
     assert tok.decode(ids(tok, MULTILINGUAL[1])) == plain.decode(ids(tok, MULTILINGUAL[1]))
 
 
+def test_the_converted_tokenizer_has_one_fingerprint_in_every_process(hf_folders):
+    """Workers load the spec again: the conversion must give the launcher's fingerprint."""
+    code = ("from tokenmill.transforms.tokenizers.spec import load_text_tokenizer as load; "
+            f"print(load('hf:{hf_folders['llama']}', eos=True).fingerprint())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip() == load_text_tokenizer(f"hf:{hf_folders['llama']}", eos=True).fingerprint()
+
+
 @pytest.mark.parametrize("name", TRANSFORMERS_WAY)
 def test_transformers_way_records_its_version_and_the_converted_tokenizer(hf_folders, name):
     import transformers
@@ -96,6 +104,14 @@ def test_saved_truncation_and_padding_do_not_cut_or_pad_documents(hf_folders, tm
     got = ids(load_text_tokenizer(f"hf:{tmp_path}"), text)
     assert got == Tokenizer.from_file(str(hf_folders["byte-level"] / "tokenizer.json")).encode(text).ids
     assert len(got) == 26
+
+
+def test_a_document_the_library_refuses_fails_alone_and_the_block_is_kept(hf_folders):
+    """Blocks are encoded with one encode_batch call; a document it cannot take is then found one by one."""
+    tok = load_text_tokenizer(f"hf:{hf_folders['byte-level']}")
+    column, failures = tok.encode_batch(["fine", "a lone \ud800 surrogate", "more fine"])
+    assert [i for i, _ in failures] == [1]
+    assert column.to_pylist() == [ids(tok, "fine"), ids(tok, "more fine")]
 
 
 def test_bpe_dropout_is_refused(hf_folders, tmp_path):

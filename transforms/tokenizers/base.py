@@ -242,11 +242,9 @@ class TextTokenizer(Tokenizer):
         parts: list[np.ndarray] = []
         lengths: list[int] = []
         failures: list[tuple[int, Exception]] = []
-        for i, text in enumerate(texts):
-            try:
-                ids = self._encode(text)
-            except BaseException as e:  # noqa: BLE001 - one bad document must not sink the batch
-                failures.append((i, record_failure(self.spec, e)))
+        for i, ids in enumerate(self._encode_each(texts)):
+            if isinstance(ids, BaseException):
+                failures.append((i, record_failure(self.spec, ids)))
                 continue
             parts.extend(bos)
             parts.append(ids)
@@ -263,6 +261,11 @@ class TextTokenizer(Tokenizer):
         column = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values_arr,
                                           type=pa.list_(pa.field("element", value_type, nullable=False)))
         return column, failures
+
+    def _encode_each(self, texts: Sequence[str]) -> list[Any]:
+        """`_encode` of each document, or the exception in its place. A family with a batch call that
+        pays off overrides this (hf:), falling back to this on any failure to find the bad document."""
+        return _each(self._encode, texts)
 
     def _without_out_of_range(self, texts: Sequence[str], failures: list[tuple[int, BaseException]]
                               ) -> tuple[pa.ListArray, list[tuple[int, BaseException]]]:
