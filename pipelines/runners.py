@@ -95,7 +95,8 @@ def run_pipeline(pipeline, prog: str):
         # The failure is reported below in one line; Beam's own log of the
         # failing step (in-process, or forwarded from the workers) is for debugging.
         for name in ("apache_beam.runners.common", "apache_beam.runners.portability.local_job_service",
-                     "apache_beam.runners.portability.fn_api_runner.worker_handlers", "apache_beam.runners.worker"):
+                     "apache_beam.runners.portability.fn_api_runner.worker_handlers", "apache_beam.runners.worker",
+                     "asyncio"):  # aiohttp's "Task exception was never retrieved" of a storage retry
             logging.getLogger(name).setLevel(logging.CRITICAL)
     import contextlib
 
