@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from bench.text_build import REPO, TOKENMILL, bench_result, best_of_rounds, run_measured
+from bench.corpus import load_texts
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 ONE_THREAD = {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -88,14 +89,6 @@ def write_corpus(folder: Path, target_mb: int, shards: int = 4) -> list[Path]:
         h.close()
     stamp.write_text(json.dumps({"spec": want, "documents": len(docs), "text_bytes": total}))
     return files
-
-
-def load_texts(files: list[Path]) -> list[str]:
-    texts = []
-    for f in files:
-        with f.open("rb") as fh:
-            texts.extend(json.loads(line)["text"] for line in fh if line.strip())
-    return texts
 
 
 def train_tokenizers(folder: Path, files: list[Path]) -> dict[str, Path]:
