@@ -50,7 +50,19 @@ case "$mode" in
       apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
         || echo "run_local.sh: could not install chromium; the browser test will skip" >&2
     fi
-    exec "$VENV/bin/python" -m pytest -q tests "$@"
+    # The install matrix (tests/install_matrix.py: a fresh venv per extra) runs beside the suite, which reads
+    # its result in tests/test_install_matrix.py; a run of chosen tests (arguments given) leaves it to that test.
+    matrix_pid=
+    if [ $# -eq 0 ] && [ -z "${TOKENMILL_INSTALL_MATRIX:-}" ]; then
+      matrix_dir=$(mktemp -d -t tokenmill-matrix-XXXXXX)
+      "$VENV/bin/python" -m tests.install_matrix --out "$matrix_dir/result.json" >"$matrix_dir/log" 2>&1 &
+      matrix_pid=$!
+      export TOKENMILL_INSTALL_MATRIX="$matrix_dir/result.json" TOKENMILL_INSTALL_MATRIX_PID=$matrix_pid
+    fi
+    rc=0
+    "$VENV/bin/python" -m pytest -q tests "$@" || rc=$?
+    [ -n "$matrix_pid" ] && kill "$matrix_pid" 2>/dev/null
+    exit $rc
     ;;
   bench)
     shift
