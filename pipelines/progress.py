@@ -70,11 +70,20 @@ class Totals:
         return self._sum("errors")
 
     def bytes_by_input(self) -> dict[str, int]:
-        """Input bytes done per input, each capped at the input's size."""
+        """Input bytes done per input, each capped at the input's size.
+
+        A block of several small files (images) lists them in "sources": its bytes fill each in turn.
+        """
         done: dict[str, int] = {}
         for r in self.records.values():
-            if r["source"] in self.sizes:
-                done[r["source"]] = done.get(r["source"], 0) + int(r.get("input_bytes", 0))
+            left = int(r.get("input_bytes", 0))
+            sources = r.get("sources") or [r["source"]]
+            for i, uri in enumerate(sources):
+                if uri not in self.sizes:
+                    continue
+                share = left if i == len(sources) - 1 else min(left, self.sizes[uri])
+                done[uri] = done.get(uri, 0) + share
+                left -= share
         return {uri: min(n, self.sizes[uri]) for uri, n in done.items()}
 
     @property

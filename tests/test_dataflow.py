@@ -104,7 +104,7 @@ def test_config_build_translates_to_one_branch_per_source(tmp_path):
 def test_fit_translates_to_the_expected_dataflow_steps():
     job = translate(fit.make_pipeline, ["--kind", "vq", "--input", "gs://my-bucket/images/*.tar",
                                         "--output", "gs://my-bucket/codebooks/vq.npz", "--codes", "64"])
-    assert outer_steps(job) == ["ReadImageShards", "DecodeImages", "SamplePatches", "GatherHoldout",
+    assert outer_steps(job) == ["ReadImageShards", "DecodeImages", "SamplePatches", "GatherSkipped", "GatherHoldout",
                                 "GatherSamples", "FitAndWrite"]
     assert "workflow.tar.gz" in job.staged
 

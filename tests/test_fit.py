@@ -160,3 +160,39 @@ def test_items_encoded_on_threads_give_the_same_codes_and_shards(tmp_path, scene
                              runner) == 0
             digests.append(sorted((s["path"].rsplit("/", 1)[-1], s["sha256"]) for s in read_manifest(str(out)).shards))
         assert digests[0] == digests[1]
+
+
+def test_fit_reports_what_it_skipped_and_shows_progress(tmp_path, scenes, capsys):
+    """A fit says how many inputs it could not use and why (in its output and report), and shows progress."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"s{i}.png").write_bytes((scenes / f"s{i:02d}.png").read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (folder / "empty.png").write_bytes(b"")
+    out = tmp_path / "vq.npz"
+    assert run_fit(["--kind", "vq", "--input", str(folder / "*.png"), "--output", str(out), "--patch", "8",
+                    "--codes", "8", "--holdout", "0", "--progress", "log", "--progress-every", "0.2"]) == 0
+    report = json.loads((tmp_path / "vq.npz.json").read_text())
+    assert report["train_images"] == 6 and report["skipped"] == 2
+    assert sum(report["skipped_by_reason"].values()) == 2
+    assert sorted(e["source"].rsplit("/", 1)[-1] for e in report["skipped_examples"]) == ["broken.png", "empty.png"]
+    captured = capsys.readouterr()
+    assert "  skipped:     2 inputs (" in captured.out, captured.out
+    progress = [ln for ln in captured.err.splitlines() if ln.startswith("tokenmill fit: progress: ")]
+    assert progress and "inputs 8/8" in progress[-1] and "errors 2" in progress[-1], captured.err
+
+
+def test_fit_help_gives_every_option_a_default_or_says_it_is_required():
+    import re
+
+    help_text = " ".join(fit.make_parser().format_help().split())
+    options = {a.option_strings[-1]: a for a in fit.make_parser()._actions if a.option_strings}
+    for flag, action in options.items():
+        if flag == "--help":
+            continue
+        assert action.help, f"{flag} has no help"
+        documented = action.required or "(default:" in action.help
+        assert documented, f"{flag}: {action.help!r} does not give its default"
+    assert re.search(r"--max-samples MAX_SAMPLES patches used for the fit at most, a seeded subset \(default: 200000\)",
+                     help_text)

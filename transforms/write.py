@@ -240,9 +240,19 @@ def write_progress(root: str, block: TokenBlock, results: list[ShardResult]) -> 
     kind = "data" if block.table is not None else "errors"
     record = {"source": block.source, "block": block.block, "rows": sum(r.rows for r in results),
               "tokens": sum(r.tokens for r in results), "errors": sum(r.errors for r in results),
-              "input_bytes": block.nbytes, "written_at": max(r.written_at for r in results)}
+              "input_bytes": block.nbytes, "written_at": max(r.written_at for r in results),
+              "sources": block_sources(block)}
     write_bytes_atomic(join(root, PROGRESS_DIR, f"{kind}-{shard_name(block.source, block.block)}.json"),
                        json.dumps(record).encode())
+
+
+def block_sources(block: TokenBlock) -> list[str]:
+    """The input files a block covers, in order (one for text; several for a block of image files)."""
+    found = dict.fromkeys([block.source])
+    if block.table is not None and "source" in block.table.column_names:
+        found.update(dict.fromkeys(block.table.column("source").unique().to_pylist()))
+    found.update(dict.fromkeys(e.source for e in block.errors))
+    return list(found)
 
 
 def carried_result(entry: dict[str, Any], fingerprint: str) -> ShardResult:
