@@ -52,7 +52,8 @@ def timed(f: av.VideoFrame, pts_ms: int | None) -> av.VideoFrame:
     return f
 
 
-def make_video(path: Path, codec: str = "libx264", n: int = 24, w: int = 64, h: int = 48, fps: int = 25,
+def make_video(path: Path, codec: str = "libx264", n: int = 24, w: int = 64, h: int = 48,
+               fps: int | fractions.Fraction = 25,
                pix: str = "yuv420p", pts_ms: list[int] | None = None, faststart: bool = False) -> Path:
     with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as c:
         s = c.add_stream(codec, rate=fps)
@@ -89,6 +90,24 @@ def test_clips_take_every_source_frame_without_fps():
     assert [c.frame_indices for c in clips] == [(0, 1, 2, 3), (4, 5, 6, 7)]  # the partial tail is dropped
     assert [(c.start, c.end) for c in clips] == [(0.0, 0.16), (0.16, 0.32)]
     assert clips[0].fps == pytest.approx(25.0)
+
+
+def test_clip_fps_is_the_containers_rational_rate_not_a_float_measure():
+    ts = np.round(np.arange(48) * 1001 / 24000, 6)  # 23.976 fps, times rounded as a time base rounds them
+    clips = plan_clips(ts, 48 * 1001 / 24000, ClipSpec(frames=16), nominal_rate=24000 / 1001)
+    assert [c.fps for c in clips] == [24000 / 1001] * 3
+    measured = plan_clips(ts, 48 * 1001 / 24000, ClipSpec(frames=16))[0].fps
+    assert measured == round(measured, 6) and measured != 24000 / 1001
+    # a variable-rate clip keeps its own rate
+    assert plan_clips(np.arange(8) / 10, 0.8, ClipSpec(frames=8), nominal_rate=25.0)[0].fps == 10.0
+
+
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+@pytest.mark.parametrize("rate", [fractions.Fraction(24), fractions.Fraction(30000, 1001)])
+def test_decoded_clips_carry_the_containers_rate_exactly(tmp_path, decoder, rate):
+    path = make_video(tmp_path / "v.mp4", n=20, fps=rate)
+    clips = [c for c in iter_clips(str(path), ClipSpec(frames=8), NATIVE, decoder=decoder)]
+    assert len(clips) == 2 and all(c.plan.fps == float(rate) for c in clips), [getattr(c, "plan", c) for c in clips]
 
 
 def test_clips_resample_to_target_fps_with_overlap():
@@ -459,7 +478,7 @@ def test_build_reads_back_every_clip_and_error(tmp_path, bad_videos):
     assert names <= seen
     s1 = next(r for r in rows if r["locator"] == "member:s1.mp4#clip:1")
     assert s1["frame_indices"] == list(range(8, 16)) and s1["clip_start"] == pytest.approx(0.32)
-    assert s1["clip_end"] == pytest.approx(0.64) and s1["fps"] == pytest.approx(25)
+    assert s1["clip_end"] == pytest.approx(0.64) and s1["fps"] == 25.0  # the container's rate, exactly
     assert json.loads(s1["meta"]) == {"json": {"caption": "a bar"}}
     assert s1["grid"] == [4, 3, 4] and s1["num_tokens"] == 48 and s1["id"] == row_id(s1["source"], s1["locator"])
     # the row's patches are the clip's frames, exactly

@@ -5,7 +5,10 @@ under a fixed folder, every shard's sha256 and each manifest with its
 timestamps removed (tests/golden/golden.json). tests/test_golden.py builds
 the same datasets with the code under test and compares. The recorded file was
 made by the code before the spine rework (issue 15), so a refactor that changes
-one byte of any shard, or any manifest key, fails it.
+one byte of any shard, or any manifest key, fails it. It was re-recorded once, on
+purpose, when clip fps became the container's rational rate and PyAV's clip
+times microseconds (issue 16): only the video shard changed (its fps and
+clip_end columns); the other keys it gained are manifest keys added since.
 
 The inputs live at a fixed absolute path because rows carry their source URI.
 """

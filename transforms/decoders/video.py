@@ -106,12 +106,29 @@ class ClipPlan:
     fps: float
 
 
-def plan_clips(timestamps: Sequence[float], duration: float, spec: ClipSpec) -> list[ClipPlan]:
+def clip_rate(frames: int, start: float, end: float, nominal: float | None) -> float:
+    """A clip's frame rate without --fps: the container's rational rate (24, or 30000/1001) when the clip's own
+    frames run at it, as they do unless the video has a variable rate; else the measured rate, to 6 decimals.
+
+    Frame times are rounded to their time base, so frames / (end - start) alone gives 24.000024000024002.
+    """
+    measured = frames / (end - start)
+    if nominal and abs(measured - nominal) <= RATE_TOLERANCE * nominal:
+        return float(nominal)
+    return round(measured, 6)
+
+
+RATE_TOLERANCE = 1e-3  # a clip within 0.1% of the container's rate runs at it (time-base rounding is far less)
+
+
+def plan_clips(timestamps: Sequence[float], duration: float, spec: ClipSpec,
+               nominal_rate: float | None = None) -> list[ClipPlan]:
     """The clips of a video whose frame i starts at timestamps[i] (seconds, increasing) and that ends at `duration`.
 
     A clip's start is its first frame's timestamp; its end is the time its last
     sampled frame stops being the sample (the next sample time at target fps, or
     the next source frame's start without --fps), capped by the video's end.
+    `nominal_rate` is the container's frame rate (see clip_rate).
     """
     ts = np.asarray(timestamps, np.float64)
     if len(ts) == 0:
@@ -139,7 +156,7 @@ def plan_clips(timestamps: Sequence[float], duration: float, spec: ClipSpec) -> 
     for n, s in enumerate(starts):
         e = min(s + frames, total)
         start, end = float(times[s]), float(ends[e - 1])
-        rate = spec.fps if spec.fps is not None else (e - s) / (end - start)
+        rate = spec.fps if spec.fps is not None else clip_rate(e - s, start, end, nominal_rate)
         clips.append(ClipPlan(n, tuple(int(i) for i in picked[s:e]), start, end, float(rate)))
     return clips
 
@@ -165,6 +182,7 @@ class VideoReader(abc.ABC):
     num_frames: int
     width: int  # source size, as stored
     height: int
+    nominal_rate: float | None = None  # the container's average frame rate (a rational, as a float), if any
 
     @abc.abstractmethod
     def timestamps(self) -> np.ndarray:
@@ -196,6 +214,7 @@ class DecordReader(VideoReader):
         if self.num_frames == 0:
             raise VideoDecodeError("no video frames")
         self.height, self.width = probe[0].shape[:2]
+        self.nominal_rate = float(probe.get_avg_fps()) or None
         self._w, self._h, self._box = target_size(policy, self.width, self.height)
         ts = np.asarray(probe.get_frame_timestamp(range(self.num_frames)), np.float64)
         if not (np.isfinite(ts).all() and ts.max() < 1e9 and (np.diff(ts[:, 0]) >= 0).all()):
@@ -273,12 +292,13 @@ class PyAVReader(VideoReader):
             pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None and p.size > 0)
             self.width, self.height = stream.codec_context.width, stream.codec_context.height
             rate = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+            self.nominal_rate = float(stream.average_rate) if stream.average_rate else None
         if not pts:
             raise VideoDecodeError("no video frames")
         self._pts = np.asarray(pts, np.int64)
         first = self._pts[0]
-        self._ts = (self._pts - first) * base
-        self._duration = float(self._ts[-1] + 1 / rate)
+        self._ts = np.round((self._pts - first) * base, 6)  # microseconds, as DecordReader gives them
+        self._duration = round(float(self._ts[-1] + 1 / rate), 6)
         self.num_frames = len(pts)
         self._w, self._h, self._box = target_size(policy, self.width, self.height)
         self._frames: Iterator[Any] | None = None
@@ -423,7 +443,7 @@ def iter_clips(path: str, spec: ClipSpec, policy: SizePolicy, *, decoder: str = 
     deadline, reader, pending = Deadline(timeout), None, collections.deque()
     try:
         reader = deadline.call(open_reader, path, decoder, policy, recycle_clips)
-        plans = plan_clips(reader.timestamps(), reader.duration(), spec)
+        plans = plan_clips(reader.timestamps(), reader.duration(), spec, reader.nominal_rate)
         if not plans:
             raise VideoDecodeError(f"no frames between --start {spec.start:g} s and --end "
                                    f"{spec.end if spec.end is not None else 'the end'} (the video is "
@@ -450,7 +470,7 @@ def iter_clips(path: str, spec: ClipSpec, policy: SizePolicy, *, decoder: str = 
                 reader.close()
                 try:  # PyAV stands in from this clip on, with its own plan
                     reader = deadline.call(PyAVReader, path, policy)
-                    plans = plan_clips(reader.timestamps(), reader.duration(), spec)
+                    plans = plan_clips(reader.timestamps(), reader.duration(), spec, reader.nominal_rate)
                 except Exception as e2:
                     yield plan.index, VideoDecodeError(f"decord: {e}; pyav: {e2}")
                     return
