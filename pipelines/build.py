@@ -189,9 +189,10 @@ class BuildDataset(beam.PTransform):
             (read["errors"] | "FileErrorsAsBlocks" >> beam.Map(error_to_block)),
         ) | "JoinRejected" >> beam.Flatten()
         layout = shard_layout(spec, meta)
+        progress = spec.run.progress != "none" and runners.runs_locally(options)  # who reads the records
         results = (
-            (tokens | "WriteTokenShards" >> WriteTokenShards(spec.output, read["plan"], layout)),
-            (rejected | "WriteRejectedShards" >> WriteTokenShards(spec.output, read["plan"], layout)),
+            (tokens | "WriteTokenShards" >> WriteTokenShards(spec.output, read["plan"], layout, progress)),
+            (rejected | "WriteRejectedShards" >> WriteTokenShards(spec.output, read["plan"], layout, progress)),
             (read["plan"] | "CarryOverUnchanged" >> CarryOverShards(spec.output, meta["fingerprint"])),
         ) | "JoinShardResults" >> beam.Flatten()
         return results | "CommitManifest" >> CommitManifest(

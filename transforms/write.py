@@ -339,8 +339,8 @@ class _WriteShards(beam.DoFn):
     bounded; results and metrics come out on the bundle's own thread, in order.
     """
 
-    def __init__(self, root: str, layout: ShardLayout):
-        self._root, self._layout = root, layout
+    def __init__(self, root: str, layout: ShardLayout, progress: bool = True):
+        self._root, self._layout, self._progress = root, layout, progress
         self._rows = Metrics.counter("tokenmill", "rows_written")
         self._errors = Metrics.counter("tokenmill", "errors")
         self._writer = OneAhead(self._write, "tokenmill-write", drain_first=True)
@@ -357,7 +357,8 @@ class _WriteShards(beam.DoFn):
     def _write(self, job: tuple[TokenBlock, str]) -> list[ShardResult]:
         block, run_dir = job
         results = write_block(self._root, block, run_dir, self._layout)
-        write_progress(self._root, block, results)
+        if self._progress:
+            write_progress(self._root, block, results)
         return results
 
     def _done(self, finished: Iterator[tuple[Any, list[ShardResult]]]) -> Iterator[ShardResult]:
@@ -376,14 +377,19 @@ class _WriteShards(beam.DoFn):
 
 
 class WriteTokenShards(beam.PTransform):
-    """TokenBlocks → Parquet shards in the run's folder (PLAN.run_dir/data, /_errors); outputs ShardResults."""
+    """TokenBlocks → Parquet shards in the run's folder (PLAN.run_dir/data, /_errors); outputs ShardResults.
 
-    def __init__(self, root: str, plan, layout: ShardLayout = ShardLayout()):
+    With `progress`, each written block also leaves a record under ROOT/.tokenmill-progress for the launcher's
+    display, which removes them when the build ends; only a local run has that launcher (a remote runner's
+    would leave the folder behind, with nobody reading it).
+    """
+
+    def __init__(self, root: str, plan, layout: ShardLayout = ShardLayout(), progress: bool = True):
         super().__init__()
-        self._root, self._plan, self._layout = root, plan, layout
+        self._root, self._plan, self._layout, self._progress = root, plan, layout, progress
 
     def expand(self, blocks):
-        return blocks | "WriteShards" >> beam.ParDo(_WriteShards(self._root, self._layout),
+        return blocks | "WriteShards" >> beam.ParDo(_WriteShards(self._root, self._layout, self._progress),
                                                     plan=beam.pvalue.AsSingleton(self._plan))
 
 
