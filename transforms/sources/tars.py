@@ -254,6 +254,17 @@ class _Chained(io.RawIOBase):
         return len(data)
 
 
+def cut_in_padding(source: str, tar: tarfile.TarFile, size: int) -> ErrorRecord | None:
+    """The listing went past the end of a `size`-byte file: the member that ran off it has its own error row
+    (TruncatedTar, when read), but a cut in the padding after a whole member needs this one."""
+    last = tar.members[-1] if tar.members else None
+    if last is not None and last.offset_data + last.size > size:
+        return None
+    return ErrorRecord(source, f"offset:{size}", "read", "TruncatedTar",
+                       f"the tar ends at offset {size}, in the padding after its last member, without its "
+                       "end-of-archive marker: it was cut off there, and members after it are lost")
+
+
 def index_tar(uri: str, extensions: tuple[str, ...]) -> tuple[list[TarSample], list[ErrorRecord]]:
     """The samples of a plain tar whose main member has one of `extensions`, in tar order, and the errors."""
     groups = TarSamples(uri, extensions)
@@ -276,14 +287,18 @@ def index_tar(uri: str, extensions: tuple[str, ...]) -> tuple[list[TarSample], l
                     else:
                         groups.set_sidecar(key, part, tar.extractfile(member).read())
             except (tarfile.TarError, EOFError, OSError) as e:
-                if tar.offset <= size:  # past the end, the member that ran off it has its error row
+                if tar.offset <= size:
                     groups.errors.append(ErrorRecord(uri, f"offset:{tar.offset}", "read", type(e).__name__,
                                                      f"tar cannot be listed past offset {tar.offset} ({e}); "
                                                      "members from here on are lost"))
+                elif (err := cut_in_padding(uri, tar, size)) is not None:
+                    groups.errors.append(err)
             else:
-                if tar.offset <= size:  # likewise
+                if tar.offset <= size:
                     f.seek(tar.offset)
                     if (err := end_of_archive_error(uri, tar.offset, f)) is not None:
                         groups.errors.append(err)
+                elif (err := cut_in_padding(uri, tar, size)) is not None:
+                    groups.errors.append(err)
     samples = [TarSample(*main, meta) for main, meta in groups.take(finish=True)]
     return samples, groups.errors
