@@ -232,7 +232,8 @@ class BuildProgress:
         if self._bar is not None:
             self._bar.close()
         self._clear()
-        if self.failed_polls and self.mode != "none":
+        # After a failed build its one line names the cause (an outage, often the same one): no second line.
+        if self.failed_polls and self.mode != "none" and exc_type is None and self.succeeded:
             print(f"{self.prog}: progress: {self.failed_polls} read(s) of the output for progress failed and were "
                   f"skipped (last: {self.last_failure}); the build's own outcome stands", file=self.stream, flush=True)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
@@ -84,8 +84,8 @@ def _all_subclasses(cls: type) -> list[type]:
     return out
 
 
-def run_pipeline(pipeline, prog: str):
-    """Run to completion; the result, or None after one line on stderr if the job failed.
+def run_pipeline(pipeline, prog: str) -> tuple[Any, str | None]:
+    """Run to completion: (the result, None), or (None, the one line saying why) if the job failed.
 
     With --verbose (or TOKENMILL_DEBUG=1) Beam's logs and tracebacks show as well.
     """
@@ -106,19 +106,17 @@ def run_pipeline(pipeline, prog: str):
               else contextlib.nullcontext([])) as deaths:
             result = pipeline.run()
             result.wait_until_finish()
-        return result
+        return result, None
     except KeyboardInterrupt:
         if not deaths:
             raise  # the user's Ctrl-C
-        print(f"{prog}: failed: {deaths[0]}", file=sys.stderr)
-        return None
+        return None, f"{prog}: failed: {deaths[0]}"
     except Exception as e:  # say why in one line; the job wrote no manifest
         if verbose():
             import traceback
 
             traceback.print_exc()
-        print(f"{prog}: failed: {failure_line(e)}", file=sys.stderr)
-        return None
+        return None, f"{prog}: failed: {failure_line(e)}"
 
 
 def counters(result, step: str | None = None) -> dict[str, int]:
@@ -203,10 +201,11 @@ def execute(pipeline, prog: str, progress=None) -> Outcome:
         if runs_locally(pipeline.options):
             stack.enter_context(local.warm_workers(pipeline, prog))
         shown = stack.enter_context(progress or contextlib.nullcontext())
-        result = run_pipeline(pipeline, prog)
+        result, failure = run_pipeline(pipeline, prog)
         if shown is not None:
             shown.succeeded = result is not None
-    if result is None:
+    if result is None:  # its line last, after the progress display's own
+        print(failure, file=sys.stderr)
         return Outcome(1)
     if (job := translated_job(result)) is not None:
         print(job.describe())

@@ -39,7 +39,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from tokenmill.schemas.card import publish_card
 from tokenmill.schemas.manifest import MANIFEST_NAME, Manifest, read_manifest, write_manifest, write_schema_json
-from tokenmill.schemas.storage import join
+from tokenmill.schemas.storage import join, with_retries
 
 VERSIONS_DIR = "versions"
 LEASE_NAME = "_commit.lease"
@@ -140,19 +140,24 @@ def lease(root: str, wait: float = LEASE_WAIT_SECONDS) -> Iterator[None]:
     machine by a process that has died, is from a dead run and is broken.
     """
     fs, path = fsspec.core.url_to_fs(join(root, LEASE_NAME))
-    body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}).encode()
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+    body = json.dumps(mine).encode()
     deadline = time.monotonic() + wait
     unreadable_since: float | None = None
+    # Every call to the store is retried through an outage (with_retries); a create whose reply was lost may
+    # have landed, and the retry then finds the lease it took itself: that one is ours.
     while True:
         try:
-            _create_exclusive(fs, path, body)
+            with_retries(lambda: _create_exclusive(fs, path, body), "taking the commit lease")
             break
         except FileExistsError:
             try:
-                held = json.loads(fs.cat_file(path))
+                held = json.loads(with_retries(lambda: fs.cat_file(path), "reading the commit lease"))
                 unreadable_since = None
+                if held == mine:
+                    break
                 if time.time() - float(held.get("time", 0)) > LEASE_STALE_SECONDS or _dead_here(held):
-                    fs.rm(path)
+                    with_retries(lambda: fs.rm(path), "breaking a stale commit lease")
                     continue
             except FileNotFoundError:
                 continue  # released between our two calls: take it now
@@ -161,7 +166,7 @@ def lease(root: str, wait: float = LEASE_WAIT_SECONDS) -> Iterator[None]:
                 unreadable_since = unreadable_since if unreadable_since is not None else now
                 if now - unreadable_since >= LEASE_UNREADABLE_SECONDS:
                     with contextlib.suppress(FileNotFoundError):
-                        fs.rm(path)
+                        with_retries(lambda: fs.rm(path), "breaking an unreadable commit lease")
                     unreadable_since = None
                     continue
                 held = {"host": "unknown (unreadable lease)", "pid": "?"}
@@ -173,7 +178,7 @@ def lease(root: str, wait: float = LEASE_WAIT_SECONDS) -> Iterator[None]:
         yield
     finally:
         with contextlib.suppress(FileNotFoundError):
-            fs.rm(path)
+            with_retries(lambda: fs.rm(path), "releasing the commit lease")
 
 
 def _dead_here(held: dict[str, Any]) -> bool:

@@ -7,8 +7,10 @@ through tokenmill code. A guard refuses any connection off the loopback address.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
+import json
 import logging
 import os
 import re
@@ -32,6 +34,7 @@ import fsspec  # noqa: E402
 
 from tokenmill.loaders.dataset import TokenReader  # noqa: E402
 from tokenmill.schemas.manifest import read_manifest  # noqa: E402
+from tokenmill.schemas.versions import FAULT_STEPS  # noqa: E402
 from tokenmill.schemas.storage import is_transient, read_bytes, with_retries, write_bytes_atomic  # noqa: E402
 from tests.conftest import MULTILINGUAL, REPO, TWO_PROCESSES, run_build, write_jsonl  # noqa: E402
 from tokenmill.transforms import fs  # noqa: E402
@@ -429,3 +432,86 @@ def test_validate_without_credentials_or_endpoint_is_one_line_naming_the_storage
     assert proc.stderr.startswith(f"tokenmill validate: {root}/_manifest.json: cannot read: EndpointConnectionError: "
                                   "Could not connect to the endpoint URL: "), proc.stderr
     assert time.monotonic() - start < 60  # tried again for about 16 s, then said why in one line
+
+
+OUTAGE_PHASES = ("read", "write", *FAULT_STEPS)
+
+
+@contextlib.contextmanager
+def outage_at(phase: str, stores: S3Server, input_prefix: str, back_after: float | None):
+    """The S3 server goes away the first time the build reaches `phase` (reading an input, writing a shard, or a
+    commit step of schemas/versions._fault), and comes back `back_after` seconds later (None: not before the
+    block ends). The build runs in this process (in-memory runner), so the hooks see its calls."""
+    from tokenmill.schemas import versions
+    from tokenmill.transforms import write
+
+    fired: list[threading.Thread | None] = []
+
+    def fire() -> None:
+        if not fired:
+            stores.stop()
+            fired.append(restart_after(stores, back_after) if back_after is not None else None)
+
+    with pytest.MonkeyPatch.context() as mp:
+        if phase == "read":
+            real_open = fs.open_binary
+            mp.setattr(fs, "open_binary", lambda uri, *a, **k: (
+                fire() if uri.startswith(input_prefix) else None, real_open(uri, *a, **k))[1])
+        elif phase == "write":
+            real_write = write.write_block
+            mp.setattr(write, "write_block", lambda *a, **k: (fire(), real_write(*a, **k))[1])
+        else:
+            real_fault = versions._fault
+            mp.setattr(versions, "_fault", lambda step: (fire() if step == phase else None, real_fault(step))[1])
+        try:
+            yield fired
+        finally:
+            if fired and fired[0] is not None:
+                fired[0].join()
+            elif fired:
+                stores.start()
+
+
+@pytest.mark.parametrize("phase", OUTAGE_PHASES)
+def test_an_outage_at_each_phase_is_bridged_and_the_build_is_whole(stores, text_inputs, local_text, phase):
+    """The store goes away for 2 s while the build reads, writes, or at any step of its commit: retries bridge
+    it, and the dataset is the one a build without an outage makes."""
+    raw, out = f"s3://bucket/raw-{phase}", f"s3://bucket/tokens/outage-{phase}"
+    upload(text_inputs, raw)
+    with outage_at(phase, stores, raw, back_after=2.0) as fired:
+        code = run_build(["--input", raw, "--output", out, "--tokenizer", "tiktoken:cl100k_base", "--eos",
+                          "--block-size", "1k"])
+    assert fired, f"the build never reached {phase}"
+    assert code == 0
+    assert rows_by_origin(out) == local_text[0]
+
+
+@pytest.mark.parametrize("phase", ["write", "before_commit"])
+def test_an_outage_that_outlasts_the_retries_fails_in_one_line_and_commits_nothing(
+        stores, text_inputs, local_text, phase, capsys, monkeypatch):
+    """Retries without waiting (so the outage outlasts them at once): the build stops with one line naming the
+    storage error, the dataset keeps its previous commit, and a rerun once the store is back completes it."""
+    from tokenmill.schemas import storage
+
+    raw, out = f"s3://bucket/raw-long-{phase}", f"s3://bucket/tokens/long-{phase}"
+    upload(text_inputs, raw)
+    write_jsonl_to(f"{raw}-first/a.jsonl", [{"text": "the first commit"}])
+    assert run_build(["--input", f"{raw}-first", "--output", out, "--tokenizer", "tiktoken:cl100k_base"]) == 0
+    before = read_manifest(out)
+    capsys.readouterr()
+    monkeypatch.setattr(storage.random, "uniform", lambda a, b: 0.0)  # no backoff: give up at once
+    with outage_at(phase, stores, raw, back_after=None) as fired:
+        code = run_build(["--input", raw, "--output", out, "--tokenizer", "tiktoken:cl100k_base", "--eos",
+                          "--block-size", "1k"])
+    assert fired and code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("tokenmill build: failed: ") and "Traceback" not in "\n".join(err), err[-5:]
+    monkeypatch.undo()
+    assert read_manifest(out).commit == before.commit
+    assert run_build(["--input", raw, "--output", out, "--tokenizer", "tiktoken:cl100k_base", "--eos",
+                      "--block-size", "1k"]) == 0
+    assert rows_by_origin(out) == local_text[0]
+
+
+def write_jsonl_to(uri: str, records: list[dict]) -> None:
+    write_bytes_atomic(uri, "".join(json.dumps(r) + "\n" for r in records).encode())
