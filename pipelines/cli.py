@@ -6,6 +6,7 @@ from typing import Sequence
 
 COMMANDS = {
     "build": ("tokenmill.pipelines.build:run", "tokenize raw shards into a Parquet token dataset"),
+    "compare": ("tokenmill.pipelines.compare:run", "run several tokenizers over the same sample, side by side in HTML"),
     "decode": ("tokenmill.pipelines.commands:decode", "turn an image row's tokens back into an image"),
     "files": ("tokenmill.pipelines.commands:files", "list the current version's shards (pyarrow, Polars, DuckDB)"),
     "fit": ("tokenmill.pipelines.fit:run", "fit a vq codebook or a pca bottleneck on your images"),

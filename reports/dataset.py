@@ -178,6 +178,25 @@ class DatasetView:
         return decode_image(data, policy, options.get("max_pixels", DEFAULT_MAX_PIXELS))[0]
 
 
+    def original_clip(self, row: dict[str, Any]) -> np.ndarray:
+        """A video row's frames (F, H, W, 3) decoded again from its source with the build's size policy and
+        decoder, by the row's frame indices; only from a local video file (NotLocalError otherwise, and
+        ValueError for a member of a tar, which this does not unpack)."""
+        from tokenmill.transforms.decoders.images import SizePolicy
+        from tokenmill.transforms.decoders.video import open_reader
+
+        if "member:" in row["locator"]:
+            raise ValueError("a clip of a video inside a tar is not decoded again for the report")
+        source = local_file(row["source"], "source")
+        options = self.manifest.options
+        reader = open_reader(source, options.get("decoder", "decord"),
+                             SizePolicy.parse(options.get("size_policy", "native:1024")))
+        try:
+            return np.asarray(reader.get_batch(list(row["frame_indices"])))
+        finally:
+            reader.close()
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     """An RGB uint8 array as PNG bytes."""
     from PIL import Image

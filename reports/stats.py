@@ -84,3 +84,49 @@ def throughput(timing: dict[str, Any]) -> dict[str, np.ndarray] | None:
             "rows": np.concatenate([[0], np.cumsum(col["rows"])]),
             "tokens": np.concatenate([[0], np.cumsum(col["tokens"])]),
             "total_seconds": float(timing.get("finished_at", col["written_at"][-1]) - timing["started_at"])}
+
+
+# Unicode scripts of letters, by code point range (a light detector: enough to group documents by the
+# writing system a tokenizer sees; not a language identifier). Ranges not listed are not letters here.
+_SCRIPT_RANGES = (
+    (0x0041, 0x005A, "Latin"), (0x0061, 0x007A, "Latin"), (0x00C0, 0x024F, "Latin"), (0x1E00, 0x1EFF, "Latin"),
+    (0x0370, 0x03FF, "Greek"), (0x1F00, 0x1FFF, "Greek"), (0x0400, 0x052F, "Cyrillic"),
+    (0x0590, 0x05FF, "Hebrew"), (0x0600, 0x06FF, "Arabic"), (0x0750, 0x077F, "Arabic"),
+    (0x0900, 0x097F, "Devanagari"), (0x0980, 0x0DFF, "Indic (other)"), (0x0E00, 0x0E7F, "Thai"),
+    (0x1100, 0x11FF, "Hangul"), (0x3040, 0x30FF, "Kana"), (0x3400, 0x4DBF, "Han"), (0x4E00, 0x9FFF, "Han"),
+    (0xAC00, 0xD7AF, "Hangul"), (0xF900, 0xFAFF, "Han"), (0x20000, 0x2FA1F, "Han"),
+)
+SCRIPTS = tuple(dict.fromkeys(name for _, _, name in _SCRIPT_RANGES))
+NO_LETTERS = "no letters"
+_SORTED = sorted(_SCRIPT_RANGES)
+_STARTS = np.array([lo for lo, _, _ in _SORTED], np.int64)
+_ENDS = np.array([hi for _, hi, _ in _SORTED], np.int64)
+_NAMES = np.array([SCRIPTS.index(name) for _, _, name in _SORTED], np.int64)
+
+
+def dominant_script(text: str) -> str:
+    """The script most of a document's letters are written in ("Japanese" where kana make up a tenth of
+    them: Japanese mixes kana and Han), or NO_LETTERS. Digits, punctuation and symbols do not count."""
+    code = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32).astype(np.int64)
+    where = np.searchsorted(_STARTS, code, side="right") - 1  # the last range starting at or before each
+    inside = (where >= 0) & (code <= _ENDS[np.maximum(where, 0)])
+    if not inside.any():
+        return NO_LETTERS
+    counts = np.bincount(_NAMES[where[inside]], minlength=len(SCRIPTS))
+    if counts[SCRIPTS.index("Kana")] * 10 >= counts.sum():
+        return "Japanese"
+    return SCRIPTS[int(counts.argmax())]
+
+
+def is_separator_run(text: str) -> bool:
+    """A token that is one character repeated (`####`, `----`, `====`, runs of spaces or newlines):
+    the longest-tokens table groups these, as they pack many characters but spell nothing."""
+    return len(text) >= 2 and len(set(text)) == 1 and not text[0].isalnum()
+
+
+def log_scale_wanted(values: np.ndarray) -> bool:
+    """Whether a histogram of positive values is skewed enough for a log axis: the largest is at least
+    ten times the median (token counts of documents, uses of tokens)."""
+    values = np.asarray(values, np.float64)
+    values = values[values > 0]
+    return len(values) > 1 and float(values.max()) >= 10 * float(np.median(values))

@@ -1,0 +1,343 @@
+"""`tokenmill compare`: several tokenizers over the same sample of documents or images, as one Beam graph.
+
+    read → decode (the build's own transforms) → [sample] → measure with every tokenizer → merge → write
+
+Reading and decoding are the modality plug-in's (transforms/modalities/), so
+compare reads every input form a build reads, on the same runners
+(pipelines/runners.py). Measuring is reports/compare.py's pure functions in a
+DoFn that loads every tokenizer once per worker; the tallies merge by addition
+(`MergeTallies`), and one step writes compare.json beside the inputs' figures.
+The launcher then draws index.html from compare.json.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from typing import Any, Iterator, Sequence
+
+import apache_beam as beam
+
+from tokenmill.pipelines import runners
+from tokenmill.pipelines.cli_errors import OneLineArgumentParser, UsageError, usage_errors
+from tokenmill.pipelines.spec import BuildSpec, TokenizerRef, reader_options
+from tokenmill.transforms import fs, registry
+from tokenmill.transforms.tokenizers.base import TokenizerSpecError
+
+RESULT_NAME = "compare.json"
+PAGE_NAME = "index.html"
+SAMPLE_BATCH_BYTES = 1 << 20  # sampled documents are measured in batches of about this many bytes
+SAMPLE_BATCH_IMAGES = 16
+
+
+def make_parser() -> OneLineArgumentParser:
+    p = OneLineArgumentParser(
+        prog="tokenmill compare",
+        description="Run several text tokenizers (or several image tokenizers) over the same deterministic sample "
+                    "of your inputs and write a self-contained HTML page and compare.json: tokens per character "
+                    "and per byte (overall, per source, per script), long tokens, the spelling-risk list, the same "
+                    "text drawn token by token, vocabulary usage; for images, tokens and bytes per image and "
+                    "reconstruction PSNR and SSIM. Arguments not listed here are Beam pipeline options.")
+    p.add_argument("--input", action="append", required=True, metavar="GLOB",
+                   help="input shard path, glob or URI (repeatable), as for tokenmill build")
+    p.add_argument("--tokenizer", action="append", required=True, metavar="SPEC",
+                   help="a tokenizer to compare (repeat it: two or more); all of one modality")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder (or URI) to write index.html and compare.json")
+    p.add_argument("--sample", type=int, metavar="N",
+                   help="measure N documents (or images), chosen by a hash of where each comes from: the same N "
+                        "on every run and runner (default: all)")
+    p.add_argument("--show", type=int, default=6, metavar="N",
+                   help="text: documents drawn token by token, one per script first (default: 6)")
+    p.add_argument("--modality", choices=("auto", "text", "image"), default="auto",
+                   help="what the inputs hold (default: from the file names, else the tokenizers)")
+    group = p.add_argument_group("reading the inputs (as tokenmill build)")
+    for o in reader_options():
+        if o.name in ("keep_fields",) or o.name not in _READER_OPTIONS:
+            continue
+        kwargs: dict[str, Any] = {"dest": o.name, "help": o.help, "default": o.default}
+        if o.type is None:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs.update(type=o.type, metavar=o.metavar)
+        group.add_argument(o.flag, **kwargs)
+    return p
+
+
+_READER_OPTIONS = ("text_field", "txt_per_line", "max_doc_bytes", "size", "max_pixels", "image_field")
+
+
+def plan(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """Parse and check a compare command line: (the plan, Beam arguments). Raises UsageError."""
+    from tokenmill.pipelines.build import check_inputs, infer_modality
+
+    args, beam_args = make_parser().parse_known_args(list(argv))
+    specs = list(dict.fromkeys(args.tokenizer))
+    if len(specs) < 2:
+        raise UsageError("compare needs two or more different --tokenizer specs")
+    if args.sample is not None and args.sample < 1:
+        raise UsageError(f"--sample must be 1 or more, not {args.sample}")
+    if args.show < 0:
+        raise UsageError(f"--show must be 0 or more, not {args.show}")
+    reader = {k: getattr(args, k) for k in _READER_OPTIONS if hasattr(args, k)}
+    beam_args, _ = runners.local_defaults(beam_args)
+    options = runners.pipeline_options(beam_args)
+    local = runners.runs_locally(options)
+    files = check_inputs(args.input) if local else []
+    try:
+        base = BuildSpec(inputs=tuple(args.input), output=args.out, tokenizer=TokenizerRef(specs[0]),
+                         modality=args.modality, reader=tuple(sorted(reader.items())))
+        modality = infer_modality(base, [f.uri for f in files])
+        if modality not in ("text", "image"):
+            raise UsageError(f"compare measures text or image tokenizers; {specs[0]} is a {modality} tokenizer")
+        spec = base.resolved(modality, [fs.canonical(i) for i in args.input], fs.canonical(args.out))
+        registry.modality(modality).check(spec.reader_options)
+        for s in specs:  # each must load, for this modality: a usage error now, not a failed job later
+            registry.shared_tokenizer(s, modality, ())
+    except (TokenizerSpecError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    return {"spec": spec, "specs": specs, "modality": modality, "sample": args.sample, "show": args.show,
+            "out": spec.output, "options": options, "local": local}, beam_args
+
+
+# -- the graph ------------------------------------------------------------------------------------------
+
+
+def _tokenizers(specs: Sequence[str], modality: str) -> dict[str, Any]:
+    return {s: registry.shared_tokenizer(s, modality, ()) for s in specs}
+
+
+class _MeasureBatches(beam.DoFn):
+    """Measures each batch with every tokenizer (loaded once per worker): one tally per batch."""
+
+    def __init__(self, specs: Sequence[str], modality: str):
+        self._specs, self._modality = tuple(specs), modality
+
+    def setup(self) -> None:
+        self._toks = _tokenizers(self._specs, self._modality)
+
+    def process(self, batch: Any) -> Iterator[Any]:
+        from tokenmill.reports import compare
+
+        if self._modality == "text":
+            tally = compare.measure_texts(self._toks, batch["sources"], batch["locators"], batch["texts"])
+        else:
+            tally = compare.measure_images(self._toks, batch["sources"], batch["locators"], batch["images"])
+        tally.errors.add(batch.get("errors", []))
+        yield tally
+
+
+def _empty_tally(specs: Sequence[str], modality: str):
+    from tokenmill.reports.compare import ImageTally, TextTally
+
+    return (TextTally if modality == "text" else ImageTally)(tuple(specs))
+
+
+class MergeTallies(beam.CombineFn):
+    """Tallies added up: the figures of every batch, in any order."""
+
+    def __init__(self, specs: Sequence[str], modality: str):
+        self._specs, self._modality = tuple(specs), modality
+
+    def create_accumulator(self):
+        return _empty_tally(self._specs, self._modality)
+
+    def add_input(self, acc, tally):
+        return acc.merge(tally)
+
+    def merge_accumulators(self, accs):
+        accs = iter(accs)
+        out = next(accs)
+        for a in accs:
+            out = out.merge(a)
+        return out
+
+    def extract_output(self, acc):
+        return acc
+
+
+def _batch_of(block: Any, modality: str) -> dict[str, Any]:
+    """A decoded block as a batch to measure: its records, and the errors it carries."""
+    if modality == "text":
+        return {"sources": [block.source] * len(block.texts), "locators": block.locators, "texts": block.texts,
+                "errors": block.errors}
+    return {"sources": block.sources, "locators": block.locators, "images": block.images, "errors": block.errors}
+
+
+def _keyed_records(block: Any, modality: str, n: int) -> Iterator[tuple]:
+    """The block's `n` records with the smallest sample keys, as (key, source, locator, payload)."""
+    from tokenmill.reports.compare import sample_key
+
+    batch = _batch_of(block, modality)
+    payloads = batch["texts" if modality == "text" else "images"]
+    keyed = sorted(((sample_key(s, loc), i) for i, (s, loc) in enumerate(zip(batch["sources"], batch["locators"]))))
+    for key, i in keyed[:n]:
+        yield key, batch["sources"][i], batch["locators"][i], payloads[i]
+
+
+def _rebatch(records: list[tuple], modality: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The sampled records in key order, cut into batches to measure in parallel: (batch number, batch)."""
+    out: list[tuple] = []
+    size, number = 0, 0
+    name = "texts" if modality == "text" else "images"
+    for rec in records:
+        out.append(rec)
+        size += len(rec[3]) if modality == "text" else 1
+        if size >= (SAMPLE_BATCH_BYTES if modality == "text" else SAMPLE_BATCH_IMAGES):
+            yield number, {"sources": [r[1] for r in out], "locators": [r[2] for r in out], name: [r[3] for r in out]}
+            out, size, number = [], 0, number + 1
+    if out:
+        yield number, {"sources": [r[1] for r in out], "locators": [r[2] for r in out], name: [r[3] for r in out]}
+
+
+def _first(record: tuple) -> int:
+    return record[0]
+
+
+class SampleRecords(beam.PTransform):
+    """Decoded blocks → batches of the `n` records with the smallest sample keys (a hash of source and
+    locator), so the sample is the same on every run and runner; errors pass on in their own batches."""
+
+    def __init__(self, modality: str, n: int):
+        super().__init__()
+        self._modality, self._n = modality, n
+
+    def expand(self, blocks):
+        modality, n = self._modality, self._n
+        errors = (blocks | "KeepBlockErrors" >> beam.Filter(lambda b: bool(b.errors))
+                  | "ErrorsAsBatches" >> beam.Map(lambda b: {"sources": [], "locators": [], "texts": [], "images": [],
+                                                             "errors": b.errors}))
+        sampled = (blocks
+                   | "SmallestKeysOfEachBlock" >> beam.FlatMap(_keyed_records, modality, n)
+                   | "SmallestKeysOverall" >> beam.combiners.Top.Smallest(n, key=_first)
+                   | "CutIntoBatches" >> beam.FlatMap(_rebatch, modality)
+                   | "GroupByBatch" >> beam.GroupByKey()
+                   | "Batches" >> beam.FlatMap(lambda kv: kv[1]))
+        return (sampled, errors) | "JoinSampleAndErrors" >> beam.Flatten()
+
+
+def _failed_batch(failed: Any, stage: str) -> dict[str, Any]:
+    from tokenmill.transforms.write import failed_to_block
+
+    return {"sources": [], "locators": [], "texts": [], "images": [], "errors": failed_to_block(failed, stage).errors}
+
+
+def _file_errors_batch(errors: Any) -> dict[str, Any]:
+    from tokenmill.transforms.write import error_to_block
+
+    return {"sources": [], "locators": [], "texts": [], "images": [], "errors": error_to_block(errors).errors}
+
+
+class _WriteComparison(beam.DoFn):
+    """The merged tally → compare.json in the output folder (on the worker: the output may be object storage)."""
+
+    def __init__(self, specs: Sequence[str], modality: str, out: str, show: int, inputs: Sequence[str],
+                 sample: int | None):
+        self._specs, self._modality, self._out, self._show = tuple(specs), modality, out, show
+        self._inputs, self._sample = list(inputs), sample
+
+    def process(self, tally: Any) -> Iterator[str]:
+        from tokenmill.reports import compare
+        from tokenmill.schemas.storage import join, write_bytes_atomic
+
+        toks = _tokenizers(self._specs, self._modality)
+        result = (compare.summarize_text(tally, toks, show=self._show) if self._modality == "text"
+                  else compare.summarize_images(tally, toks))
+        result.update({"inputs": self._inputs, "sample": self._sample})
+        path = join(self._out, RESULT_NAME)
+        write_bytes_atomic(path, json.dumps(_finite(result), ensure_ascii=False).encode())
+        yield path
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no infinity: an infinite PSNR (lossless) is written as the string "inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else "-inf" if value < 0 else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+class CompareTokenizers(beam.PTransform):
+    """Inputs → compare.json: the modality's read and decode, the sample, every tokenizer, one merged tally."""
+
+    def __init__(self, spec: BuildSpec, specs: Sequence[str], sample: int | None, show: int, threads: int = 1):
+        super().__init__()
+        self._spec, self._specs, self._sample, self._show, self._threads = spec, list(specs), sample, show, threads
+
+    def expand(self, pbegin):
+        spec, modality = self._spec, self._spec.modality
+        read, decoded, decode_failed = registry.modality(modality).read_and_decode(pbegin, spec, None, self._threads)
+        if self._sample is None:
+            batches = decoded | "BlocksAsBatches" >> beam.Map(_batch_of, modality)
+        else:
+            batches = decoded | "Sample" >> SampleRecords(modality, self._sample)
+        rejected = (
+            (read["failed"] | "ReadFailuresAsBatches" >> beam.Map(_failed_batch, "read")),
+            (decode_failed | "DecodeFailuresAsBatches" >> beam.Map(_failed_batch, "decode")),
+            (read["errors"] | "FileErrorsAsBatches" >> beam.Map(_file_errors_batch)),
+        ) | "JoinRejected" >> beam.Flatten()
+        # A batch that fails to measure is a failure of a tokenizer, not a bad record: the run stops.
+        tallies = ((batches, rejected) | "JoinBatches" >> beam.Flatten()
+                   | "MeasureWithEveryTokenizer" >> beam.ParDo(_MeasureBatches(self._specs, modality)))
+        return (tallies
+                | "MergeTallies" >> beam.CombineGlobally(MergeTallies(self._specs, modality))
+                | "WriteComparison" >> beam.ParDo(_WriteComparison(self._specs, modality, spec.output, self._show,
+                                                                   spec.inputs, self._sample)))
+
+
+def build_pipeline(planned: dict[str, Any]) -> beam.Pipeline:
+    """The un-run Beam graph of a compare."""
+    options = planned["options"]
+    p = beam.Pipeline(runner=runners.make_runner(options), options=options)
+    _ = p | "CompareTokenizers" >> CompareTokenizers(planned["spec"], planned["specs"], planned["sample"],
+                                                     planned["show"])
+    return p
+
+
+def write_page(out: str) -> str:
+    """index.html drawn from OUT/compare.json; returns its path."""
+    from tokenmill.reports.compare_page import compare_html
+    from tokenmill.schemas.storage import join, read_bytes, write_bytes_atomic
+
+    result = json.loads(read_bytes(join(out, RESULT_NAME)))
+    path = join(out, PAGE_NAME)
+    title = f"tokenmill compare: {', '.join(t['spec'] for t in result['tokenizers'])}"
+    write_bytes_atomic(path, compare_html(result, title).encode("utf-8"))
+    return path
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse, check, run the graph, draw the page; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with usage_errors("tokenmill compare"):
+        planned, _ = plan(argv)
+        if planned["local"]:
+            from tokenmill.pipelines.build import prepare_output
+
+            prepare_output(planned["out"])
+    start = time.perf_counter()
+    runners.tune_local(planned["options"])
+    outcome = runners.execute(build_pipeline(planned), "tokenmill compare")
+    if outcome.result is None:
+        return outcome.code
+    path = write_page(planned["out"])
+    result = json.loads(_read(planned["out"]))
+    print(f"tokenmill compare: {_summary(result)} in {time.perf_counter() - start:.1f} s -> {path}")
+    return 0
+
+
+def _read(out: str) -> bytes:
+    from tokenmill.schemas.storage import join, read_bytes
+
+    return read_bytes(join(out, RESULT_NAME))
+
+
+def _summary(result: dict[str, Any]) -> str:
+    if result["kind"] == "text":
+        figures = ", ".join(f"{t['spec']} {t['tokens_per_char']:.3f}" for t in result["tokenizers"])
+        return f"{result['documents']} documents; tokens/char: {figures}"
+    figures = ", ".join(f"{t['spec']} {t['tokens_per_image']:.0f}" for t in result["tokenizers"])
+    return f"{result['images']} images; tokens/image: {figures}"

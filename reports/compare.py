@@ -1,0 +1,414 @@
+"""`tokenmill compare`: several tokenizers over the same documents or images, measured side by side.
+
+Pure functions, no Beam (pipelines/compare.py runs them on the workers):
+
+- `measure_texts` / `measure_images` turn one batch of documents or images into
+  a tally (`TextTally` / `ImageTally`): sums and counts that merge by addition,
+  so a batch can be measured on any worker and the tallies combined in any order.
+- `summarize_text` / `summarize_images` turn the merged tally into the JSON
+  that `compare.json` holds; `compare_html` (reports/compare_page.py) draws it.
+
+Documents a tokenizer refuses are left out of every tokenizer's figures (and
+counted), so that all figures cover the same text.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from tokenmill.reports.stats import LONG_TOKEN_CHARS, dominant_script, token_granularity
+
+EXAMPLES_PER_SCRIPT = 2  # candidate documents per script for the boundary views
+EXCERPT_CHARS = 320  # a boundary view shows at most this much of a document
+MAX_ERROR_EXAMPLES = 10
+SPELLING_ROWS = 12
+TOP_TOKENS = 15
+
+
+def sample_key(source: str, locator: str) -> int:
+    """A record's place in the deterministic sample: a hash of where it comes from, whatever the runner."""
+    return int.from_bytes(hashlib.blake2b(f"{source}\0{locator}".encode(), digest_size=8).digest(), "big")
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """The start of a document, cut after a sentence or at whitespace near `limit` characters."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    for mark in (". ", "。", "\n", "! ", "? ", " "):
+        at = cut.rfind(mark)
+        if at >= limit // 2:
+            return cut[:at + len(mark)].rstrip(" ")
+    return cut
+
+
+def _smallest(items: list[tuple], n: int) -> list[tuple]:
+    return sorted(items)[:n]
+
+
+@dataclasses.dataclass
+class ErrorTally:
+    """Records that could not be measured: counts by (stage, error_type), and the first examples by place."""
+
+    counts: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
+    examples: list[tuple[str, str, str, str, str]] = dataclasses.field(default_factory=list)
+
+    def add(self, records: Sequence[Any]) -> None:
+        for r in records:
+            key = (r.stage, r.error_type)
+            self.counts[key] = self.counts.get(key, 0) + 1
+            self.examples.append((r.source, r.locator, r.stage, r.error_type, r.message))
+        self.examples = sorted(self.examples)[:MAX_ERROR_EXAMPLES]
+
+    def merge(self, other: "ErrorTally") -> None:
+        for k, v in other.counts.items():
+            self.counts[k] = self.counts.get(k, 0) + v
+        self.examples = sorted(self.examples + other.examples)[:MAX_ERROR_EXAMPLES]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"count": sum(self.counts.values()),
+                "by_type": [{"stage": s, "error_type": t, "count": c}
+                            for (s, t), c in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))],
+                "examples": [dict(zip(("source", "locator", "stage", "error_type", "message"), e))
+                             for e in self.examples]}
+
+
+# -- text ------------------------------------------------------------------------------------------------
+
+# Per group (("all", ""), ("source", uri), ("script", name)): documents, characters, bytes, then the
+# tokens of each tokenizer, in the order of `specs`.
+DOCS, CHARS, BYTES, TOKENS = 0, 1, 2, 3
+
+
+@dataclasses.dataclass
+class TextTally:
+    specs: tuple[str, ...]
+    groups: dict[tuple[str, str], np.ndarray] = dataclasses.field(default_factory=dict)
+    counts: list[np.ndarray] = dataclasses.field(default_factory=list)  # uses of each ID, per tokenizer
+    refused: list[int] = dataclasses.field(default_factory=list)  # documents each tokenizer refused
+    errors: ErrorTally = dataclasses.field(default_factory=ErrorTally)
+    # script -> the EXAMPLES_PER_SCRIPT smallest (sample key, source, locator, excerpt)
+    examples: dict[str, list[tuple[int, str, str, str]]] = dataclasses.field(default_factory=dict)
+
+    def merge(self, other: "TextTally") -> "TextTally":
+        for k, v in other.groups.items():
+            self.groups[k] = self.groups[k] + v if k in self.groups else v.copy()
+        if not self.counts:
+            self.counts = [c.copy() for c in other.counts]
+        elif other.counts:
+            self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        self.refused = [a + b for a, b in zip(self.refused or [0] * len(self.specs),
+                                              other.refused or [0] * len(self.specs), strict=True)]
+        self.errors.merge(other.errors)
+        for script, items in other.examples.items():
+            self.examples[script] = _smallest(self.examples.get(script, []) + items, EXAMPLES_PER_SCRIPT)
+        return self
+
+
+def measure_texts(tokenizers: Mapping[str, Any], sources: Sequence[str], locators: Sequence[str],
+                  texts: Sequence[str]) -> TextTally:
+    """One batch of documents through every tokenizer (without BOS/EOS): a tally to merge."""
+    specs = tuple(tokenizers)
+    tally = TextTally(specs, refused=[0] * len(specs))
+    if not texts:
+        return tally
+    refused: set[int] = set()
+    for k, tok in enumerate(tokenizers.values()):
+        _, failures = tok.encode_batch(texts)
+        tally.refused[k] += len(failures)
+        refused |= {i for i, _ in failures}
+    keep = [i for i in range(len(texts)) if i not in refused]
+    texts = [texts[i] for i in keep]
+    sources = [sources[i] for i in keep]
+    locators = [locators[i] for i in keep]
+    n = len(texts)
+    per_doc = np.zeros((n, TOKENS + len(specs)), np.int64)
+    per_doc[:, DOCS] = 1
+    per_doc[:, CHARS] = [len(t) for t in texts]
+    per_doc[:, BYTES] = [len(t.encode("utf-8", "surrogatepass")) for t in texts]
+    for k, tok in enumerate(tokenizers.values()):
+        column, failures = tok.encode_batch(texts)
+        if failures:  # refused now but not before: not deterministic; say so rather than misalign
+            raise RuntimeError(f"{specs[k]} refused a document it encoded a moment before")
+        per_doc[:, TOKENS + k] = column.value_lengths().to_numpy(zero_copy_only=False)
+        values = column.values.to_numpy(zero_copy_only=False).astype(np.int64)
+        tally.counts.append(np.bincount(values, minlength=int(tok.vocab_size))[:int(tok.vocab_size)])
+    scripts = [dominant_script(t) for t in texts]
+    tally.groups[("all", "")] = per_doc.sum(axis=0)
+    for kind, names in (("source", sources), ("script", scripts)):
+        names_arr = np.array(names, dtype=object)
+        for name in dict.fromkeys(names):
+            tally.groups[(kind, name)] = per_doc[names_arr == name].sum(axis=0)
+    for i, script in enumerate(scripts):
+        if texts[i].strip():
+            item = (sample_key(sources[i], locators[i]), sources[i], locators[i], excerpt(texts[i]))
+            tally.examples[script] = _smallest(tally.examples.get(script, []) + [item], EXAMPLES_PER_SCRIPT)
+    return tally
+
+
+def _ratios(row: np.ndarray, k: int) -> dict[str, float]:
+    tokens, chars, nbytes = float(row[TOKENS + k]), float(row[CHARS]), float(row[BYTES])
+    return {"tokens": int(tokens), "tokens_per_char": tokens / chars if chars else 0.0,
+            "tokens_per_byte": tokens / nbytes if nbytes else 0.0,
+            "chars_per_token": chars / tokens if tokens else 0.0}
+
+
+def _piece_texts(data: bytes, spans: Sequence[tuple[int, int]]) -> list[str]:
+    from tokenmill.reports.render import token_pieces
+
+    return token_pieces([data[s:e] for s, e in spans])
+
+
+def spelling_risk(tokenizers: Mapping[str, Any], counts: Sequence[np.ndarray], rows: int = SPELLING_ROWS
+                  ) -> dict[str, list[dict[str, Any]]]:
+    """Per tokenizer: the most used tokens that are one word of LONG_TOKEN_CHARS or more characters (letters
+    in it, no whitespace inside; a leading space is part of many tokens), with how every other tokenizer
+    splits the same text. A model sees such a word as one ID and must learn its spelling by heart."""
+    from tokenmill.transforms.tokenizers.spans import utf8
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    for spec, tok, used in zip(tokenizers, tokenizers.values(), counts, strict=True):
+        words = []
+        for i in np.argsort(-used, kind="stable"):
+            if used[i] == 0 or len(words) >= rows:
+                break
+            try:
+                text = tok.token_bytes(int(i)).decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            word = text.lstrip()
+            if len(word) < LONG_TOKEN_CHARS or any(c.isspace() for c in word) or not any(c.isalpha() for c in word):
+                continue
+            if text in (tok.special_tokens or {}):
+                continue
+            others = {}
+            for other_spec, other in tokenizers.items():
+                if other_spec == spec:
+                    continue
+                spans = other.token_spans(text)
+                others[other_spec] = {"tokens": len(spans), "ids": [int(i) for i in other._encode(text)],
+                                      "spans": [list(s) for s in spans],
+                                      "pieces": _piece_texts(utf8(text), spans)}
+            words.append({"id": int(i), "text": text, "chars": len(word), "uses": int(used[i]), "others": others})
+        out[spec] = words
+    return out
+
+
+def boundary_examples(tokenizers: Mapping[str, Any], examples: Mapping[str, list[tuple]], show: int,
+                      order: Sequence[str]) -> list[dict[str, Any]]:
+    """Up to `show` documents (the first of each script, in `order`, then the second ...), each with every
+    tokenizer's token IDs and byte spans (which tile the excerpt)."""
+    from tokenmill.transforms.tokenizers.spans import utf8
+
+    picked = []
+    for rank in range(EXAMPLES_PER_SCRIPT):
+        for script in order:
+            items = examples.get(script, [])
+            if rank < len(items) and len(picked) < show:
+                picked.append((script, items[rank]))
+    out = []
+    for script, (_, source, locator, text) in picked:
+        views = {}
+        for spec, tok in tokenizers.items():
+            ids = [int(i) for i in tok._encode(text)]
+            spans = tok.token_spans(text)
+            views[spec] = {"ids": ids, "spans": [list(s) for s in spans]}
+        out.append({"script": script, "source": source, "locator": locator, "text": text,
+                    "bytes": len(utf8(text)), "views": views})
+    return out
+
+
+def summarize_text(tally: TextTally, tokenizers: Mapping[str, Any], *, show: int = 6) -> dict[str, Any]:
+    """compare.json for text: figures per tokenizer, overall, per source and per script; long tokens;
+    vocabulary usage; the spelling-risk list; boundary views of `show` documents."""
+    from tokenmill.reports.render import visible
+
+    specs = tally.specs
+    empty = np.zeros(TOKENS + len(specs), np.int64)
+    total = tally.groups.get(("all", ""), empty)
+    counts = tally.counts or [np.zeros(int(t.vocab_size), np.int64) for t in tokenizers.values()]
+    per_tok = []
+    for k, (spec, tok) in enumerate(tokenizers.items()):
+        g = token_granularity(counts[k], tok.token_bytes, top=10)
+        used = counts[k]
+        top = np.argsort(-used, kind="stable")[:TOP_TOKENS]
+        per_tok.append({
+            "spec": spec, "name": getattr(tok, "name", spec), "vocab_size": int(tok.vocab_size),
+            **_ratios(total, k), "share_long": g["share_long"], "distinct_tokens": g["distinct_tokens"],
+            "vocab_used": g["distinct_tokens"] / int(tok.vocab_size), "refused": tally.refused[k] if tally.refused else 0,
+            "chars_hist": {str(c): n for c, n in g["chars_hist"].items()},
+            "longest": [{**t, "text": t["text"]} for t in g["longest"]],
+            "top_tokens": [{"id": int(i), "text": tok.token_bytes(int(i)).decode("utf-8", "backslashreplace"),
+                            "shown": visible(tok.token_bytes(int(i)).decode("utf-8", "backslashreplace")),
+                            "uses": int(used[i]), "share": float(used[i] / max(1, used.sum()))}
+                           for i in top if used[i]],
+        })
+
+    def grouped(kind: str) -> list[dict[str, Any]]:
+        rows = [(name, row) for (k, name), row in tally.groups.items() if k == kind]
+        rows.sort(key=lambda nr: (-int(nr[1][CHARS]), nr[0]))
+        return [{"name": name, "documents": int(row[DOCS]), "chars": int(row[CHARS]), "bytes": int(row[BYTES]),
+                 "tokenizers": {spec: _ratios(row, k) for k, spec in enumerate(specs)}} for name, row in rows]
+
+    scripts = grouped("script")
+    return {
+        "kind": "text", "tokenizers": per_tok,
+        "documents": int(total[DOCS]), "chars": int(total[CHARS]), "bytes": int(total[BYTES]),
+        "long_token_chars": LONG_TOKEN_CHARS,
+        "by_source": grouped("source"), "by_script": scripts,
+        "spelling_risk": spelling_risk(tokenizers, counts),
+        "examples": boundary_examples(tokenizers, tally.examples, show, [s["name"] for s in scripts]),
+        "errors": tally.errors.to_json(),
+    }
+
+
+# -- images ------------------------------------------------------------------------------------------------
+
+SHOWN_IMAGES = 6
+
+
+def ssim(a: np.ndarray, b: np.ndarray, window: int = 7) -> float:
+    """Mean structural similarity of two uint8 RGB images (Wang et al. 2004), as scikit-image computes it
+    by default: a uniform `window` x `window` filter per channel, K1 = 0.01, K2 = 0.03, sample covariances,
+    the border of window // 2 pixels left out, channels averaged. Written here rather than adding
+    scikit-image for one function; tests/test_compare.py checks its known values."""
+    x, y = a.astype(np.float64), b.astype(np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"ssim of images of different shapes {x.shape} and {y.shape}")
+    h, w = x.shape[:2]
+    if h < window or w < window:  # too small for the window: fall back to the largest odd one that fits
+        window = max(1, min(h, w) - (1 - min(h, w) % 2))
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    n = window * window
+    cov_norm = n / (n - 1) if n > 1 else 1.0
+
+    def box(v: np.ndarray) -> np.ndarray:  # mean over each full window, (h - window + 1, w - window + 1, c)
+        s = np.cumsum(np.cumsum(np.pad(v, ((1, 0), (1, 0), (0, 0))), 0), 1)
+        return (s[window:, window:] - s[:-window, window:] - s[window:, :-window] + s[:-window, :-window]) / n
+
+    ux, uy = box(x), box(y)
+    vx = cov_norm * (box(x * x) - ux * ux)
+    vy = cov_norm * (box(y * y) - uy * uy)
+    vxy = cov_norm * (box(x * y) - ux * uy)
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux ** 2 + uy ** 2 + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+def _png_b64(image: np.ndarray) -> str:
+    from tokenmill.reports.dataset import png_bytes
+
+    return base64.b64encode(png_bytes(image)).decode()
+
+
+@dataclasses.dataclass
+class ImageTally:
+    specs: tuple[str, ...]
+    images: int = 0
+    pixels: int = 0
+    # per tokenizer: [tokens, token bytes, images measured, psnr sum (finite), finite psnr count, lossless, ssim sum]
+    sums: np.ndarray | None = None
+    psnr: list[list[float]] = dataclasses.field(default_factory=list)  # per tokenizer, per image
+    refused: list[int] = dataclasses.field(default_factory=list)
+    errors: ErrorTally = dataclasses.field(default_factory=ErrorTally)
+    shown: list[tuple[int, dict[str, Any]]] = dataclasses.field(default_factory=list)  # (sample key, sample)
+
+    def merge(self, other: "ImageTally") -> "ImageTally":
+        self.images += other.images
+        self.pixels += other.pixels
+        if other.sums is not None:
+            self.sums = other.sums.copy() if self.sums is None else self.sums + other.sums
+        self.psnr = [a + b for a, b in zip(self.psnr or [[] for _ in self.specs], other.psnr or
+                                           [[] for _ in self.specs], strict=True)]
+        self.refused = [a + b for a, b in zip(self.refused or [0] * len(self.specs),
+                                              other.refused or [0] * len(self.specs), strict=True)]
+        self.errors.merge(other.errors)
+        self.shown = sorted(self.shown + other.shown, key=lambda kv: kv[0])[:SHOWN_IMAGES]
+        return self
+
+
+def _items(tok: Any, column: Any, grids: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
+    """Each item's tokens (n,) or latents (n, dim) out of an encode_batch column."""
+    if tok.kind == "hard":
+        return [np.asarray(column[i].values.to_numpy(zero_copy_only=False)) for i in range(len(grids))]
+    from tokenmill.schemas.tables import LATENT_NUMPY
+
+    dtype = LATENT_NUMPY[tok.latent_dtype]
+    return [np.frombuffer(column[i].as_py(), dtype).reshape(int(np.prod(g)), -1) for i, g in enumerate(grids)]
+
+
+def token_nbytes(tok: Any, tokens: int) -> int:
+    """Bytes the tokens of one item take as stored (IDs at the vocabulary's width, or latent vectors)."""
+    from tokenmill.schemas.tables import numpy_dtype
+
+    return tokens * (numpy_dtype(tok.token_type).itemsize * (1 if tok.kind == "hard" else int(tok.dim)))
+
+
+def measure_images(tokenizers: Mapping[str, Any], sources: Sequence[str], locators: Sequence[str],
+                   images: Sequence[np.ndarray]) -> ImageTally:
+    """One batch of images through every tokenizer: tokens, stored bytes, and reconstruction PSNR and SSIM
+    (decode_image of the tokens against the image as tokenized). Images a tokenizer refuses are left out
+    of every tokenizer's figures."""
+    from tokenmill.transforms.tokenizers.codebook import psnr
+
+    specs = tuple(tokenizers)
+    tally = ImageTally(specs, sums=np.zeros((len(specs), 7)), psnr=[[] for _ in specs], refused=[0] * len(specs))
+    if not len(images):
+        return tally
+    encoded = []
+    refused: set[int] = set()
+    for k, tok in enumerate(tokenizers.values()):
+        column, grids, failures = tok.encode_batch(list(images))
+        tally.refused[k] += len(failures)
+        failed = {i for i, _ in failures}
+        refused |= failed
+        kept = [i for i in range(len(images)) if i not in failed]
+        encoded.append(dict(zip(kept, zip(_items(tok, column, grids), grids))))
+    keep = [i for i in range(len(images)) if i not in refused]
+    tally.images = len(keep)
+    tally.pixels = sum(int(images[i].shape[0] * images[i].shape[1]) for i in keep)
+    recon: dict[int, dict[str, np.ndarray]] = {i: {} for i in keep}
+    for k, (spec, tok) in enumerate(tokenizers.items()):
+        for i in keep:
+            values, grid = encoded[k][i]
+            image = images[i]
+            back = tok.decode_image(values, tuple(grid), image.shape[0], image.shape[1])
+            p, s = psnr(back, image), ssim(back, image)
+            n = int(np.prod(grid))
+            tally.sums[k] += [n, token_nbytes(tok, n), 1, p if np.isfinite(p) else 0.0, np.isfinite(p),
+                              not np.isfinite(p), s]
+            tally.psnr[k].append(float(p))
+            recon[i][spec] = (back, p, s, n)
+    for i in keep:
+        key = sample_key(sources[i], locators[i])
+        tally.shown.append((key, {
+            "source": sources[i], "locator": locators[i], "height": int(images[i].shape[0]),
+            "width": int(images[i].shape[1]), "original_png": _png_b64(images[i]),
+            "reconstructions": {spec: {"png": _png_b64(back), "psnr": float(p), "ssim": s, "tokens": n}
+                                for spec, (back, p, s, n) in recon[i].items()}}))
+        tally.shown = sorted(tally.shown, key=lambda kv: kv[0])[:SHOWN_IMAGES]
+    return tally
+
+
+def summarize_images(tally: ImageTally, tokenizers: Mapping[str, Any]) -> dict[str, Any]:
+    """compare.json for images: per tokenizer, tokens and stored bytes per image, PSNR and SSIM; the
+    shown images with each reconstruction."""
+    sums = tally.sums if tally.sums is not None else np.zeros((len(tally.specs), 7))
+    per_tok = []
+    for k, (spec, tok) in enumerate(tokenizers.items()):
+        tokens, nbytes, n, psnr_sum, finite, lossless, ssim_sum = sums[k]
+        scores = tally.psnr[k] if tally.psnr else []
+        per_tok.append({
+            "spec": spec, "kind": tok.kind, "vocab_size": getattr(tok, "vocab_size", None),
+            "dim": int(getattr(tok, "dim", 0) or 0) or None, "latent_dtype": getattr(tok, "latent_dtype", None),
+            "images": int(n), "tokens_per_image": tokens / n if n else 0.0,
+            "bytes_per_image": nbytes / n if n else 0.0,
+            "psnr_mean": psnr_sum / finite if finite else None, "lossless": int(lossless),
+            "psnr_median": float(np.median(scores)) if scores else None,
+            "ssim_mean": ssim_sum / n if n else None, "refused": tally.refused[k] if tally.refused else 0})
+    return {"kind": "image", "tokenizers": per_tok, "images": tally.images,
+            "raw_bytes_per_image": 3 * tally.pixels / tally.images if tally.images else 0.0,
+            "shown": [s for _, s in tally.shown], "errors": tally.errors.to_json()}

@@ -1,0 +1,249 @@
+"""The `tokenmill compare` page: compare.json drawn as one self-contained HTML page (no CDN, images inline)."""
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from tokenmill.reports.boundaries import CSS as BOUNDARY_CSS
+from tokenmill.reports.boundaries import boundary_html, visible_cell
+
+PAGE_CSS = """*{box-sizing:border-box}body{font-family:system-ui,sans-serif;max-width:1160px;margin:0 auto;padding:1em;
+color:#222;line-height:1.45}h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px solid #eee}
+.scroll{overflow-x:auto;max-width:100%;margin:.5em 0}table{border-collapse:collapse}
+td,th{border:1px solid #ccc;padding:.25em .55em;text-align:left;vertical-align:top}
+td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f6f6f6}
+.best{background:#e3f4e1;font-weight:600}.note{color:#666}code{background:#f3f3f3;padding:0 .2em;overflow-wrap:anywhere}
+img{max-width:100%;height:auto}.plot{max-width:760px;width:100%}
+.tokname{font-weight:600;font-size:.9em;margin-top:.6em}.ex{margin:1.2em 0 1.6em}
+.pieces{display:inline;padding:.1em .2em;line-height:2.1}td.word .bv{white-space:pre}.bv{unicode-bidi:isolate}.grid{display:flex;flex-wrap:wrap;gap:10px 14px;align-items:flex-start}
+figure{margin:0}figcaption{font-size:.8em;color:#444;max-width:260px;overflow-wrap:anywhere}
+.pix{image-rendering:pixelated}""" + "\n" + BOUNDARY_CSS
+
+
+def page(title: str, body: list[str]) -> str:
+    return ("<!doctype html><html lang=en><head><meta charset=utf-8>"
+            '<meta name="viewport" content="width=device-width,initial-scale=1">'
+            f"<title>{html.escape(title)}</title><style>{PAGE_CSS}</style></head><body>"
+            + "\n".join(body) + "</body></html>")
+
+
+def table(header: list[str], rows: list[list[Any]], numeric: set[int] = frozenset()) -> str:
+    """A table that scrolls sideways on a narrow screen; cells are escaped unless they are Raw."""
+    def cell(tag: str, i: int, c: Any) -> str:
+        cls = ' class="n"' if i in numeric else ""
+        if isinstance(c, Raw):
+            return f"<{tag}{cls if not c.cls else f' class={chr(34)}{c.cls}{chr(34)}'}>{c}</{tag}>"
+        return f"<{tag}{cls}>{html.escape(str(c))}</{tag}>"
+
+    head = "".join(cell("th", i, h) for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(cell("td", i, c) for i, c in enumerate(r)) + "</tr>" for r in rows)
+    return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
+
+
+class Raw(str):
+    """Cell HTML that is already escaped, with an optional class."""
+
+    cls = ""
+
+    def __new__(cls, value: str, css: str = "") -> "Raw":
+        out = super().__new__(cls, value)
+        out.cls = css
+        return out
+
+
+def short(spec: str, limit: int = 24) -> str:
+    """A spec short enough for a column header: a long path keeps its family and last part (hf:…/bpe0)."""
+    if len(spec) <= limit or "/" not in spec:
+        return spec
+    family, _, arg = spec.partition(":")
+    return f"{family}:…/{arg.rstrip('/').rsplit('/', 1)[-1]}"
+
+
+def _num(value: float, digits: int = 3) -> str:
+    return f"{value:.{digits}f}"
+
+
+def _plot_tokens_per_char(result: dict[str, Any]) -> str:
+    """Grouped horizontal bars: tokens per character of each tokenizer for each script (and overall)."""
+    from tokenmill.reports.html import plot
+
+    specs = [t["spec"] for t in result["tokenizers"]]
+    groups = [("all text", {t["spec"]: t["tokens_per_char"] for t in result["tokenizers"]})]
+    groups += [(s["name"], {spec: v["tokens_per_char"] for spec, v in s["tokenizers"].items()})
+               for s in result["by_script"]]
+    if not result["documents"]:
+        return ""
+
+    def draw(ax):
+        import numpy as np
+
+        height = 0.8 / len(specs)
+        y = np.arange(len(groups))
+        for k, spec in enumerate(specs):
+            ax.barh(y + k * height, [g[1][spec] for g in groups], height=height, label=short(spec))
+        ax.set_yticks(y + height * (len(specs) - 1) / 2, [g[0] for g in groups])
+        ax.invert_yaxis()
+        ax.set(xlabel="tokens per character (fewer: more text per token)")
+        ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(3, len(specs)), frameon=False)
+
+    return plot(draw, size=(7.2, 1.6 + 0.16 * len(groups) * max(2, len(specs))), alt="tokens per character")
+
+
+def text_page(result: dict[str, Any], title: str) -> str:
+    toks = result["tokenizers"]
+    specs = [t["spec"] for t in toks]
+    long_chars = result["long_token_chars"]
+    body = [f"<h1>{html.escape(title)}</h1>",
+            f"<p>{result['documents']:,} documents, {result['chars']:,} characters ({result['bytes']:,} UTF-8 bytes), "
+            f"each tokenized by {len(toks)} tokenizers. A tokenizer decides what a model can see: text packed into "
+            "one token is one ID to the model, which must learn that ID's spelling by heart; text split into "
+            "bytes costs sequence length. The figures below cover the same text for every tokenizer.</p>"]
+    if result["errors"]["count"]:
+        body.append(f"<p class=note>{result['errors']['count']} record(s) could not be measured (see Errors).</p>")
+
+    best_tpc = min((t["tokens_per_char"] for t in toks if t["tokens"]), default=None)
+    rows = [[Raw(f"<code title=\"{html.escape(t['spec'])}\">{html.escape(short(t['spec']))}</code>"), f"{t['vocab_size']:,}", f"{t['tokens']:,}",
+             Raw(_num(t["tokens_per_char"]), "n best" if t["tokens_per_char"] == best_tpc else "n"),
+             _num(t["tokens_per_byte"]), _num(t["chars_per_token"], 2), f"{t['share_long']:.1%}",
+             f"{t['vocab_used']:.1%} ({t['distinct_tokens']:,})"] for t in toks]
+    body += ["<h2>Tokens per character</h2>",
+             "<p>Tokens per character is what a context window costs: 0.25 means four characters per token. "
+             "Tokens per byte compares scripts fairly (a Cyrillic or Devanagari letter is 2 or 3 UTF-8 bytes; "
+             f"the <code>bytes</code> tokenizer is exactly 1). <b>Long tokens</b> pack {long_chars} or more "
+             "characters: words a model sees whole and cannot easily spell. The best tokens per character is "
+             "shaded.</p>",
+             table(["tokenizer", "vocabulary", "tokens", "tokens/char", "tokens/byte", "chars/token",
+                    f"tokens ≥ {long_chars} chars", "vocabulary used"], rows, {1, 2, 3, 4, 5, 6, 7}),
+             _plot_tokens_per_char(result)]
+
+    def by_group(groups: list[dict[str, Any]], what: str) -> str:
+        rows = []
+        for g in groups:
+            values = [g["tokenizers"][s]["tokens_per_char"] for s in specs]
+            best = min(values) if g["chars"] else None
+            name = g["name"].rstrip("/").rsplit("/", 1)[-1] if what == "source" else g["name"]
+            rows.append([name, f"{g['documents']:,}", f"{g['chars']:,}", _num(g["bytes"] / max(1, g["chars"]), 2)]
+                        + [Raw(_num(v), "n best" if v == best else "n") for v in values])
+        return table([what, "documents", "characters", "bytes/char"] + [f"{short(s)} tokens/char" for s in specs], rows,
+                     set(range(1, 4 + len(specs))))
+
+    body += ["<h2>By script</h2>",
+             "<p>Each document counts under the script most of its letters are written in (Unicode ranges of "
+             "letters; digits and punctuation do not count, so code and numbers fall under Latin or "
+             "<i>no letters</i>). Byte-level tokenizers pay most where a script takes several bytes per "
+             "letter and their vocabulary saw little of it.</p>", by_group(result["by_script"], "script"),
+             "<h2>By source</h2>", by_group(result["by_source"], "source")]
+
+    body += ["<h2>Spelling risk: frequent words packed into one token</h2>",
+             f"<p>The most used tokens of each tokenizer that are one word of {long_chars} or more characters, "
+             "and how the other tokenizers split the same text (boundaries drawn as in the views below). Where "
+             "one tokenizer has one ID and another several, only the second lets a model see the letters.</p>"]
+    for spec in specs:
+        words = result["spelling_risk"].get(spec, [])
+        body.append(f"<h3><code>{html.escape(spec)}</code></h3>")
+        if not words:
+            body.append(f"<p class=note>No word of {long_chars} or more characters is one token here.</p>")
+            continue
+        others = [s for s in specs if s != spec]
+        rows = []
+        for w in words:
+            data = w["text"].encode("utf-8", "surrogatepass")
+            cells = [Raw(f'<span class="bv pieces">{boundary_html(data, [(0, len(data))], [w["id"]])}</span>',
+                         "word"), w["chars"], f"{w['uses']:,}"]
+            for o in others:
+                split = w["others"][o]
+                spans = [tuple(x) for x in split["spans"]]
+                cells.append(Raw(f'<span class="bv pieces">{boundary_html(data, spans, split["ids"])}</span> '
+                                 f'<span class=note>{split["tokens"]}</span>'))
+            rows.append(cells)
+        body.append(table(["token", "chars", "uses"] + [f"{short(o)} splits it" for o in others], rows, {1, 2}))
+
+    body += ["<h2>The same text, token by token</h2>",
+             "<p>Each excerpt once per tokenizer. Tokens alternate blue and orange; hover for the token's ID. "
+             "Whitespace is drawn: space ·, tab →, newline ↵. A character split across tokens (a byte-level "
+             "tokenizer cutting a multi-byte character) has a dashed red outline: it is drawn in the token that "
+             "completes it, and the tokens holding only some of its bytes show them as \\xNN.</p>"]
+    for k, ex in enumerate(result["examples"]):
+        where = ex["source"].rstrip("/").rsplit("/", 1)[-1]
+        body.append(f'<div class="ex" data-example="{k}"><h3>{html.escape(ex["script"])}: '
+                    f'{html.escape(where)} <span class=note>{html.escape(ex["locator"])}, '
+                    f'{len(ex["text"])} characters</span></h3>')
+        data = ex["text"].encode("utf-8", "surrogatepass")
+        for spec in specs:
+            v = ex["views"][spec]
+            body.append(f'<div class="tokname">{html.escape(spec)}: {len(v["ids"])} tokens</div>'
+                        f'<div class="bv" data-spec="{html.escape(spec)}">'
+                        f'{boundary_html(data, [tuple(s) for s in v["spans"]], v["ids"])}</div>')
+        body.append("</div>")
+
+    body += ["<h2>Vocabulary usage</h2>",
+             "<p>How much of each vocabulary this text used, and its most used tokens. A vocabulary trained on "
+             "other text leaves much of itself unused here; its most used tokens show what it spends IDs on.</p>"]
+    for t in toks:
+        rows = [[i + 1, Raw(f"<code>{visible_cell(tt['text'])}</code>"), tt["id"], f"{tt['uses']:,}",
+                 f"{tt['share']:.2%}"] for i, tt in enumerate(t["top_tokens"])]
+        body += [f"<h3><code>{html.escape(t['spec'])}</code>: {t['distinct_tokens']:,} of {t['vocab_size']:,} "
+                 f"tokens used ({t['vocab_used']:.1%})</h3>",
+                 table(["rank", "token", "id", "uses", "share"], rows, {0, 2, 3, 4})]
+    body.append(errors_html(result["errors"]))
+    return page(title, body)
+
+
+def errors_html(errors: dict[str, Any]) -> str:
+    if not errors["count"]:
+        return "<h2>Errors</h2><p>None: every record read was measured.</p>"
+    rows = [[e["stage"], e["error_type"], e["count"]] for e in errors["by_type"]]
+    examples = [[e["source"].rstrip("/").rsplit("/", 1)[-1], e["locator"], e["error_type"], e["message"]]
+                for e in errors["examples"]]
+    return ("<h2>Errors</h2>" + table(["stage", "type", "count"], rows, {2})
+            + "<p>Examples:</p>" + table(["file", "where", "type", "message"], examples))
+
+
+def image_page(result: dict[str, Any], title: str) -> str:
+    from tokenmill.reports.html import image_tag
+
+    toks = result["tokenizers"]
+    raw = result["raw_bytes_per_image"]
+    body = [f"<h1>{html.escape(title)}</h1>",
+            f"<p>{result['images']:,} images, each tokenized and decoded again by {len(toks)} tokenizers. Tokens "
+            "per image is the sequence a model reads; bytes per image is what the dataset stores; PSNR and SSIM "
+            "say how much of the picture the tokens keep (PSNR in dB, higher is closer, infinite when exact; "
+            "SSIM 1.0 is identical structure).</p>"]
+    rows = []
+    for t in toks:
+        what = (f"hard, {t['vocab_size']:,} codes" if t["kind"] == "hard"
+                else f"soft, {t['dim']} × {t['latent_dtype']}")
+        psnr = ("lossless" if t["lossless"] == t["images"] and t["images"] else
+                "–" if t["psnr_mean"] is None else f"{t['psnr_mean']:.1f}"
+                + (f" ({t['lossless']} lossless)" if t["lossless"] else ""))
+        rows.append([Raw(f"<code>{html.escape(t['spec'])}</code>"), what, f"{t['tokens_per_image']:,.1f}",
+                     f"{t['bytes_per_image']:,.0f}", f"{raw / t['bytes_per_image']:.1f}×" if t["bytes_per_image"] else "–",
+                     psnr, "–" if t["ssim_mean"] is None else f"{t['ssim_mean']:.3f}"])
+    body += ["<h2>Tokens, bytes and fidelity per image</h2>",
+             table(["tokenizer", "tokens", "tokens/image", "bytes/image", "vs raw RGB", "PSNR dB (mean)",
+                    "SSIM (mean)"], rows, {2, 3, 4, 5, 6}),
+             f"<p class=note>Raw RGB is {raw:,.0f} bytes per image on average (as decoded for tokenizing).</p>"]
+    shown = result["shown"]
+    if shown:
+        scale = min(4.0, 240 / max(max(s["height"], s["width"]) for s in shown))
+        body += ["<h2>Originals and reconstructions</h2>",
+                 f"<p>All pictures at one scale ({scale:.2g} screen pixels per image pixel), so sizes compare; "
+                 "each row is one file.</p>"]
+        for s in shown:
+            name = s["source"].rstrip("/").rsplit("/", 1)[-1]
+            label = name if s["locator"] == "file" else f"{name} {s['locator']}"
+            w, h = round(s["width"] * scale), round(s["height"] * scale)
+            figures = [f"<figure>{image_tag(s['original_png'], f'original {label}', w, h)}"
+                       f"<figcaption>original: {html.escape(label)} ({s['width']}×{s['height']})</figcaption></figure>"]
+            for spec, r in s["reconstructions"].items():
+                score = "lossless" if r["psnr"] in ("inf", None) else f"PSNR {float(r['psnr']):.1f} dB"
+                figures.append(f"<figure>{image_tag(r['png'], f'{spec} {label}', w, h)}"
+                               f"<figcaption>{html.escape(spec)}: {r['tokens']} tokens, {score}, "
+                               f"SSIM {r['ssim']:.3f}</figcaption></figure>")
+            body.append(f'<div class="grid">{"".join(figures)}</div><hr>')
+    body.append(errors_html(result["errors"]))
+    return page(title, body)
+
+
+def compare_html(result: dict[str, Any], title: str = "tokenmill compare") -> str:
+    return text_page(result, title) if result["kind"] == "text" else image_page(result, title)

@@ -1,0 +1,362 @@
+"""`tokenmill compare` on real tokenizers and a real Beam runner, and every HTML page in headless Chromium."""
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.corpus import multilingual_documents
+from tests.conftest import MULTILINGUAL, ONE_WORKER, run_build, write_jsonl
+from tokenmill.pipelines import commands, compare
+from tokenmill.reports.compare import sample_key, ssim
+from tokenmill.transforms.tokenizers.spec import load_image_tokenizer, load_text_tokenizer
+
+LANGUAGES = ("english", "russian", "greek", "arabic", "hindi", "chinese", "code")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """MULTILINGUAL (with one line that is not JSON) and a few KB of generated text per language."""
+    folder = tmp_path_factory.mktemp("compare-corpus")
+    write_jsonl(folder / "docs.jsonl", [{"text": t} for t in MULTILINGUAL] + ["{not json"])
+    for lang in LANGUAGES:
+        write_jsonl(folder / f"{lang}.jsonl", [{"text": t} for t in multilingual_documents(lang, 1, 6000)])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bpe_folder(tmp_path_factory, corpus) -> Path:
+    """A byte-level BPE tokenizer.json (400 tokens) trained here on the corpus, for hf:."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    texts = [json.loads(line)["text"] for f in sorted(corpus.glob("*.jsonl")) for line in f.open()
+             if line.startswith("{\"")]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       special_tokens=["<|end|>"], show_progress=False))
+    folder = tmp_path_factory.mktemp("bpe")
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def documents(folder: Path) -> list[tuple[str, str, str]]:
+    """(file, locator, text) of every JSON line, as the reader locates them (offset:N of the line's start)."""
+    out = []
+    for f in sorted(folder.glob("*.jsonl")):
+        pos = 0
+        for line in f.read_bytes().split(b"\n"):
+            if line.strip():
+                try:
+                    out.append((str(f), f"offset:{pos}", json.loads(line)["text"]))
+                except json.JSONDecodeError:
+                    pass
+            pos += len(line) + 1
+    return out
+
+
+def run_compare(capsys, *argv: str) -> dict:
+    assert compare.run([*argv, *ONE_WORKER]) == 0
+    out = capsys.readouterr().out
+    assert "tokenmill compare:" in out and "index.html" in out
+    folder = Path(argv[list(argv).index("--out") + 1])
+    return json.loads((folder / "compare.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def text_specs(bpe_folder) -> list[str]:
+    return ["tiktoken:cl100k_base", "tiktoken:o200k_base", "bytes", f"hf:{bpe_folder}"]
+
+
+@pytest.fixture(scope="module")
+def text_result(corpus, text_specs, tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("compare-text")
+    argv = ["--input", str(corpus / "*.jsonl"), "--out", str(out)]
+    for s in text_specs:
+        argv += ["--tokenizer", s]
+    assert compare.run([*argv, *ONE_WORKER]) == 0
+    return json.loads((out / "compare.json").read_text()), out
+
+
+def test_text_figures_are_every_tokenizers_own_counts(text_result, corpus, text_specs, reference_cl100k):
+    result, _ = text_result
+    docs = documents(corpus)
+    texts = [t for _, _, t in docs]
+    assert result["documents"] == len(docs) and result["chars"] == sum(map(len, texts))
+    by_spec = {t["spec"]: t for t in result["tokenizers"]}
+    assert by_spec["tiktoken:cl100k_base"]["tokens"] == sum(len(reference_cl100k.encode_ordinary(t)) for t in texts)
+    for spec in text_specs[1:]:
+        tok = load_text_tokenizer(spec)
+        assert by_spec[spec]["tokens"] == sum(len(tok.encode(t)) for t in texts)
+    # bytes: one token per UTF-8 byte, so tokens per character is bytes per character, exactly
+    nbytes = sum(len(t.encode()) for t in texts)
+    assert by_spec["bytes"]["tokens"] == nbytes == result["bytes"]
+    assert by_spec["bytes"]["tokens_per_char"] == nbytes / result["chars"] and by_spec["bytes"]["tokens_per_byte"] == 1.0
+    for group in result["by_script"] + result["by_source"]:
+        assert group["tokenizers"]["bytes"]["tokens"] == group["bytes"]
+    assert by_spec["bytes"]["share_long"] == 0.0 and by_spec["bytes"]["vocab_size"] == 258
+    assert result["errors"]["count"] == 1 and result["errors"]["by_type"][0]["error_type"] == "JSONDecodeError"
+
+
+def test_documents_are_grouped_by_script_and_source(text_result, corpus):
+    result, _ = text_result
+    scripts = {s["name"]: s for s in result["by_script"]}
+    generated = {lang: len(list(multilingual_documents(lang, 1, 6000))) for lang in LANGUAGES}
+    # each generated shard is one script; MULTILINGUAL adds one document of each of these
+    assert scripts["Cyrillic"]["documents"] == generated["russian"] + 1
+    assert scripts["Arabic"]["documents"] == generated["arabic"] + 1
+    assert scripts["Devanagari"]["documents"] == generated["hindi"] + 1
+    assert scripts["Han"]["documents"] == generated["chinese"] + 1
+    assert {"Greek", "Japanese", "Hangul", "Latin", "no letters"} <= set(scripts)
+    sources = {Path(s["name"]).name: s for s in result["by_source"]}
+    assert sources["russian.jsonl"]["documents"] == generated["russian"]
+    russian = sources["russian.jsonl"]["tokenizers"]
+    # o200k's larger vocabulary packs Cyrillic tighter than cl100k; both far below one token per byte
+    assert russian["tiktoken:o200k_base"]["tokens_per_char"] < russian["tiktoken:cl100k_base"]["tokens_per_char"] < 1
+
+
+def test_spelling_risk_lists_packed_words_with_the_other_splits(text_result):
+    result, _ = text_result
+    risk = {w["text"]: w for w in result["spelling_risk"]["tiktoken:cl100k_base"]}
+    packed = risk[".DefaultCellStyle"]
+    assert packed["chars"] == 17 and packed["uses"] >= 10
+    assert packed["others"]["bytes"]["tokens"] == 17
+    assert "".join(packed["others"]["tiktoken:o200k_base"]["pieces"]) == ".DefaultCellStyle"
+    assert result["spelling_risk"]["bytes"] == []  # one byte per token packs no word
+    for words in result["spelling_risk"].values():
+        assert all(len(w["text"].strip()) >= 8 and " " not in w["text"].strip() for w in words)
+
+
+def test_boundary_views_tile_each_excerpt_for_every_tokenizer(text_result, text_specs):
+    result, _ = text_result
+    examples = result["examples"]
+    assert len(examples) == 6 and len({e["script"] for e in examples}) == 6  # one per script first
+    for ex in examples:
+        data = ex["text"].encode()
+        for spec in text_specs:
+            view = ex["views"][spec]
+            spans = [tuple(s) for s in view["spans"]]
+            assert b"".join(data[s:e] for s, e in spans) == data and spans[0][0] == 0
+            assert view["ids"] == load_text_tokenizer(spec).encode(ex["text"]).tolist()
+
+
+def test_vocabulary_usage_counts_distinct_tokens(text_result, corpus):
+    result, _ = text_result
+    texts = [t for _, _, t in documents(corpus)]
+    by_spec = {t["spec"]: t for t in result["tokenizers"]}
+    o200k = load_text_tokenizer("tiktoken:o200k_base")
+    ids = np.concatenate([o200k.encode(t) for t in texts])
+    used = by_spec["tiktoken:o200k_base"]
+    assert used["distinct_tokens"] == len(np.unique(ids))
+    assert used["vocab_used"] == pytest.approx(len(np.unique(ids)) / o200k.vocab_size)
+    top = np.bincount(ids).argmax()
+    assert used["top_tokens"][0]["id"] == top and used["top_tokens"][0]["uses"] == np.bincount(ids).max()
+
+
+def test_sample_takes_the_records_with_the_smallest_keys(corpus, tmp_path, capsys):
+    result = run_compare(capsys, "--input", str(corpus / "*.jsonl"), "--out", str(tmp_path), "--sample", "25",
+                         "--tokenizer", "bytes", "--tokenizer", "tiktoken:cl100k_base")
+    docs = sorted(documents(corpus), key=lambda d: sample_key(d[0], d[1]))[:25]
+    assert result["documents"] == 25 and result["sample"] == 25
+    assert result["chars"] == sum(len(t) for _, _, t in docs)
+    assert result["bytes"] == sum(len(t.encode()) for _, _, t in docs)
+    assert result["errors"]["count"] == 1  # the bad line is not sampled away: it is reported
+
+
+def test_misuse_is_one_line_and_exit_2(corpus, tmp_path, capsys):
+    for argv, message in (
+            (["--tokenizer", "bytes"], "two or more"),
+            (["--tokenizer", "bytes", "--tokenizer", "patch:16"], "not a text tokenizer"),
+            (["--tokenizer", "bytes", "--tokenizer", "tiktoken:nope"], "nope"),
+            (["--tokenizer", "bytes", "--tokenizer", "tiktoken:cl100k_base", "--sample", "0"], "--sample")):
+        with pytest.raises(SystemExit) as e:
+            compare.run(["--input", str(corpus / "*.jsonl"), "--out", str(tmp_path / "x"), *argv])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_ssim_known_values():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    assert ssim(a, a) == pytest.approx(1.0)
+    # two flat images: only the luminance term is left, (2xy + C1) / (x^2 + y^2 + C1)
+    c1 = (0.01 * 255) ** 2
+    flat = ssim(np.full((16, 16, 3), 100, np.uint8), np.full((16, 16, 3), 150, np.uint8))
+    assert flat == pytest.approx((2 * 100 * 150 + c1) / (100 ** 2 + 150 ** 2 + c1))
+    assert ssim(a, 255 - a) < 0.1
+
+
+@pytest.fixture(scope="module")
+def image_result(image_datasets, tmp_path_factory) -> tuple[dict, Path]:
+    from tokenmill.pipelines import fit
+
+    folder = tmp_path_factory.mktemp("compare-images")
+    pca = folder / "pca.npz"
+    assert fit.run(["--kind", "pca", "--input", str(image_datasets["images"] / "im*.png"), "--output", str(pca),
+                    "--patch", "8", "--dim", "8", *ONE_WORKER]) == 0
+    out = folder / "page"
+    assert compare.run(["--input", str(image_datasets["images"] / "*.png"), "--out", str(out),
+                        "--tokenizer", "patch:16", "--tokenizer", "patch:8", "--tokenizer",
+                        f"vq:{image_datasets['vq_file']}", "--tokenizer", f"pca:{pca}", *ONE_WORKER]) == 0
+    return json.loads((out / "compare.json").read_text()), out
+
+
+def test_images_compare_tokens_bytes_psnr_and_ssim(image_result, image_datasets):
+    from tokenmill.transforms.decoders.images import decode_image
+    from tokenmill.transforms.tokenizers.codebook import psnr
+
+    result, _ = image_result
+    by_spec = {t["spec"]: t for t in result["tokenizers"]}
+    assert result["images"] == 12 and result["raw_bytes_per_image"] == 64 * 48 * 3
+    assert result["errors"]["count"] == 1 and result["errors"]["examples"][0]["source"].endswith("broken.png")
+    patch16, patch8 = by_spec["patch:16"], by_spec["patch:8"]
+    assert (patch16["tokens_per_image"], patch16["bytes_per_image"]) == (12, 64 * 48 * 3)
+    assert (patch8["tokens_per_image"], patch8["bytes_per_image"]) == (48, 64 * 48 * 3)
+    assert patch16["lossless"] == 12 and patch16["psnr_mean"] is None and patch16["ssim_mean"] == pytest.approx(1.0)
+    vq_spec = f"vq:{image_datasets['vq_file']}"
+    vq = by_spec[vq_spec]
+    assert (vq["tokens_per_image"], vq["bytes_per_image"]) == (48, 48)  # 32 codes: one uint8 each
+    tok = load_image_tokenizer(vq_spec)
+    scores = []
+    for path in sorted(image_datasets["images"].glob("im*.png")):
+        image = decode_image(path.read_bytes())[0]
+        codes, grid = tok.encode_image(image)
+        scores.append(psnr(tok.decode_image(codes, grid, 48, 64), image))
+    assert vq["psnr_mean"] == pytest.approx(np.mean(scores))
+    assert 0 < vq["ssim_mean"] < 1
+    pca_spec = next(s for s in by_spec if s.startswith("pca:"))
+    assert by_spec[pca_spec]["tokens_per_image"] == 48 and by_spec[pca_spec]["bytes_per_image"] == 48 * 8 * 4
+    shown = result["shown"]
+    assert len(shown) == 6 and all(Path(s["source"]).name.startswith("im") for s in shown)
+    assert all(set(s["reconstructions"]) == set(by_spec) for s in shown)
+
+
+# -- every page in headless Chromium: one browser session for the whole module ----------------------------
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--allow-file-access-from-files", "--hide-scrollbars"]
+CAPTURE_ERRORS = """<script>window.__errors=[];
+window.addEventListener("error",e=>window.__errors.push(e.message||("failed to load "+(e.target&&(e.target.src||e.target.href)))),true);
+(()=>{const ce=console.error;console.error=(...a)=>{window.__errors.push(a.join(" "));ce.apply(console,a);};})();
+</script>"""
+HARNESS = """<!doctype html><html><head><meta charset=utf-8></head><body><pre id=out></pre><script>
+const pages = PAGES, widths = [1400, 390], results = {};
+let pending = pages.length * widths.length;
+function check(frame, name, width) {
+  const doc = frame.contentDocument, win = frame.contentWindow, imgs = Array.from(doc.images);
+  const views = Array.from(doc.querySelectorAll(".ex .bv[data-spec], .bv[data-row]")).map(v => {
+    const c = v.cloneNode(true);
+    c.querySelectorAll(".ws").forEach(w => w.replaceWith(doc.createTextNode(w.dataset.raw)));
+    c.querySelectorAll(".pb").forEach(p => p.remove());
+    const key = v.dataset.spec !== undefined ? v.closest(".ex").dataset.example + "|" + v.dataset.spec : v.dataset.row;
+    return [key, c.textContent];
+  });
+  results[name + "@" + width] = {images: imgs.length, loaded: imgs.filter(i => i.complete && i.naturalWidth > 0).length,
+    errors: win.__errors === undefined ? ["no error capture"] : win.__errors, views: views,
+    scrollWidth: doc.documentElement.scrollWidth, width: win.innerWidth};
+  if (--pending === 0) document.getElementById("out").textContent = JSON.stringify(results);
+}
+for (const p of pages) for (const w of widths) {
+  const f = document.createElement("iframe");
+  f.style.width = w + "px"; f.style.height = "900px"; f.style.border = "0";
+  f.onload = () => check(f, p[0], w); f.src = p[1];
+  document.body.appendChild(f);
+}
+</script></body></html>"""
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed on CI (run_local.sh test installs Debian's chromium)")
+        pytest.skip("no chromium on PATH: install Debian's chromium (run_local.sh test does, as root)")
+    return found
+
+
+def run_chromium(*args: str) -> subprocess.CompletedProcess:
+    with tempfile.TemporaryDirectory(prefix="tokenmill-chromium-") as profile:
+        return subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                              capture_output=True, text=True, timeout=120)
+
+
+def make_video(path: Path, n: int = 12, w: int = 64, h: int = 48) -> Path:
+    import av
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt, s.options = w, h, "yuv420p", {"preset": "ultrafast", "crf": "0"}
+        for i in range(n + 1):
+            y, x = np.mgrid[0:h, 0:w]
+            a = np.stack([x * 4, y * 5, np.full_like(x, i * 20)], -1).astype(np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24") if i < n else None):
+                c.mux(p)
+    return path
+
+
+def test_every_page_renders_in_chromium_with_images_loaded_no_errors_and_exact_text(
+        text_result, image_result, text_dataset, image_datasets, tmp_path, capsys, cl100k):
+    """compare (text, images) and report (text, image, video) pages at 1400 and 390 pixels wide."""
+    browser = chromium()
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    make_video(videos / "clip.mp4")
+    video_ds = tmp_path / "video-ds"
+    assert run_build(["--input", str(videos / "*.mp4"), "--output", str(video_ds), "--tokenizer", "patch:2,8",
+                      "--clip-frames", "4", "--max-clips", "2",
+                      "--progress", "none"]) == 0
+    reports = {}
+    for name, root in (("report-text", text_dataset), ("report-image", image_datasets["vq"]),
+                       ("report-video", video_ds)):
+        assert commands.report([str(root), "--out", str(tmp_path / name)]) == 0
+        reports[name] = tmp_path / name / "index.html"
+    capsys.readouterr()
+    pages = {"compare-text": text_result[1] / "index.html", "compare-images": image_result[1] / "index.html",
+             **reports}
+    checks = []
+    for name, page in pages.items():
+        check = tmp_path / f"check-{name}.html"
+        check.write_text(page.read_text().replace("<head>", "<head>" + CAPTURE_ERRORS, 1))
+        checks.append([name, check.as_uri()])
+    harness = tmp_path / "harness.html"
+    harness.write_text(HARNESS.replace("PAGES", json.dumps(checks)))
+    done = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+                           "--enable-logging=stderr", "--v=0", "--virtual-time-budget=30000", "--dump-dom",
+                           harness.as_uri()], capture_output=True, text=True, timeout=180)
+    found = re.search(r'<pre id="out">(.*?)</pre>', done.stdout, re.S)
+    assert found and found.group(1), f"chromium rendered no result: {done.stderr[-2000:]}"
+    results = json.loads(html.unescape(found.group(1)))
+    assert "Uncaught" not in done.stderr
+    expected_views = {f"{k}|{spec}": ex["text"] for k, ex in enumerate(text_result[0]["examples"])
+                      for spec in ex["views"]}
+    from tokenmill.reports.dataset import DatasetView
+
+    view = DatasetView(str(text_dataset))
+    for row in view.rows(5):
+        pieces = cl100k.token_pieces([int(i) for i in row["tokens"]][:400])
+        expected_views[row["id"]] = b"".join(pieces).decode("utf-8", "ignore")
+    for key, r in results.items():
+        assert r["errors"] == [], key
+        assert r["images"] == r["loaded"] > 0, key
+        assert r["scrollWidth"] <= r["width"] + 1, f"{key}: the page is {r['scrollWidth']} px wide"
+        for view_key, text in r["views"]:
+            assert text == expected_views[view_key], (key, view_key)
+    assert {k for k, _ in results["compare-text@390"]["views"]} == {k for k in expected_views if "|" in k}
+    assert len(results["report-text@1400"]["views"]) == 5
+    assert results["report-video@1400"]["images"] >= 3  # tokens-per-clip plot, original and reconstructed frames
+    keep = os.environ.get("TOKENMILL_SCREENSHOTS")
+    if keep:  # for a person to look at: the compare page at both widths
+        for width in (1400, 390):
+            run_chromium(f"--window-size={width},4000", f"--screenshot={Path(keep) / f'compare-{width}.png'}",
+                         pages["compare-text"].as_uri())
