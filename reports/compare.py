@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from tokenmill.reports.stats import LONG_TOKEN_CHARS, dominant_script, token_granularity
+from tokenmill.reports.stats import LONG_TOKEN_CHARS, dominant_scripts, token_granularity
 
 EXAMPLES_PER_SCRIPT = 2  # candidate documents per script for the boundary views
 EXCERPT_CHARS = 320  # a boundary view shows at most this much of a document
@@ -117,27 +117,31 @@ def measure_texts(tokenizers: Mapping[str, Any], sources: Sequence[str], locator
     if not texts:
         return tally
     refused: set[int] = set()
+    columns = []
     for k, tok in enumerate(tokenizers.values()):
-        _, failures = tok.encode_batch(texts)
+        column, failures = tok.encode_batch(texts)
         tally.refused[k] += len(failures)
         refused |= {i for i, _ in failures}
-    keep = [i for i in range(len(texts)) if i not in refused]
-    texts = [texts[i] for i in keep]
-    sources = [sources[i] for i in keep]
-    locators = [locators[i] for i in keep]
+        columns.append(column)
+    if refused:  # figures cover the same text for every tokenizer: encode the rest again, without them
+        keep = [i for i in range(len(texts)) if i not in refused]
+        texts, sources, locators = ([seq[i] for i in keep] for seq in (texts, sources, locators))
+        columns = []
+        for spec, tok in tokenizers.items():
+            column, failures = tok.encode_batch(texts)
+            if failures:  # refused now but not before: not deterministic; say so rather than misalign
+                raise RuntimeError(f"{spec} refused a document it encoded a moment before")
+            columns.append(column)
     n = len(texts)
     per_doc = np.zeros((n, TOKENS + len(specs)), np.int64)
     per_doc[:, DOCS] = 1
     per_doc[:, CHARS] = [len(t) for t in texts]
     per_doc[:, BYTES] = [len(t.encode("utf-8", "surrogatepass")) for t in texts]
-    for k, tok in enumerate(tokenizers.values()):
-        column, failures = tok.encode_batch(texts)
-        if failures:  # refused now but not before: not deterministic; say so rather than misalign
-            raise RuntimeError(f"{specs[k]} refused a document it encoded a moment before")
+    for k, (tok, column) in enumerate(zip(tokenizers.values(), columns)):
         per_doc[:, TOKENS + k] = column.value_lengths().to_numpy(zero_copy_only=False)
         values = column.values.to_numpy(zero_copy_only=False).astype(np.int64)
         tally.counts.append(np.bincount(values, minlength=int(tok.vocab_size))[:int(tok.vocab_size)])
-    scripts = [dominant_script(t) for t in texts]
+    scripts = dominant_scripts(list(texts))
     tally.groups[("all", "")] = per_doc.sum(axis=0)
     for kind, names in (("source", sources), ("script", scripts)):
         names_arr = np.array(names, dtype=object)
@@ -239,7 +243,8 @@ def summarize_text(tally: TextTally, tokenizers: Mapping[str, Any], *, show: int
         per_tok.append({
             "spec": spec, "name": getattr(tok, "name", spec), "vocab_size": int(tok.vocab_size),
             **_ratios(total, k), "share_long": g["share_long"], "distinct_tokens": g["distinct_tokens"],
-            "vocab_used": g["distinct_tokens"] / int(tok.vocab_size), "refused": tally.refused[k] if tally.refused else 0,
+            "vocab_used": g["distinct_tokens"] / int(tok.vocab_size),
+            "refused": tally.refused[k] if tally.refused else 0,
             "chars_hist": {str(c): n for c, n in g["chars_hist"].items()},
             "longest": [{**t, "text": t["text"]} for t in g["longest"]],
             "top_tokens": [{"id": int(i), "text": tok.token_bytes(int(i)).decode("utf-8", "backslashreplace"),

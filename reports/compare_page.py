@@ -15,8 +15,9 @@ td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f6f6
 .best{background:#e3f4e1;font-weight:600}.note{color:#666}code{background:#f3f3f3;padding:0 .2em;overflow-wrap:anywhere}
 img{max-width:100%;height:auto}.plot{max-width:760px;width:100%}
 .tokname{font-weight:600;font-size:.9em;margin-top:.6em}.ex{margin:1.2em 0 1.6em}
-.pieces{display:inline;padding:.1em .2em;line-height:2.1}td.word .bv{white-space:pre}.bv{unicode-bidi:isolate}.grid{display:flex;flex-wrap:wrap;gap:10px 14px;align-items:flex-start}
-figure{margin:0}figcaption{font-size:.8em;color:#444;max-width:260px;overflow-wrap:anywhere}
+.pieces{display:inline;padding:.1em .2em;line-height:2.1}td.word .bv{white-space:pre}.bv{unicode-bidi:isolate}
+.grid{display:flex;flex-wrap:wrap;gap:10px 14px;align-items:flex-start}
+figure{margin:0}figcaption{font-size:.8em;color:#444;max-width:200px;overflow-wrap:anywhere}
 .pix{image-rendering:pixelated}""" + "\n" + BOUNDARY_CSS
 
 
@@ -57,6 +58,10 @@ def short(spec: str, limit: int = 24) -> str:
         return spec
     family, _, arg = spec.partition(":")
     return f"{family}:…/{arg.rstrip('/').rsplit('/', 1)[-1]}"
+
+
+def _spec_cell(spec: str) -> Raw:
+    return Raw(f'<code title="{html.escape(spec)}">{html.escape(short(spec))}</code>')
 
 
 def _num(value: float, digits: int = 3) -> str:
@@ -100,9 +105,13 @@ def text_page(result: dict[str, Any], title: str) -> str:
             "bytes costs sequence length. The figures below cover the same text for every tokenizer.</p>"]
     if result["errors"]["count"]:
         body.append(f"<p class=note>{result['errors']['count']} record(s) could not be measured (see Errors).</p>")
+    refused = [f"{t['refused']} by <code>{html.escape(t['spec'])}</code>" for t in toks if t.get("refused")]
+    if refused:
+        body.append(f"<p class=note>Documents a tokenizer refused are left out of every tokenizer's figures: "
+                    f"{', '.join(refused)}.</p>")
 
     best_tpc = min((t["tokens_per_char"] for t in toks if t["tokens"]), default=None)
-    rows = [[Raw(f"<code title=\"{html.escape(t['spec'])}\">{html.escape(short(t['spec']))}</code>"), f"{t['vocab_size']:,}", f"{t['tokens']:,}",
+    rows = [[_spec_cell(t["spec"]), f"{t['vocab_size']:,}", f"{t['tokens']:,}",
              Raw(_num(t["tokens_per_char"]), "n best" if t["tokens_per_char"] == best_tpc else "n"),
              _num(t["tokens_per_byte"]), _num(t["chars_per_token"], 2), f"{t['share_long']:.1%}",
              f"{t['vocab_used']:.1%} ({t['distinct_tokens']:,})"] for t in toks]
@@ -216,16 +225,18 @@ def image_page(result: dict[str, Any], title: str) -> str:
         psnr = ("lossless" if t["lossless"] == t["images"] and t["images"] else
                 "–" if t["psnr_mean"] is None else f"{t['psnr_mean']:.1f}"
                 + (f" ({t['lossless']} lossless)" if t["lossless"] else ""))
-        rows.append([Raw(f"<code>{html.escape(t['spec'])}</code>"), what, f"{t['tokens_per_image']:,.1f}",
-                     f"{t['bytes_per_image']:,.0f}", f"{raw / t['bytes_per_image']:.1f}×" if t["bytes_per_image"] else "–",
-                     psnr, "–" if t["ssim_mean"] is None else f"{t['ssim_mean']:.3f}"])
+        ratio = f"{raw / t['bytes_per_image']:.1f}×" if t["bytes_per_image"] else "–"
+        rows.append([_spec_cell(t["spec"]), what, f"{t['tokens_per_image']:,.1f}", f"{t['bytes_per_image']:,.0f}",
+                     ratio, psnr, "–" if t["ssim_mean"] is None else f"{t['ssim_mean']:.3f}"])
     body += ["<h2>Tokens, bytes and fidelity per image</h2>",
              table(["tokenizer", "tokens", "tokens/image", "bytes/image", "vs raw RGB", "PSNR dB (mean)",
                     "SSIM (mean)"], rows, {2, 3, 4, 5, 6}),
              f"<p class=note>Raw RGB is {raw:,.0f} bytes per image on average (as decoded for tokenizing).</p>"]
     shown = result["shown"]
     if shown:
-        scale = min(4.0, 240 / max(max(s["height"], s["width"]) for s in shown))
+        # one row per file at 1,160 px: the original and each reconstruction side by side
+        box = max(96, min(240, (1120 - 14 * len(toks)) // (len(toks) + 1)))
+        scale = min(4.0, box / max(max(s["height"], s["width"]) for s in shown))
         body += ["<h2>Originals and reconstructions</h2>",
                  f"<p>All pictures at one scale ({scale:.2g} screen pixels per image pixel), so sizes compare; "
                  "each row is one file.</p>"]
@@ -234,11 +245,12 @@ def image_page(result: dict[str, Any], title: str) -> str:
             label = name if s["locator"] == "file" else f"{name} {s['locator']}"
             w, h = round(s["width"] * scale), round(s["height"] * scale)
             figures = [f"<figure>{image_tag(s['original_png'], f'original {label}', w, h)}"
-                       f"<figcaption>original: {html.escape(label)} ({s['width']}×{s['height']})</figcaption></figure>"]
+                       f"<figcaption>original: {html.escape(label)} ({s['width']}×{s['height']})"
+                       "</figcaption></figure>"]
             for spec, r in s["reconstructions"].items():
                 score = "lossless" if r["psnr"] in ("inf", None) else f"PSNR {float(r['psnr']):.1f} dB"
                 figures.append(f"<figure>{image_tag(r['png'], f'{spec} {label}', w, h)}"
-                               f"<figcaption>{html.escape(spec)}: {r['tokens']} tokens, {score}, "
+                               f"<figcaption>{html.escape(short(spec))}: {r['tokens']} tokens, {score}, "
                                f"SSIM {r['ssim']:.3f}</figcaption></figure>")
             body.append(f'<div class="grid">{"".join(figures)}</div><hr>')
     body.append(errors_html(result["errors"]))

@@ -177,8 +177,8 @@ def _per_source_section(view: DatasetView, unit: str) -> str:
             acc[0] += 1
             acc[1] += int(n)
     all_tokens = sum(v[1] for v in totals.values()) or 1
-    rows = [[source.rstrip("/").rsplit("/", 1)[-1], rows_, tokens, f"{tokens / rows_:,.1f}", f"{tokens / all_tokens:.1%}"]
-            for source, (rows_, tokens) in sorted(totals.items(), key=lambda kv: (-kv[1][1], kv[0]))[:50]]
+    rows = [[source.rstrip("/").rsplit("/", 1)[-1], n, tokens, f"{tokens / n:,.1f}", f"{tokens / all_tokens:.1%}"]
+            for source, (n, tokens) in sorted(totals.items(), key=lambda kv: (-kv[1][1], kv[0]))[:50]]
     note = f"<p class=note>The 50 largest of {len(totals)} sources.</p>" if len(totals) > 50 else ""
     return ("<h2>By source</h2>" + table(["source", f"{unit}s", "tokens", f"tokens per {unit}", "share of tokens"],
                                          rows, {1, 2, 3, 4}) + note)

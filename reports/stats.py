@@ -98,24 +98,33 @@ _SCRIPT_RANGES = (
 )
 SCRIPTS = tuple(dict.fromkeys(name for _, _, name in _SCRIPT_RANGES))
 NO_LETTERS = "no letters"
-_SORTED = sorted(_SCRIPT_RANGES)
-_STARTS = np.array([lo for lo, _, _ in _SORTED], np.int64)
-_ENDS = np.array([hi for _, hi, _ in _SORTED], np.int64)
-_NAMES = np.array([SCRIPTS.index(name) for _, _, name in _SORTED], np.int64)
+_NO_SCRIPT = 255
+_TABLE = np.full(max(hi for _, hi, _ in _SCRIPT_RANGES) + 2, _NO_SCRIPT, np.uint8)  # code point -> script
+for _lo, _hi, _name in _SCRIPT_RANGES:
+    _TABLE[_lo:_hi + 1] = SCRIPTS.index(_name)
 
 
 def dominant_script(text: str) -> str:
     """The script most of a document's letters are written in ("Japanese" where kana make up a tenth of
     them: Japanese mixes kana and Han), or NO_LETTERS. Digits, punctuation and symbols do not count."""
-    code = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32).astype(np.int64)
-    where = np.searchsorted(_STARTS, code, side="right") - 1  # the last range starting at or before each
-    inside = (where >= 0) & (code <= _ENDS[np.maximum(where, 0)])
-    if not inside.any():
-        return NO_LETTERS
-    counts = np.bincount(_NAMES[where[inside]], minlength=len(SCRIPTS))
-    if counts[SCRIPTS.index("Kana")] * 10 >= counts.sum():
-        return "Japanese"
-    return SCRIPTS[int(counts.argmax())]
+    return dominant_scripts([text])[0]
+
+
+def dominant_scripts(texts: list[str]) -> list[str]:
+    """dominant_script of each document, for a batch at once: one table lookup per character over all of
+    them (a per-document search cost 7% of a compare's measuring, measured on 10 MB; this costs about 1%)."""
+    if not texts:
+        return []
+    code = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), np.uint32)
+    script = _TABLE[np.minimum(code, len(_TABLE) - 1)]  # the table's last entry is no script
+    doc = np.repeat(np.arange(len(texts), dtype=np.int64), [len(t) for t in texts])
+    inside = script != _NO_SCRIPT
+    k = len(SCRIPTS)
+    counts = np.bincount(doc[inside] * k + script[inside], minlength=len(texts) * k).reshape(len(texts), k)
+    letters = counts.sum(axis=1)
+    best = counts.argmax(axis=1)
+    kana = counts[:, SCRIPTS.index("Kana")] * 10 >= letters
+    return [NO_LETTERS if n == 0 else "Japanese" if j else SCRIPTS[b] for n, j, b in zip(letters, kana, best)]
 
 
 def is_separator_run(text: str) -> bool:

@@ -42,8 +42,8 @@ def bpe_folder(tmp_path_factory, corpus) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                       special_tokens=["<|end|>"], show_progress=False))
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|end|>"], show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     folder = tmp_path_factory.mktemp("bpe")
     tok.save(str(folder / "tokenizer.json"))
     return folder
@@ -100,7 +100,8 @@ def test_text_figures_are_every_tokenizers_own_counts(text_result, corpus, text_
     # bytes: one token per UTF-8 byte, so tokens per character is bytes per character, exactly
     nbytes = sum(len(t.encode()) for t in texts)
     assert by_spec["bytes"]["tokens"] == nbytes == result["bytes"]
-    assert by_spec["bytes"]["tokens_per_char"] == nbytes / result["chars"] and by_spec["bytes"]["tokens_per_byte"] == 1.0
+    assert by_spec["bytes"]["tokens_per_char"] == nbytes / result["chars"]
+    assert by_spec["bytes"]["tokens_per_byte"] == 1.0
     for group in result["by_script"] + result["by_source"]:
         assert group["tokenizers"]["bytes"]["tokens"] == group["bytes"]
     assert by_spec["bytes"]["share_long"] == 0.0 and by_spec["bytes"]["vocab_size"] == 258
@@ -170,6 +171,22 @@ def test_sample_takes_the_records_with_the_smallest_keys(corpus, tmp_path, capsy
     assert result["chars"] == sum(len(t) for _, _, t in docs)
     assert result["bytes"] == sum(len(t.encode()) for _, _, t in docs)
     assert result["errors"]["count"] == 1  # the bad line is not sampled away: it is reported
+
+
+def test_a_plugin_family_compares_and_documents_it_refuses_are_left_out_of_every_figure(tmp_path, capsys,
+                                                                                          monkeypatch):
+    from tokenmill.transforms import registry
+
+    monkeypatch.setitem(registry.FAMILIES, "picky", "tests.plugins.codepoints:PICKY_FAMILY")
+    texts = ["plain text", "a skull ☠ here", "Гранулярность"]
+    write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in texts])
+    result = run_compare(capsys, "--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "out"),
+                         "--tokenizer", "picky", "--tokenizer", "bytes")
+    by_spec = {t["spec"]: t for t in result["tokenizers"]}
+    assert by_spec["picky"]["refused"] == 1 and by_spec["bytes"]["refused"] == 0
+    kept = [texts[0], texts[2]]
+    assert result["documents"] == 2 and result["chars"] == sum(map(len, kept))
+    assert by_spec["picky"]["tokens"] == result["chars"] and by_spec["bytes"]["tokens"] == result["bytes"]
 
 
 def test_misuse_is_one_line_and_exit_2(corpus, tmp_path, capsys):
@@ -247,7 +264,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--allow-file-access-from-files", "--hide-scrollbars"]
 CAPTURE_ERRORS = """<script>window.__errors=[];
-window.addEventListener("error",e=>window.__errors.push(e.message||("failed to load "+(e.target&&(e.target.src||e.target.href)))),true);
+window.addEventListener("error",
+  e=>window.__errors.push(e.message||("failed to load "+(e.target&&(e.target.src||e.target.href)))),true);
 (()=>{const ce=console.error;console.error=(...a)=>{window.__errors.push(a.join(" "));ce.apply(console,a);};})();
 </script>"""
 HARNESS = """<!doctype html><html><head><meta charset=utf-8></head><body><pre id=out></pre><script>
@@ -356,7 +374,8 @@ def test_every_page_renders_in_chromium_with_images_loaded_no_errors_and_exact_t
     assert len(results["report-text@1400"]["views"]) == 5
     assert results["report-video@1400"]["images"] >= 3  # tokens-per-clip plot, original and reconstructed frames
     keep = os.environ.get("TOKENMILL_SCREENSHOTS")
-    if keep:  # for a person to look at: the compare page at both widths
-        for width in (1400, 390):
-            run_chromium(f"--window-size={width},4000", f"--screenshot={Path(keep) / f'compare-{width}.png'}",
-                         pages["compare-text"].as_uri())
+    if keep:  # for a person to look at: every page at both widths
+        for name, page in pages.items():
+            for width in (1400, 390):
+                run_chromium(f"--window-size={width},4000", f"--screenshot={Path(keep) / f'{name}-{width}.png'}",
+                             page.as_uri())

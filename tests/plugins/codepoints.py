@@ -41,3 +41,22 @@ def load(spec: str, arg: str, modality: str, *, bos: bool = False, eos: bool = F
 
 FAMILY = TokenizerFamily("codepoints", ("text",), ("codepoints",), loader=f"{__name__}:load",
                          options=text_policy_options(), bare=True)
+
+
+class PickyCodepointTokenizer(CodepointTokenizer):
+    """codepoints that refuses any document holding a skull (☠): a tokenizer that rejects some records."""
+
+    name = "picky-codepoints"
+
+    def _encode(self, text: str) -> np.ndarray:
+        if "☠" in text:
+            raise ValueError("no skulls")
+        return super()._encode(text)
+
+
+def load_picky(spec: str, arg: str, modality: str, *, bos: bool = False, eos: bool = False) -> CodepointTokenizer:
+    return PickyCodepointTokenizer(spec, bos=bos, eos=eos)
+
+
+PICKY_FAMILY = TokenizerFamily("picky", ("text",), ("picky",), loader=f"{__name__}:load_picky",
+                               options=text_policy_options(), bare=True)
