@@ -309,13 +309,17 @@ def _png_b64(image: np.ndarray) -> str:
     return base64.b64encode(png_bytes(image)).decode()
 
 
+# Per tokenizer, summed over images: tokens, their bytes as stored, images measured, images decoded again,
+# PSNR over the decoded ones with a finite PSNR, how many those are, lossless ones, and SSIM.
+IMAGE_SUMS = ("tokens", "bytes", "images", "decoded", "psnr", "finite", "lossless", "ssim")
+
+
 @dataclasses.dataclass
 class ImageTally:
     specs: tuple[str, ...]
     images: int = 0
     pixels: int = 0
-    # per tokenizer: [tokens, token bytes, images measured, psnr sum (finite), finite psnr count, lossless, ssim sum]
-    sums: np.ndarray | None = None
+    sums: np.ndarray | None = None  # (tokenizers, len(IMAGE_SUMS)): see IMAGE_SUMS
     psnr: list[list[float]] = dataclasses.field(default_factory=list)  # per tokenizer, per image
     refused: list[int] = dataclasses.field(default_factory=list)
     errors: ErrorTally = dataclasses.field(default_factory=ErrorTally)
@@ -360,7 +364,8 @@ def measure_images(tokenizers: Mapping[str, Any], sources: Sequence[str], locato
     from tokenmill.transforms.tokenizers.codebook import psnr
 
     specs = tuple(tokenizers)
-    tally = ImageTally(specs, sums=np.zeros((len(specs), 7)), psnr=[[] for _ in specs], refused=[0] * len(specs))
+    tally = ImageTally(specs, sums=np.zeros((len(specs), len(IMAGE_SUMS))), psnr=[[] for _ in specs],
+                       refused=[0] * len(specs))
     if not len(images):
         return tally
     encoded = []
@@ -375,36 +380,44 @@ def measure_images(tokenizers: Mapping[str, Any], sources: Sequence[str], locato
     keep = [i for i in range(len(images)) if i not in refused]
     tally.images = len(keep)
     tally.pixels = sum(int(images[i].shape[0] * images[i].shape[1]) for i in keep)
-    recon: dict[int, dict[str, np.ndarray]] = {i: {} for i in keep}
+    # Only the batch's SHOWN_IMAGES smallest keys can be shown: only they are drawn as PNGs.
+    keys = {i: sample_key(sources[i], locators[i]) for i in keep}
+    shown = sorted(keep, key=keys.__getitem__)[:SHOWN_IMAGES]
+    recon: dict[int, dict[str, Any]] = {i: {} for i in shown}
     for k, (spec, tok) in enumerate(tokenizers.items()):
         for i in keep:
             values, grid = encoded[k][i]
-            image = images[i]
-            back = tok.decode_image(values, tuple(grid), image.shape[0], image.shape[1])
-            p, s = psnr(back, image), ssim(back, image)
-            n = int(np.prod(grid))
-            tally.sums[k] += [n, token_nbytes(tok, n), 1, p if np.isfinite(p) else 0.0, np.isfinite(p),
-                              not np.isfinite(p), s]
-            tally.psnr[k].append(float(p))
-            recon[i][spec] = (back, p, s, n)
-    for i in keep:
-        key = sample_key(sources[i], locators[i])
-        tally.shown.append((key, {
+            image, n = images[i], int(np.prod(grid))
+            row = dict.fromkeys(IMAGE_SUMS, 0.0)
+            row.update(tokens=n, bytes=token_nbytes(tok, n), images=1)
+            try:
+                back = tok.decode_image(values, tuple(grid), image.shape[0], image.shape[1])
+            except NotImplementedError:  # an encoder without a decoder: tokens and bytes, no fidelity
+                back = None
+            if back is not None:
+                p, s = psnr(back, image), ssim(back, image)
+                row.update(decoded=1, psnr=p if np.isfinite(p) else 0.0, finite=np.isfinite(p),
+                           lossless=not np.isfinite(p), ssim=s)
+                tally.psnr[k].append(float(p))
+            tally.sums[k] += [row[name] for name in IMAGE_SUMS]
+            if i in recon:
+                recon[i][spec] = {"tokens": n, **({"png": _png_b64(back), "psnr": float(p), "ssim": s}
+                                                  if back is not None else {})}
+    for i in shown:
+        tally.shown.append((keys[i], {
             "source": sources[i], "locator": locators[i], "height": int(images[i].shape[0]),
-            "width": int(images[i].shape[1]), "original_png": _png_b64(images[i]),
-            "reconstructions": {spec: {"png": _png_b64(back), "psnr": float(p), "ssim": s, "tokens": n}
-                                for spec, (back, p, s, n) in recon[i].items()}}))
-        tally.shown = sorted(tally.shown, key=lambda kv: kv[0])[:SHOWN_IMAGES]
+            "width": int(images[i].shape[1]), "original_png": _png_b64(images[i]), "reconstructions": recon[i]}))
+    tally.shown = sorted(tally.shown, key=lambda kv: kv[0])[:SHOWN_IMAGES]
     return tally
 
 
 def summarize_images(tally: ImageTally, tokenizers: Mapping[str, Any]) -> dict[str, Any]:
     """compare.json for images: per tokenizer, tokens and stored bytes per image, PSNR and SSIM; the
     shown images with each reconstruction."""
-    sums = tally.sums if tally.sums is not None else np.zeros((len(tally.specs), 7))
+    sums = tally.sums if tally.sums is not None else np.zeros((len(tally.specs), len(IMAGE_SUMS)))
     per_tok = []
     for k, (spec, tok) in enumerate(tokenizers.items()):
-        tokens, nbytes, n, psnr_sum, finite, lossless, ssim_sum = sums[k]
+        tokens, nbytes, n, decoded, psnr_sum, finite, lossless, ssim_sum = sums[k]
         scores = tally.psnr[k] if tally.psnr else []
         per_tok.append({
             "spec": spec, "kind": tok.kind, "vocab_size": getattr(tok, "vocab_size", None),
@@ -413,7 +426,8 @@ def summarize_images(tally: ImageTally, tokenizers: Mapping[str, Any]) -> dict[s
             "bytes_per_image": nbytes / n if n else 0.0,
             "psnr_mean": psnr_sum / finite if finite else None, "lossless": int(lossless),
             "psnr_median": float(np.median(scores)) if scores else None,
-            "ssim_mean": ssim_sum / n if n else None, "refused": tally.refused[k] if tally.refused else 0})
+            "ssim_mean": ssim_sum / decoded if decoded else None, "decoded": int(decoded),
+            "refused": tally.refused[k] if tally.refused else 0})
     return {"kind": "image", "tokenizers": per_tok, "images": tally.images,
             "raw_bytes_per_image": 3 * tally.pixels / tally.images if tally.images else 0.0,
             "shown": [s for _, s in tally.shown], "errors": tally.errors.to_json()}

@@ -222,7 +222,7 @@ def image_page(result: dict[str, Any], title: str) -> str:
     for t in toks:
         what = (f"hard, {t['vocab_size']:,} codes" if t["kind"] == "hard"
                 else f"soft, {t['dim']} × {t['latent_dtype']}")
-        psnr = ("lossless" if t["lossless"] == t["images"] and t["images"] else
+        psnr = ("cannot decode" if not t["decoded"] else "lossless" if t["lossless"] == t["images"] else
                 "–" if t["psnr_mean"] is None else f"{t['psnr_mean']:.1f}"
                 + (f" ({t['lossless']} lossless)" if t["lossless"] else ""))
         ratio = f"{raw / t['bytes_per_image']:.1f}×" if t["bytes_per_image"] else "–"
@@ -248,6 +248,10 @@ def image_page(result: dict[str, Any], title: str) -> str:
                        f"<figcaption>original: {html.escape(label)} ({s['width']}×{s['height']})"
                        "</figcaption></figure>"]
             for spec, r in s["reconstructions"].items():
+                if "png" not in r:
+                    figures.append(f"<figure><figcaption>{html.escape(short(spec))}: {r['tokens']} tokens; it "
+                                   "cannot decode, so no reconstruction</figcaption></figure>")
+                    continue
                 score = "lossless" if r["psnr"] in ("inf", None) else f"PSNR {float(r['psnr']):.1f} dB"
                 figures.append(f"<figure>{image_tag(r['png'], f'{spec} {label}', w, h)}"
                                f"<figcaption>{html.escape(short(spec))}: {r['tokens']} tokens, {score}, "

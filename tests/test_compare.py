@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bench.corpus import multilingual_documents
-from tests.conftest import MULTILINGUAL, ONE_WORKER, run_build, write_jsonl
+from tests.conftest import MULTILINGUAL, ONE_WORKER, TWO_PROCESSES, run_build, write_jsonl
 from tokenmill.pipelines import commands, compare
 from tokenmill.reports.compare import sample_key, ssim
 from tokenmill.transforms.tokenizers.spec import load_image_tokenizer, load_text_tokenizer
@@ -64,8 +64,8 @@ def documents(folder: Path) -> list[tuple[str, str, str]]:
     return out
 
 
-def run_compare(capsys, *argv: str) -> dict:
-    assert compare.run([*argv, *ONE_WORKER]) == 0
+def run_compare(capsys, *argv: str, runner: list[str] = ONE_WORKER) -> dict:
+    assert compare.run([*argv, *runner]) == 0
     out = capsys.readouterr().out
     assert "tokenmill compare:" in out and "index.html" in out
     folder = Path(argv[list(argv).index("--out") + 1])
@@ -163,9 +163,9 @@ def test_vocabulary_usage_counts_distinct_tokens(text_result, corpus):
     assert used["top_tokens"][0]["id"] == top and used["top_tokens"][0]["uses"] == np.bincount(ids).max()
 
 
-def test_sample_takes_the_records_with_the_smallest_keys(corpus, tmp_path, capsys):
+def test_sample_takes_the_records_with_the_smallest_keys_whatever_the_workers(corpus, tmp_path, capsys):
     result = run_compare(capsys, "--input", str(corpus / "*.jsonl"), "--out", str(tmp_path), "--sample", "25",
-                         "--tokenizer", "bytes", "--tokenizer", "tiktoken:cl100k_base")
+                         "--tokenizer", "bytes", "--tokenizer", "tiktoken:cl100k_base", runner=TWO_PROCESSES)
     docs = sorted(documents(corpus), key=lambda d: sample_key(d[0], d[1]))[:25]
     assert result["documents"] == 25 and result["sample"] == 25
     assert result["chars"] == sum(len(t) for _, _, t in docs)
@@ -364,6 +364,8 @@ def test_every_page_renders_in_chromium_with_images_loaded_no_errors_and_exact_t
     for row in view.rows(5):
         pieces = cl100k.token_pieces([int(i) for i in row["tokens"]][:400])
         expected_views[row["id"]] = b"".join(pieces).decode("utf-8", "ignore")
+    for page in pages.values():  # self-contained: nothing to fetch
+        assert not re.search(r"(src|href)=\"(?!data:)", page.read_text()), page
     for key, r in results.items():
         assert r["errors"] == [], key
         assert r["images"] == r["loaded"] > 0, key
