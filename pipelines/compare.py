@@ -11,6 +11,7 @@ The launcher then draws index.html from compare.json.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -18,6 +19,7 @@ import time
 from typing import Any, Iterator, Sequence
 
 import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
 
 from tokenmill.pipelines import runners
 from tokenmill.pipelines.cli_errors import OneLineArgumentParser, UsageError, usage_errors
@@ -29,6 +31,20 @@ RESULT_NAME = "compare.json"
 PAGE_NAME = "index.html"
 SAMPLE_BATCH_BYTES = 1 << 20  # sampled documents are measured in batches of about this many bytes
 SAMPLE_BATCH_IMAGES = 16
+# The build's reading options that compare takes too (the modality plug-ins declare them).
+READER_OPTIONS = ("text_field", "txt_per_line", "max_doc_bytes", "size", "max_pixels", "image_field")
+
+
+@dataclasses.dataclass(frozen=True)
+class ComparePlan:
+    """One compare, checked: a BuildSpec for reading (its tokenizer is the first spec), every spec, the sample."""
+
+    spec: BuildSpec  # resolved: modality, inputs and output (the --out folder) canonical
+    specs: tuple[str, ...]
+    sample: int | None
+    show: int
+    local: bool
+    runner: str  # how the runner is described to the user
 
 
 def make_parser() -> OneLineArgumentParser:
@@ -53,7 +69,7 @@ def make_parser() -> OneLineArgumentParser:
                    help="what the inputs hold (default: from the file names, else the tokenizers)")
     group = p.add_argument_group("reading the inputs (as tokenmill build)")
     for o in reader_options():
-        if o.name in ("keep_fields",) or o.name not in _READER_OPTIONS:
+        if o.name not in READER_OPTIONS:
             continue
         kwargs: dict[str, Any] = {"dest": o.name, "help": o.help, "default": o.default}
         if o.type is None:
@@ -64,11 +80,8 @@ def make_parser() -> OneLineArgumentParser:
     return p
 
 
-_READER_OPTIONS = ("text_field", "txt_per_line", "max_doc_bytes", "size", "max_pixels", "image_field")
-
-
-def plan(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
-    """Parse and check a compare command line: (the plan, Beam arguments). Raises UsageError."""
+def plan(argv: Sequence[str]) -> tuple[ComparePlan, PipelineOptions]:
+    """Parse and check a compare command line: the plan and the Beam options. Raises UsageError."""
     from tokenmill.pipelines.build import check_inputs, infer_modality
 
     args, beam_args = make_parser().parse_known_args(list(argv))
@@ -79,8 +92,8 @@ def plan(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
         raise UsageError(f"--sample must be 1 or more, not {args.sample}")
     if args.show < 0:
         raise UsageError(f"--show must be 0 or more, not {args.show}")
-    reader = {k: getattr(args, k) for k in _READER_OPTIONS if hasattr(args, k)}
-    beam_args, _ = runners.local_defaults(beam_args)
+    reader = {k: getattr(args, k) for k in READER_OPTIONS if hasattr(args, k)}
+    beam_args, runner = runners.local_defaults(beam_args)
     options = runners.pipeline_options(beam_args)
     local = runners.runs_locally(options)
     files = check_inputs(args.input) if local else []
@@ -96,8 +109,7 @@ def plan(argv: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
             registry.shared_tokenizer(s, modality, ())
     except (TokenizerSpecError, ValueError) as e:
         raise UsageError(str(e)) from None
-    return {"spec": spec, "specs": specs, "modality": modality, "sample": args.sample, "show": args.show,
-            "out": spec.output, "options": options, "local": local}, beam_args
+    return ComparePlan(spec, tuple(specs), args.sample, args.show, local, runner), options
 
 
 # -- the graph ------------------------------------------------------------------------------------------
@@ -288,17 +300,15 @@ class CompareTokenizers(beam.PTransform):
                                                                    spec.inputs, self._sample)))
 
 
-def build_pipeline(planned: dict[str, Any]) -> beam.Pipeline:
+def build_pipeline(planned: ComparePlan, options: PipelineOptions) -> beam.Pipeline:
     """The un-run Beam graph of a compare."""
-    options = planned["options"]
     p = beam.Pipeline(runner=runners.make_runner(options), options=options)
-    _ = p | "CompareTokenizers" >> CompareTokenizers(planned["spec"], planned["specs"], planned["sample"],
-                                                     planned["show"])
+    _ = p | "CompareTokenizers" >> CompareTokenizers(planned.spec, planned.specs, planned.sample, planned.show)
     return p
 
 
-def write_page(out: str) -> str:
-    """index.html drawn from OUT/compare.json; returns its path."""
+def write_page(out: str) -> tuple[str, dict[str, Any]]:
+    """index.html drawn from OUT/compare.json: (its path, the result it drew)."""
     from tokenmill.reports.compare_page import compare_html
     from tokenmill.schemas.storage import join, read_bytes, write_bytes_atomic
 
@@ -306,33 +316,27 @@ def write_page(out: str) -> str:
     path = join(out, PAGE_NAME)
     title = f"tokenmill compare: {', '.join(t['spec'] for t in result['tokenizers'])}"
     write_bytes_atomic(path, compare_html(result, title).encode("utf-8"))
-    return path
+    return path, result
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse, check, run the graph, draw the page; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     with usage_errors("tokenmill compare"):
-        planned, _ = plan(argv)
-        if planned["local"]:
+        planned, options = plan(argv)
+        if planned.local:
             from tokenmill.pipelines.build import prepare_output
 
-            prepare_output(planned["out"])
+            prepare_output(planned.spec.output)
+    print(f"tokenmill compare: runner {planned.runner}", file=sys.stderr)
     start = time.perf_counter()
-    runners.tune_local(planned["options"])
-    outcome = runners.execute(build_pipeline(planned), "tokenmill compare")
+    runners.tune_local(options)
+    outcome = runners.execute(build_pipeline(planned, options), "tokenmill compare")
     if outcome.result is None:
         return outcome.code
-    path = write_page(planned["out"])
-    result = json.loads(_read(planned["out"]))
+    path, result = write_page(planned.spec.output)
     print(f"tokenmill compare: {_summary(result)} in {time.perf_counter() - start:.1f} s -> {path}")
     return 0
-
-
-def _read(out: str) -> bytes:
-    from tokenmill.schemas.storage import join, read_bytes
-
-    return read_bytes(join(out, RESULT_NAME))
 
 
 def _summary(result: dict[str, Any]) -> str:
