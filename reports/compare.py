@@ -167,11 +167,22 @@ def _piece_texts(data: bytes, spans: Sequence[tuple[int, int]]) -> list[str]:
     return token_pieces([data[s:e] for s, e in spans])
 
 
+def is_word_token(text: str) -> bool:
+    """A token that is one whole word of LONG_TOKEN_CHARS or more characters: letters in it, no whitespace
+    inside, and it starts where a word starts (after its leading whitespace, or with a symbol such as
+    `.DefaultCellStyle`, or a capital); a lowercase piece without a leading space (`issenschaft`,
+    `ительство`) continues a word and is left out."""
+    word = text.lstrip()
+    if len(word) < LONG_TOKEN_CHARS or any(c.isspace() for c in word) or not any(c.isalpha() for c in word):
+        return False
+    return len(word) < len(text) or not word[0].isalpha() or word[0].isupper()
+
+
 def spelling_risk(tokenizers: Mapping[str, Any], counts: Sequence[np.ndarray], rows: int = SPELLING_ROWS
                   ) -> dict[str, list[dict[str, Any]]]:
-    """Per tokenizer: the most used tokens that are one word of LONG_TOKEN_CHARS or more characters (letters
-    in it, no whitespace inside; a leading space is part of many tokens), with how every other tokenizer
-    splits the same text. A model sees such a word as one ID and must learn its spelling by heart."""
+    """Per tokenizer: the most used tokens that are one word of LONG_TOKEN_CHARS or more characters
+    (`is_word_token`), with how every other tokenizer splits the same text. A model sees such a word as one
+    ID and must learn its spelling by heart."""
     from tokenmill.transforms.tokenizers.spans import utf8
 
     out: dict[str, list[dict[str, Any]]] = {}
@@ -184,9 +195,9 @@ def spelling_risk(tokenizers: Mapping[str, Any], counts: Sequence[np.ndarray], r
                 text = tok.token_bytes(int(i)).decode("utf-8")
             except UnicodeDecodeError:
                 continue
-            word = text.lstrip()
-            if len(word) < LONG_TOKEN_CHARS or any(c.isspace() for c in word) or not any(c.isalpha() for c in word):
+            if not is_word_token(text):
                 continue
+            word = text.lstrip()
             if text in (tok.special_tokens or {}):
                 continue
             others = {}

@@ -8,7 +8,7 @@ from tokenmill.reports.boundaries import CSS as BOUNDARY_CSS
 from tokenmill.reports.boundaries import boundary_html, visible_cell
 
 PAGE_CSS = """*{box-sizing:border-box}body{font-family:system-ui,sans-serif;max-width:1160px;margin:0 auto;padding:1em;
-color:#222;line-height:1.45}h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px solid #eee}
+color:#222;line-height:1.45;overflow-wrap:break-word}h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px solid #eee}
 .scroll{overflow-x:auto;max-width:100%;margin:.5em 0}table{border-collapse:collapse}
 td,th{border:1px solid #ccc;padding:.25em .55em;text-align:left;vertical-align:top}
 td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f6f6f6}

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from bench.corpus import multilingual_documents
-from tests.conftest import MULTILINGUAL, ONE_WORKER, TWO_PROCESSES, run_build, write_jsonl
+from tests.conftest import MULTILINGUAL, ONE_WORKER, run_build, write_jsonl
 from tokenmill.pipelines import commands, compare
 from tokenmill.reports.compare import sample_key, ssim
-from tokenmill.transforms.tokenizers.spec import load_image_tokenizer, load_text_tokenizer
+from tokenmill.transforms.tokenizers.spec import load_image_tokenizer
+from tokenmill.transforms.tokenizers.spec import shared_text_tokenizer
 
 LANGUAGES = ("english", "russian", "greek", "arabic", "hindi", "chinese", "code")
 
@@ -64,8 +65,8 @@ def documents(folder: Path) -> list[tuple[str, str, str]]:
     return out
 
 
-def run_compare(capsys, *argv: str, runner: list[str] = ONE_WORKER) -> dict:
-    assert compare.run([*argv, *runner]) == 0
+def run_compare(capsys, *argv: str) -> dict:
+    assert compare.run([*argv, *ONE_WORKER]) == 0
     out = capsys.readouterr().out
     assert "tokenmill compare:" in out and "index.html" in out
     folder = Path(argv[list(argv).index("--out") + 1])
@@ -73,8 +74,9 @@ def run_compare(capsys, *argv: str, runner: list[str] = ONE_WORKER) -> dict:
 
 
 @pytest.fixture(scope="module")
-def text_specs(bpe_folder) -> list[str]:
-    return ["tiktoken:cl100k_base", "tiktoken:o200k_base", "bytes", f"hf:{bpe_folder}"]
+def text_specs(bpe_folder, sp_models) -> list[str]:
+    return ["tiktoken:cl100k_base", "tiktoken:o200k_base", "bytes", f"hf:{bpe_folder}",
+            f"sentencepiece:{sp_models['bpe']}"]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +97,7 @@ def test_text_figures_are_every_tokenizers_own_counts(text_result, corpus, text_
     by_spec = {t["spec"]: t for t in result["tokenizers"]}
     assert by_spec["tiktoken:cl100k_base"]["tokens"] == sum(len(reference_cl100k.encode_ordinary(t)) for t in texts)
     for spec in text_specs[1:]:
-        tok = load_text_tokenizer(spec)
+        tok = shared_text_tokenizer(spec)
         assert by_spec[spec]["tokens"] == sum(len(tok.encode(t)) for t in texts)
     # bytes: one token per UTF-8 byte, so tokens per character is bytes per character, exactly
     nbytes = sum(len(t.encode()) for t in texts)
@@ -147,14 +149,14 @@ def test_boundary_views_tile_each_excerpt_for_every_tokenizer(text_result, text_
             view = ex["views"][spec]
             spans = [tuple(s) for s in view["spans"]]
             assert b"".join(data[s:e] for s, e in spans) == data and spans[0][0] == 0
-            assert view["ids"] == load_text_tokenizer(spec).encode(ex["text"]).tolist()
+            assert view["ids"] == shared_text_tokenizer(spec).encode(ex["text"]).tolist()
 
 
 def test_vocabulary_usage_counts_distinct_tokens(text_result, corpus):
     result, _ = text_result
     texts = [t for _, _, t in documents(corpus)]
     by_spec = {t["spec"]: t for t in result["tokenizers"]}
-    o200k = load_text_tokenizer("tiktoken:o200k_base")
+    o200k = shared_text_tokenizer("tiktoken:o200k_base")
     ids = np.concatenate([o200k.encode(t) for t in texts])
     used = by_spec["tiktoken:o200k_base"]
     assert used["distinct_tokens"] == len(np.unique(ids))
@@ -163,9 +165,9 @@ def test_vocabulary_usage_counts_distinct_tokens(text_result, corpus):
     assert used["top_tokens"][0]["id"] == top and used["top_tokens"][0]["uses"] == np.bincount(ids).max()
 
 
-def test_sample_takes_the_records_with_the_smallest_keys_whatever_the_workers(corpus, tmp_path, capsys):
+def test_sample_takes_the_records_with_the_smallest_keys(corpus, tmp_path, capsys):
     result = run_compare(capsys, "--input", str(corpus / "*.jsonl"), "--out", str(tmp_path), "--sample", "25",
-                         "--tokenizer", "bytes", "--tokenizer", "tiktoken:cl100k_base", runner=TWO_PROCESSES)
+                         "--tokenizer", "bytes", "--tokenizer", "tiktoken:cl100k_base")
     docs = sorted(documents(corpus), key=lambda d: sample_key(d[0], d[1]))[:25]
     assert result["documents"] == 25 and result["sample"] == 25
     assert result["chars"] == sum(len(t) for _, _, t in docs)
