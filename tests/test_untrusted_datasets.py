@@ -228,7 +228,7 @@ def test_reports_fetch_nothing_a_dataset_names(tmp_path, server, capsys):
     page = (tmp_path / "r1" / "index.html").read_text()
     assert page.count("original not shown: source http://127.0.0.1:") == 2
     assert f"source {server.url}/im0.png is not a local file, and reports fetch nothing from the network" in page
-    assert page.count('alt="reconstruction"') == 2
+    assert page.count('alt="reconstruction im') == 2  # labelled by file
     assert commands.report([str(tmp_path / "vq"), "--out", str(tmp_path / "r2")]) == 0
     page = (tmp_path / "r2" / "index.html").read_text()
     assert f"not available: tokenizer vq:{server.url}/vq.npz names a file that is not local" in page
