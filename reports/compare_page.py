@@ -229,7 +229,7 @@ def image_page(result: dict[str, Any], title: str) -> str:
         rows.append([_spec_cell(t["spec"]), what, f"{t['tokens_per_image']:,.1f}", f"{t['bytes_per_image']:,.0f}",
                      ratio, psnr, "–" if t["ssim_mean"] is None else f"{t['ssim_mean']:.3f}"])
     body += ["<h2>Tokens, bytes and fidelity per image</h2>",
-             table(["tokenizer", "tokens", "tokens/image", "bytes/image", "vs raw RGB", "PSNR dB (mean)",
+             table(["tokenizer", "kind", "tokens/image", "bytes/image", "vs raw RGB", "PSNR dB (mean)",
                     "SSIM (mean)"], rows, {2, 3, 4, 5, 6}),
              f"<p class=note>Raw RGB is {raw:,.0f} bytes per image on average (as decoded for tokenizing).</p>"]
     shown = result["shown"]

@@ -222,9 +222,9 @@ def _reconstruction_section(view: DatasetView, samples: int) -> str:
         first = (f"<figure>{_picture(original, f'original {label}', scale)}<figcaption>original</figcaption></figure>"
                  if original is not None else f"<span class=note>{html.escape(why)}</span>")
         score_text = "" if score is None else ("lossless" if np.isinf(score) else f"PSNR {score:.1f} dB")
-        pairs.append(f'<div class="grid">{first}<figure>{_picture(recon, f"reconstruction {label}", scale)}'
-                     f'<figcaption>reconstruction {html.escape(score_text)}</figcaption></figure></div>'
-                     f'<p class="note">{html.escape(label)} ({row["width"]}×{row["height"]})</p>')
+        pairs.append(f'<h3>{html.escape(label)} <span class=note>{row["width"]}×{row["height"]}</span></h3>'
+                     f'<div class="grid">{first}<figure>{_picture(recon, f"reconstruction {label}", scale)}'
+                     f'<figcaption>reconstruction {html.escape(score_text)}</figcaption></figure></div>')
     finite = [(_where(r[0]), r[4]) for r in shown if r[4] is not None and np.isfinite(r[4])]
     parts = ["<h2>Reconstructions</h2>",
              f"<p>Each file as tokenized (left) and decoded from its tokens (right), all at one scale "
