@@ -204,6 +204,35 @@ def test_misuse_is_one_line_and_exit_2(corpus, tmp_path, capsys):
         assert message in err and err.count("\n") == 1, err
 
 
+def test_spelling_risk_takes_whole_words_only():
+    from tokenmill.reports.compare import is_word_token
+
+    assert all(map(is_word_token, [" environment", ".DefaultCellStyle", "Gesellschaft", " правительство"]))
+    # pieces that continue a word, short tokens, separators, digits, and text with a space inside
+    assert not any(map(is_word_token, ["issenschaft", "ительство", " short", "########", " 12345678",
+                                       "DefaultCell Style"]))
+
+
+def test_an_image_tokenizer_that_cannot_decode_gets_tokens_and_bytes_but_no_fidelity():
+    from tokenmill.reports.compare import measure_images, summarize_images
+    from tokenmill.transforms.tokenizers.patches import PatchTokenizer
+
+    class EncodeOnly(PatchTokenizer):
+        def decode_image(self, tokens, grid, height, width):
+            raise NotImplementedError("an encoder without a decoder")
+
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (32, 48, 3), dtype=np.uint8) for _ in range(3)]
+    toks = {"patch:16": load_image_tokenizer("patch:16"), "encode-only": EncodeOnly("encode-only", 16)}
+    tally = measure_images(toks, ["a.png", "b.png", "c.png"], ["file"] * 3, images)
+    result = summarize_images(tally, toks)
+    patch, only = result["tokenizers"]
+    assert (only["tokens_per_image"], only["bytes_per_image"]) == (6, 32 * 48 * 3) and only["decoded"] == 0
+    assert only["psnr_mean"] is None and only["ssim_mean"] is None
+    assert patch["lossless"] == 3 and patch["ssim_mean"] == pytest.approx(1.0)
+    assert all("png" not in s["reconstructions"]["encode-only"] for s in result["shown"])
+
+
 def test_ssim_known_values():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
