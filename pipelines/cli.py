@@ -15,6 +15,8 @@ COMMANDS = {
     "inspect": ("tokenmill.pipelines.commands:inspect", "show a dataset's schema, counts and sample rows, tokens marked"),
     "report": ("tokenmill.pipelines.commands:report", "write an HTML report with plots on what the tokens are"),
     "schema": ("tokenmill.pipelines.commands:schema", "print a dataset schema definition (JSON or Arrow)"),
+    "serve-workers": ("tokenmill.pipelines.workers:serve_workers",
+                      "serve SDK workers with tokenmill for a portable runner's EXTERNAL environment"),
     "validate": ("tokenmill.pipelines.commands:validate", "check a dataset against its manifest and schema"),
 }
 
@@ -29,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: tokenmill COMMAND [options]\n\ncommands:")
         for name, (_, text) in COMMANDS.items():
-            print(f"  {name:10s} {text}")
+            print(f"  {name:13s} {text}")
         print("\n'tokenmill COMMAND --help' documents each command; --verbose with any command shows "
               "tracebacks and worker logs beside its one-line errors.")
         sys.exit(0 if argv else 2)

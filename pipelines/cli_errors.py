@@ -5,7 +5,7 @@ import argparse
 import contextlib
 import re
 import sys
-from typing import Iterator, NoReturn
+from typing import Iterator, NoReturn, Sequence
 
 
 class UsageError(Exception):
@@ -38,19 +38,22 @@ _EXCEPTION_LINE = re.compile(r"^(?P<cls>[A-Za-z_][\w.]*?(?:Error|Exception|Exit|
 _WHILE_RUNNING = re.compile(r"( \[while running '[^']*'\])+$")
 
 
-def failure_line(exc: BaseException) -> str:
+def failure_line(exc: BaseException, job_messages: Sequence[str] = ()) -> str:
     """The one line that names why a command failed.
 
     Runners wrap a step's failure in their own exceptions whose text holds the
     worker's traceback. The cause is the innermost tokenmill error in that text
     (tokenmill raises what it means to say), else the innermost exception of
     any kind (a storage client's error, for example). Python prints a chain
-    innermost first, so "innermost" is the first such line.
+    innermost first, so "innermost" is the first such line. A portable runner's
+    exception holds no traceback: its job's error messages (`job_messages`) do,
+    and are searched first.
     """
     import traceback
 
-    text = "".join(traceback.format_exception(exc))
-    found = [m for m in (_EXCEPTION_LINE.match(line.strip()) for line in text.splitlines()) if m]
+    text = "\n".join([*job_messages, "".join(traceback.format_exception(exc))])
+    found = [m for m in (_EXCEPTION_LINE.match(line.strip()) for line in text.splitlines())
+             if m and m["msg"].strip() != "Traceback (most recent call last):"]  # a wrapper of a traceback's text
     ours = [m for m in found if m["cls"].startswith("tokenmill.")]
     if not ours and not found:
         first = (str(exc) or type(exc).__name__).strip().splitlines()

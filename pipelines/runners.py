@@ -6,14 +6,16 @@ for a local runner and nowhere else.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from tokenmill.pipelines import local
+from tokenmill.pipelines import local, workers  # workers: its WorkerOptions must be known to pipeline_options
 from tokenmill.pipelines.cli_errors import UsageError, failure_line, verbose
 from tokenmill.pipelines.local import DEFAULT_LOCAL_RUNNER, is_local_runner, local_defaults  # noqa: F401 (API)
 
@@ -84,26 +86,53 @@ def _all_subclasses(cls: type) -> list[type]:
     return out
 
 
+class _JobMessages(logging.Filter):
+    """Keeps a portable job's messages, which Beam's PortableRunner logs on the root logger, and hides them.
+
+    They hold a failed step's worker traceback, from which the one line names
+    the cause; with --verbose they show as well.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "root" or record.module != "portable_runner":
+            return True
+        if record.levelno >= logging.ERROR:
+            self.texts.append(record.getMessage())
+        return verbose()
+
+
+@contextlib.contextmanager
+def job_messages() -> Iterator[list[str]]:
+    """While a pipeline runs: Beam's logs off the terminal (unless --verbose); yields the job's error messages."""
+    if not verbose():
+        # The failure is reported in one line; Beam's own log of the failing step
+        # (in-process, or forwarded from the workers) is for debugging.
+        for name in ("apache_beam.runners.common", "apache_beam.runners.portability.local_job_service",
+                     "apache_beam.runners.portability.fn_api_runner.worker_handlers", "apache_beam.runners.worker",
+                     "asyncio"):  # aiohttp's "Task exception was never retrieved" of a storage retry
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    kept = _JobMessages()
+    root = logging.getLogger()
+    root.addFilter(kept)
+    try:
+        yield kept.texts
+    finally:
+        root.removeFilter(kept)
+
+
 def run_pipeline(pipeline, prog: str) -> tuple[Any, str | None]:
     """Run to completion: (the result, None), or (None, the one line saying why) if the job failed.
 
     With --verbose (or TOKENMILL_DEBUG=1) Beam's logs and tracebacks show as well.
     """
-    import logging
-
-    if not verbose():
-        # The failure is reported below in one line; Beam's own log of the
-        # failing step (in-process, or forwarded from the workers) is for debugging.
-        for name in ("apache_beam.runners.common", "apache_beam.runners.portability.local_job_service",
-                     "apache_beam.runners.portability.fn_api_runner.worker_handlers", "apache_beam.runners.worker",
-                     "asyncio"):  # aiohttp's "Task exception was never retrieved" of a storage retry
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-    import contextlib
-
     deaths: list[str] = []
     try:
-        with (local.worker_deaths_end_the_run() if runs_locally(pipeline.options)
-              else contextlib.nullcontext([])) as deaths:
+        with job_messages() as messages, (local.worker_deaths_end_the_run() if runs_locally(pipeline.options)
+                                          else contextlib.nullcontext([])) as deaths:
             result = pipeline.run()
             result.wait_until_finish()
         return result, None
@@ -116,7 +145,18 @@ def run_pipeline(pipeline, prog: str) -> tuple[Any, str | None]:
             import traceback
 
             traceback.print_exc()
-        return None, f"{prog}: failed: {failure_line(e)}"
+        return None, f"{prog}: failed: {failure_line(e, messages)}"
+
+
+def check_workers(pipeline, prog: str) -> bool:
+    """For a portable runner: the worker start check (pipelines/workers.py) before the job; False after one line."""
+    if not workers.needs_check(pipeline):
+        return True
+    with job_messages() as messages:
+        problem = workers.check(pipeline, messages)
+    if problem:
+        print(f"{prog}: failed: {problem}", file=sys.stderr)
+    return problem is None
 
 
 def counters(result, step: str | None = None) -> dict[str, int]:
@@ -195,8 +235,8 @@ class Outcome:
 
 def execute(pipeline, prog: str, progress=None) -> Outcome:
     """Run a pipeline for a command. `progress`, a context manager with a `succeeded` attribute, wraps the run."""
-    import contextlib
-
+    if not check_workers(pipeline, prog):
+        return Outcome(1)
     with contextlib.ExitStack() as stack:
         if runs_locally(pipeline.options):
             stack.enter_context(local.warm_workers(pipeline, prog))
