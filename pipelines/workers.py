@@ -138,20 +138,70 @@ def _python_shim(folder: str) -> str:
     return folder
 
 
+def _servicer(zygote):
+    """Beam's pool servicer, each worker forked warm from `zygote` (pipelines/local/zygote.py) when there is one.
+
+    Why warm: Beam's pool starts every worker as a fresh `python` that imports
+    Beam and tokenmill again, seconds of CPU per worker and per job. The zygote
+    forked from this process once it had imported them; a worker is Beam's own
+    `sdk_worker_main`, given the addresses the runner sent, as Beam's boot
+    gives them (no pipeline options: Beam's own pool passes none either).
+    Why reap: Beam's runners never ask an EXTERNAL pool to stop a worker, so
+    Beam's pool keeps every ended worker as a zombie, for as long as it runs.
+    """
+    import shlex
+    import subprocess
+    import traceback
+
+    from apache_beam.portability.api import beam_fn_api_pb2
+    from apache_beam.runners.worker.worker_pool_main import BeamFnExternalWorkerPoolServicer
+    from google.protobuf import text_format
+
+    class WorkerPool(BeamFnExternalWorkerPoolServicer):
+        def StartWorker(self, request, context):
+            for worker_id, proc in list(self._worker_processes.items()):
+                if proc.poll() is not None:
+                    del self._worker_processes[worker_id]
+            if zygote is None:
+                return super().StartWorker(request, context)
+            env = dict(os.environ, WORKER_ID=request.worker_id, PIPELINE_OPTIONS="{}",
+                       CONTROL_API_SERVICE_DESCRIPTOR=text_format.MessageToString(request.control_endpoint),
+                       LOGGING_API_SERVICE_DESCRIPTOR=text_format.MessageToString(request.logging_endpoint))
+            try:
+                self._worker_processes[request.worker_id] = subprocess.Popen(
+                    shlex.split(zygote.command()), env=env, stdin=subprocess.DEVNULL, close_fds=True)
+            except Exception:
+                return beam_fn_api_pb2.StartWorkerResponse(error=traceback.format_exc())
+            return beam_fn_api_pb2.StartWorkerResponse()
+
+    return WorkerPool(use_process=True)
+
+
 @contextlib.contextmanager
 def worker_pool(host: str, port: int) -> Iterator[str]:
     """Beam's EXTERNAL worker pool servicer on host:port, its workers running this interpreter; yields host:port.
 
-    Beam's own `start` binds every interface; this binds `host` only. On exit
-    the server stops and the workers still running are ended (SIGTERM, then SIGKILL).
+    Workers fork warm from a zygote where it can be made (Linux; not with
+    TOKENMILL_FORK_WORKERS=0), else start Beam's way with this interpreter first
+    on PATH. Beam's own `start` binds every interface; this binds `host` only.
+    On exit the server stops and the workers still running are ended (SIGTERM,
+    then SIGKILL).
     """
     import grpc
     from apache_beam.portability.api import beam_fn_api_pb2_grpc
-    from apache_beam.runners.worker.worker_pool_main import BeamFnExternalWorkerPoolServicer, kill_process_gracefully
+    from apache_beam.runners.worker.worker_pool_main import kill_process_gracefully
     from apache_beam.utils import thread_pool_executor
 
-    with tempfile.TemporaryDirectory(prefix="tokenmill-workers-") as shim:
+    from tokenmill.pipelines.local import zygote as zygotes
+
+    with tempfile.TemporaryDirectory(prefix="tokenmill-workers-") as shim, contextlib.ExitStack() as stack:
         os.environ["PATH"] = _python_shim(shim) + os.pathsep + os.environ.get("PATH", "")
+        warm = None
+        if zygotes.safe_to_fork():  # before the gRPC server starts any thread
+            import tokenmill.pipelines.build  # noqa: F401 - what every worker imports, imported once here
+
+            with contextlib.suppress(OSError):  # e.g. a socket path too long: workers start Beam's way
+                warm = stack.enter_context(zygotes.WorkerZygote())
         server = grpc.server(thread_pool_executor.shared_unbounded_instance(),
                              options=[("grpc.http2.max_pings_without_data", 0), ("grpc.http2.max_ping_strikes", 0)])
         try:
@@ -160,7 +210,7 @@ def worker_pool(host: str, port: int) -> Iterator[str]:
             bound = 0
         if not bound:
             raise OSError(f"cannot listen on {host}:{port}")
-        pool = BeamFnExternalWorkerPoolServicer(use_process=True, data_buffer_time_limit_ms=-1)
+        pool = _servicer(warm)
         beam_fn_api_pb2_grpc.add_BeamFnExternalWorkerPoolServicer_to_server(pool, server)
         server.start()
         try:

@@ -76,9 +76,10 @@ def _wait_for(ready, what: str, proc: subprocess.Popen, log: Path):
     pytest.fail(f"{what} not ready within {DEADLINE:g} s: {log.read_text()[-2000:]}")
 
 
-def start_serve_workers(log: Path) -> tuple[subprocess.Popen, str]:
+def start_serve_workers(log: Path, **kw) -> tuple[subprocess.Popen, str]:
     """`tokenmill serve-workers --port 0`; the process and the address it printed."""
-    proc = _start([sys.executable, "-m", "tokenmill", "serve-workers", "--port", "0"], log, stdout=subprocess.PIPE)
+    proc = _start([sys.executable, "-m", "tokenmill", "serve-workers", "--port", "0"], log, stdout=subprocess.PIPE,
+                  **kw)
     seen = b""
 
     def address() -> str | None:
@@ -421,11 +422,24 @@ def test_a_concurrent_local_and_portable_build_give_one_commit_and_one_clean_ref
     assert read_rows(out).equals(expected)
 
 
-def test_serve_workers_prints_its_address_and_ends_cleanly_on_sigint_and_sigterm(tmp_path):
-    started = {sig: start_serve_workers(tmp_path / f"{sig.name}.log") for sig in (signal.SIGINT, signal.SIGTERM)}
+def test_serve_workers_warm_and_cold_build_the_same_and_end_cleanly_on_sigint_and_sigterm(tmp_path, inputs,
+                                                                                        job_endpoint, text_built):
+    """Warm: workers forked from serve-workers' zygote (the module's pool is one too). Cold
+    (TOKENMILL_FORK_WORKERS=0): Beam's own start, a bare `python` that serve-workers' PATH makes this one."""
+    local = text_built[0]
+    started = {}
     try:
+        for sig, fork in ((signal.SIGINT, "1"), (signal.SIGTERM, "0")):
+            started[sig] = start_serve_workers(tmp_path / f"{sig.name}.log",
+                                               env={**os.environ, "TOKENMILL_FORK_WORKERS": fork})
         for sig, (proc, address) in started.items():
-            assert re.fullmatch(r"127\.0\.0\.1:\d+", address) and listening(int(address.rsplit(":", 1)[1]))
+            assert re.fullmatch(r"127\.0\.0\.1:\d+", address)
+            out = tmp_path / sig.name
+            code, _, err = run([*text_argv(inputs), "--output", str(out), "--runner=PortableRunner",
+                                f"--job_endpoint={job_endpoint}", "--environment_type=EXTERNAL",
+                                f"--environment_config={address}", *NO_CHECK])
+            assert code == 0, err
+            assert_same_dataset(local, out)
             proc.send_signal(sig)
             assert proc.wait(DEADLINE) == 0, (tmp_path / f"{sig.name}.log").read_text()
             assert proc.stdout.read().decode().strip().endswith("tokenmill serve-workers: stopped")

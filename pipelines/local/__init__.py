@@ -15,7 +15,8 @@ each measured (docs/benchmarks.md) and each with a switch:
 * **Allocator tuning** (TOKENMILL_MALLOC_TUNING=0 turns off): for modalities
   that ask (video), glibc keeps freed memory instead of handing it back.
 
-Nothing outside this package imports zygote.py or calls mallopt.
+Nothing outside this package calls mallopt or imports zygote.py, but `tokenmill serve-workers`
+(pipelines/workers.py), whose EXTERNAL pool forks its workers warm the same way.
 """
 from __future__ import annotations
 

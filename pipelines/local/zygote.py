@@ -17,8 +17,9 @@ status, so the runner sees the process it asked for. The worker is the same
 code with the same options: only its start is cheaper.
 
 Linux only (fork after imports is not safe on macOS); elsewhere, or with
-TOKENMILL_FORK_WORKERS=0, Beam starts workers its own way. Used only through
-pipelines/local (the local runner's seam).
+TOKENMILL_FORK_WORKERS=0, Beam starts workers its own way. Used through
+pipelines/local (the local runner's seam) and by `tokenmill serve-workers`
+(pipelines/workers.py), whose pool hands the zygote the runner's addresses.
 """
 from __future__ import annotations
 
