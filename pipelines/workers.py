@@ -90,7 +90,7 @@ def check(pipeline, job_messages: list[str]) -> str | None:
 
     options = pipeline.options
     timeout = options.view_as(WorkerOptions).worker_start_timeout
-    probe = beam.Pipeline(runner=type(pipeline.runner)(), options=options)
+    probe = beam.Pipeline(runner=pipeline.runner, options=options)  # the same job server serves both jobs
     _ = (probe | "WorkerStartCheck" >> beam.Create([None])
          | "ReportIn" >> beam.Map(report_in, versions()))
     outcome: dict[str, object] = {}
