@@ -1,13 +1,25 @@
-"""`python -m bench [text_build|reader|image_build|video_build|incremental|hf_tokenizers|compare ...]`: run the named benchmarks (default: all)."""
+"""`python -m bench [NAME ...] [options]`: run the named benchmarks (default: all); `python -m bench --list` names them.
+
+One line per bench below: its name and its module, imported only when run (some need extras).
+"""
+import importlib
 import sys
 
-from bench import compare, hf_tokenizers, image_build, incremental, reader, text_build, video_build
-
-BENCHES = {"text_build": text_build.main, "reader": reader.main, "image_build": image_build.main,
-           "video_build": video_build.main, "incremental": incremental.main, "hf_tokenizers": hf_tokenizers.main,
-           "compare": compare.main}
+BENCHES = {
+    "text_build": "bench.text_build",
+    "reader": "bench.reader",
+    "image_build": "bench.image_build",
+    "video_build": "bench.video_build",
+    "incremental": "bench.incremental",
+    "hf_tokenizers": "bench.hf_tokenizers",
+    "compare": "bench.compare",
+    "portable": "bench.portable",
+}
 
 if __name__ == "__main__":
+    if "--list" in sys.argv[1:]:
+        print("\n".join(BENCHES))
+        sys.exit(0)
     names = [a for a in sys.argv[1:] if a in BENCHES] or list(BENCHES)
     rest = [a for a in sys.argv[1:] if a not in BENCHES]
-    sys.exit(max(BENCHES[n](rest) for n in names))
+    sys.exit(max(importlib.import_module(BENCHES[n]).main(rest) for n in names))
