@@ -177,6 +177,19 @@ def _servicer(zygote):
     return WorkerPool(use_process=True)
 
 
+def _check_bindable(host: str, port: int) -> None:
+    """Raise OSError naming why host:port cannot be listened on (gRPC would log it at C level, then fail)."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(address)
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 @contextlib.contextmanager
 def worker_pool(host: str, port: int) -> Iterator[str]:
     """Beam's EXTERNAL worker pool servicer on host:port, its workers running this interpreter; yields host:port.
@@ -195,6 +208,7 @@ def worker_pool(host: str, port: int) -> Iterator[str]:
     from tokenmill.pipelines.local import zygote as zygotes
 
     with tempfile.TemporaryDirectory(prefix="tokenmill-workers-") as shim, contextlib.ExitStack() as stack:
+        _check_bindable(host, port)  # before forking a zygote for nothing
         os.environ["PATH"] = _python_shim(shim) + os.pathsep + os.environ.get("PATH", "")
         warm = None
         if zygotes.safe_to_fork():  # before the gRPC server starts any thread
@@ -223,7 +237,7 @@ def worker_pool(host: str, port: int) -> Iterator[str]:
 
 def serve_workers(argv: Sequence[str] | None = None) -> int:
     """`tokenmill serve-workers`: an EXTERNAL worker pool for portable runners, until SIGINT or SIGTERM."""
-    from tokenmill.pipelines.cli_errors import OneLineArgumentParser, usage_errors
+    from tokenmill.pipelines.cli_errors import OneLineArgumentParser, UsageError, usage_errors
 
     with usage_errors("tokenmill serve-workers"):
         p = OneLineArgumentParser(
@@ -235,6 +249,8 @@ def serve_workers(argv: Sequence[str] | None = None) -> int:
                        help="address to listen on (default: 127.0.0.1; 0.0.0.0 for runners on other machines)")
         p.add_argument("--port", type=int, default=50000, help="port (default: 50000, Beam's; 0 picks a free one)")
         args = p.parse_args(argv)
+        if not 0 <= args.port <= 65535:
+            raise UsageError(f"--port must be between 0 and 65535, not {args.port}")
     stop = threading.Event()
 
     def ask_to_stop(signum, frame) -> None:

@@ -457,3 +457,15 @@ def test_a_worker_with_other_versions_than_the_launcher_fails_the_check():
     with pytest.raises(WorkerMismatchError, match=r"^the SDK workers run tokenmill \S+ \(launcher 0\.0\.1\), "
                                                   r"python \d+\.\d+ \(launcher 2\.7\): install the launcher's"):
         report_in(None, {**versions(), "tokenmill": "0.0.1", "python": "2.7"})
+
+
+def test_serve_workers_refuses_a_bad_port_and_an_address_it_cannot_listen_on(capsys):
+    from tokenmill.pipelines.workers import serve_workers
+
+    with pytest.raises(SystemExit) as e:
+        serve_workers(["--port", "99999"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "tokenmill serve-workers: error: --port must be between 0 and 65535, not 99999\n"
+    assert serve_workers(["--host", "203.0.113.9", "--port", "0"]) == 1  # TEST-NET-3: no interface of ours
+    assert capsys.readouterr().err == ("tokenmill serve-workers: failed: cannot listen on 203.0.113.9:0: "
+                                       "Cannot assign requested address\n")
