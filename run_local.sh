@@ -12,7 +12,7 @@ if [ -z "$PYTHON" ]; then
   if command -v python3.11 >/dev/null 2>&1; then PYTHON=python3.11; else PYTHON=python3; fi
 fi
 VENV=.venv
-EXTRAS="hf,sentencepiece,fast,fit,torch,gcp,aws,test,bench,report,video"
+EXTRAS="hf,sentencepiece,fast,fit,torch,diffusers,gcp,aws,test,bench,report,video"
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "run_local.sh: creating $VENV with $($PYTHON --version 2>&1)" >&2

@@ -53,6 +53,8 @@ setup(
         "bench": ["datasets>=3", "psutil>=5"],
         "report": ["matplotlib>=3.8"],
         "video": ["decord>=0.6", "av>=12"],
+        # diffusers: autoencoders (AutoencoderKL, VQModel, video VAEs) from diffusers folders, safetensors only.
+        "diffusers": ["diffusers>=0.42,<0.43", "safetensors>=0.8", "torch>=2.1"],
     },
     # Data files workers need (vocabularies, JSON) travel in the sdist through
     # MANIFEST.in and are installed with their package.
