@@ -340,7 +340,8 @@ def add_options(parser: argparse.ArgumentParser, *, required: bool = True, suppr
                 add(group, o)
     group = parser.add_argument_group("tokenizer options (each applies to the families named)")
     for o in registry.tokenizer_options():
-        takers = ", ".join(f.prefix + ("" if f.bare else ":") for f in registry.families() if o in f.options)
+        takers = ", ".join(f.prefix + ("" if f.bare else ":") for f in registry.families()
+                           if any(x.name == o.name for x in f.options))
         add(group, dataclasses.replace(o, help=f"[{takers}] {o.help}"))
 
 

@@ -37,6 +37,8 @@ FAMILIES = {
     "patch": "tokenmill.transforms.tokenizers.patches:FAMILY",
     "vq": "tokenmill.transforms.tokenizers.codebook:VQ_FAMILY",
     "pca": "tokenmill.transforms.tokenizers.codebook:PCA_FAMILY",
+    # diffusers before torchscript: the first family to declare an option gives its CLI form (--dtype with fp16)
+    "diffusers": "tokenmill.transforms.tokenizers.diffusers_vae:FAMILY",
     "torchscript": "tokenmill.transforms.tokenizers.torchscript:FAMILY",
 }
 
