@@ -153,7 +153,7 @@ def decode(argv: Sequence[str] | None = None) -> int:
 
     from tokenmill.transforms.fs import open_binary
     from tokenmill.schemas.manifest import read_manifest
-    from tokenmill.transforms.tokenizers.spec import load_image_tokenizer, load_video_tokenizer
+    from tokenmill.transforms.tokenizers.spec import load_image_tokenizer, load_video_tokenizer, recorded_options
 
     with usage_errors("tokenmill decode"):
         p = dataset_parser("tokenmill decode", "Turn an image row's tokens (patches, vq codes, pca latents) "
@@ -172,7 +172,7 @@ def decode(argv: Sequence[str] | None = None) -> int:
                              "into pictures")
         try:
             load = load_image_tokenizer if manifest.modality == "image" else load_video_tokenizer
-            tok = load(manifest.tokenizer["spec"])
+            tok = load(manifest.tokenizer["spec"], **recorded_options(manifest))
         except ValueError as e:
             raise UsageError(str(e)) from None
         if tok.fingerprint() != manifest.tokenizer["fingerprint"]:

@@ -137,9 +137,9 @@ class DatasetView:
             policy = tok_meta.get("special_token_policy") or {}
             tok = load_text_tokenizer(spec, bos=policy.get("bos") is not None, eos=policy.get("eos") is not None)
         else:
-            from tokenmill.transforms.tokenizers.spec import load_image_tokenizer
+            from tokenmill.transforms.tokenizers.spec import load_image_tokenizer, recorded_options
 
-            tok = load_image_tokenizer(spec)
+            tok = load_image_tokenizer(spec, **recorded_options(self.manifest))
         if tok.fingerprint() != tok_meta.get("fingerprint") and self.modality != "video":
             raise ValueError(f"{spec} no longer matches the dataset's tokenizer fingerprint")
         return tok

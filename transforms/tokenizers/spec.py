@@ -33,6 +33,13 @@ def load_image_tokenizer(spec: str, **options: Any):
     return load_tokenizer(spec, "image", options)
 
 
+def recorded_options(manifest: Any) -> dict[str, Any]:
+    """The tokenizer options a dataset was built with (its manifest's spec), to load the same tokenizer
+    again for decode and reports: a neural family's dtype or sampling is part of its fingerprint."""
+    recorded = ((getattr(manifest, "spec", None) or {}).get("tokenizer") or {}).get("options") or {}
+    return dict(recorded) if isinstance(recorded, dict) else {}
+
+
 def load_video_tokenizer(spec: str, **options: Any):
     """Load a video tokenizer; `options` are its family's (device, temporal_factor, ... for neural encoders)."""
     return load_tokenizer(spec, "video", options)
