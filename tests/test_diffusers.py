@@ -219,6 +219,21 @@ def test_fingerprint_follows_the_weights_and_config_not_the_folder(models, tmp_p
     assert load_image_tokenizer(f"diffusers:{models['kl']}", dtype="bf16").fingerprint() != base
 
 
+def test_object_storage_and_sharded_folders_load_the_same_model(models, tmp_path):
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    for f in models["kl"].iterdir():
+        memory.pipe(f"/diffusers-test/kl/{f.name}", f.read_bytes())
+    local = load_image_tokenizer(f"diffusers:{models['kl']}")
+    assert load_image_tokenizer("diffusers:memory://diffusers-test/kl").fingerprint() == local.fingerprint()
+    AutoencoderKL.from_pretrained(models["kl"]).save_pretrained(tmp_path / "shards", max_shard_size="20KB")
+    assert len(list((tmp_path / "shards").glob("*.safetensors"))) > 1
+    sharded = load_image_tokenizer(f"diffusers:{tmp_path / 'shards'}")
+    image = np.arange(12 * 10 * 3, dtype=np.uint8).reshape(12, 10, 3)
+    np.testing.assert_array_equal(sharded.encode_image(image)[0], local.encode_image(image)[0])
+
+
 def test_folders_that_cannot_load_are_refused_in_one_line(models, images, tmp_path, capsys):
     AutoencoderKL.from_pretrained(models["kl"]).save_pretrained(tmp_path / "pickled", safe_serialization=False)
     assert sorted(p.name for p in (tmp_path / "pickled").iterdir()) == ["config.json", "diffusion_pytorch_model.bin"]

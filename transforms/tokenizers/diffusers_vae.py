@@ -121,7 +121,7 @@ def _weight_files(uri: str, files: dict[str, int]) -> list[str]:
     raise TokenizerSpecError(f"diffusers:{uri}: no {WEIGHTS} in the folder")
 
 
-def _read_config(uri: str, files: dict[str, int]) -> tuple[dict[str, Any], bytes]:
+def _read_config(uri: str, files: dict[str, int]) -> dict[str, Any]:
     if "config.json" not in files:
         hint = (": a pipeline folder; point at its vae/ (or vqvae/) subfolder" if "model_index.json" in files
                 else ": not a diffusers model folder")
@@ -132,7 +132,7 @@ def _read_config(uri: str, files: dict[str, int]) -> tuple[dict[str, Any], bytes
         assert isinstance(config, dict)
     except Exception:
         raise TokenizerSpecError(f"diffusers:{uri}: config.json is not a JSON object") from None
-    return config, data
+    return config
 
 
 def _sha256_file(uri: str, copy_to: str | None = None) -> str:
@@ -185,7 +185,7 @@ class _Autoencoder(_LoadedModel):
         if latent not in LATENT_MODES:
             raise TokenizerSpecError(f"--latent must be one of {', '.join(LATENT_MODES)}")
         files = _listing(uri)
-        config, config_bytes = _read_config(uri, files)
+        config = _read_config(uri, files)
         cls_name = str(config.get("_class_name"))
         arch = ARCHITECTURES.get(cls_name)
         if arch is None:
@@ -205,12 +205,11 @@ class _Autoencoder(_LoadedModel):
         self.order = (0, 3, 1, 2) if modality == "image" else (0, 4, 1, 2, 3)
         self.torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         self.name = uri.rstrip("/").rsplit("/", 1)[-1]
-        self.config_sha256 = hashlib.sha256(config_bytes).hexdigest()
         import diffusers
 
         self.library_version = diffusers.__version__
-        with _local_copy(uri, weights) as (folder, hashes):
-            self.weights_sha256 = hashes
+        with _local_copy(uri, ["config.json", *weights]) as (folder, hashes):
+            self.files_sha256 = hashes  # what the model was built from: the fingerprint
             try:
                 model_cls = getattr(diffusers, cls_name)
                 self.model = model_cls.from_pretrained(folder, use_safetensors=True, local_files_only=True,
@@ -305,8 +304,8 @@ class _Autoencoder(_LoadedModel):
         return x.permute(*range(1, x.dim()), 0).numpy()  # (..., H, W, 3)
 
     def identity(self) -> dict[str, Any]:
-        return {"family": "diffusers", "class": self.class_name, "config_sha256": self.config_sha256,
-                "weights_sha256": self.weights_sha256, "dtype": self.dtype, "latent": self.latent,
+        return {"family": "diffusers", "class": self.class_name, "files_sha256": self.files_sha256,
+                "dtype": self.dtype, "latent": self.latent,
                 "seed": self.seed, "pad_multiple": self.pad_multiple, "temporal_factor": self.temporal_factor,
                 "device_type": self.device.split(":")[0]}
 
