@@ -14,6 +14,7 @@ BENCHES = {
     "hf_tokenizers": "bench.hf_tokenizers",
     "compare": "bench.compare",
     "portable": "bench.portable",
+    "diffusers_vae": "bench.diffusers_vae",
 }
 
 if __name__ == "__main__":

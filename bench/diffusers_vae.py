@@ -1,0 +1,129 @@
+"""diffusers: benchmark: `tokenmill build --tokenizer diffusers:...` (an AutoencoderKL) against a plain loop.
+
+    ./run_local.sh bench diffusers_vae [--images 64] [--size 512] [--batch-size 8] [--repeat 3]
+
+The images are generated once (bench/image_build's structured scenes, JPEG
+quality 90) and so is the model: a small random-weight AutoencoderKL
+(block_out_channels 8, 16, 32, 32, one layer per block, mid-block attention,
+4 latent channels, f = 8), saved with save_pretrained. Then, as fresh
+processes with their peak RSS, in alternating rounds:
+  loop        one process: for each batch of --batch-size files, PIL decode
+              (convert("RGB")), stack, x / 127.5 - 1, vae.encode(x).latent_dist.mean;
+              writes nothing
+  tokenmill   `tokenmill build --tokenizer diffusers:MODEL --batch-size N` with one
+              worker in one process (FnApiRunner in_memory); it also writes every
+              latent to Parquet and commits the dataset
+Two figures per side: the timed part (the loop from its first read to its last
+encode, after imports and model load; tokenmill from pipeline start to commit,
+after its one model load, from the manifest) and the whole process's wall time
+(imports, model load, and for tokenmill the Beam graph). The fastest of --repeat
+rounds counts for each; the ratio is loop time over tokenmill time (target >= 0.9).
+Both must count the same latent positions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.image_build import make_images
+from bench.text_build import REPO, bench_result, best_of_rounds, manifest_seconds, run_measured
+
+CONFIG = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+              block_out_channels=(8, 16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8)
+
+
+def make_model(folder: Path) -> Path:
+    """The small AutoencoderKL, seeded, saved once as a diffusers folder."""
+    if (folder / "config.json").exists():
+        return folder
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(**CONFIG).save_pretrained(folder)
+    return folder
+
+
+def loop_main(model: str, batch_size: int, paths: list[str]) -> None:
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    vae = AutoencoderKL.from_pretrained(model, use_safetensors=True).eval()
+    start = time.perf_counter()
+    positions = 0
+    with torch.inference_mode():
+        for s in range(0, len(paths), batch_size):
+            batch = []
+            for p in paths[s:s + batch_size]:
+                with Image.open(p) as im:
+                    batch.append(np.asarray(im.convert("RGB")))
+            x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            mean = vae.encode(x).latent_dist.mean
+            positions += int(mean.shape[0] * mean.shape[2] * mean.shape[3])
+    print("BENCH " + json.dumps({"seconds": time.perf_counter() - start, "tokens": positions,
+                                 "images": len(paths)}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench.diffusers_vae", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=3, help="rounds; the fastest run of each side counts (default 3)")
+    ap.add_argument("--loop", help=argparse.SUPPRESS)  # the model folder: run the plain loop on `paths`
+    ap.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.loop:
+        loop_main(args.loop, args.batch_size, args.paths)
+        return 0
+    data = REPO / "bench" / "data"
+    folder = data / f"diffusers-images-{args.size}"
+    files = make_images(folder, args.images, args.size)
+    model = make_model(data / "diffusers-kl-small")
+    print(f"images: {len(files)} JPEGs of {args.size}x{args.size} ({folder}); model {model}; "
+          f"batch size {args.batch_size}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="tokenmill-bench-diffusers-") as tmp:
+        target = Path(tmp) / "ds"
+
+        def loop() -> dict:
+            out, wall, peak = run_measured([sys.executable, "-m", "bench.diffusers_vae", "--loop", str(model),
+                                            "--batch-size", str(args.batch_size), *map(str, files)])
+            return {**bench_result(out), "wall_s": wall, "peak_rss": peak}
+
+        def build() -> dict:
+            shutil.rmtree(target, ignore_errors=True)
+            _, wall, peak = run_measured([sys.executable, "-m", "tokenmill.pipelines.build", "--input",
+                                          str(folder / "*.jpg"), "--output", str(target), "--tokenizer",
+                                          f"diffusers:{model}", "--batch-size", str(args.batch_size),
+                                          "--progress", "none", "--runner=FnApiRunner", "--direct_num_workers=1",
+                                          "--direct_running_mode=in_memory"])
+            m = json.loads((target / "_manifest.json").read_text())
+            return {"seconds": manifest_seconds(m), "tokens": m["tokens"], "images": m["rows"],
+                    "errors": m["errors"], "wall_s": wall, "peak_rss": peak}
+
+        results = best_of_rounds(args.repeat, {"loop (PIL + vae.encode), 1 proc": loop,
+                                               "tokenmill diffusers:, 1 worker": build})
+    print(f"\n{'':34s} {'seconds':>8s} {'images/s':>9s} {'wall s':>7s} {'peak RSS':>9s}  runs")
+    for name, r in results.items():
+        print(f"{name:34s} {r['seconds']:8.2f} {r['images'] / r['seconds']:9.2f} {r['wall_s']:7.2f} "
+              f"{r['peak_rss'] / 2**20:6.0f} MiB  {r['runs']}")
+    loop_r, tm = results.values()
+    assert tm["tokens"] == loop_r["tokens"] and tm["errors"] == 0, (tm, loop_r)
+    ratio = loop_r["seconds"] / tm["seconds"]
+    print(f"\ntokenmill vs loop, timed part: {ratio:.2f}x (target >= 0.9x: {'met' if ratio >= 0.9 else 'MISSED'}); "
+          f"whole processes: {loop_r['wall_s'] / tm['wall_s']:.2f}x")
+    (data / "diffusers_vae.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
