@@ -255,6 +255,20 @@ def test_folders_that_cannot_load_are_refused_in_one_line(models, images, tmp_pa
         assert message in str(info.value) and "\n" not in str(info.value)
 
 
+def test_latents_that_overflow_the_dtype_are_error_rows_not_nan(models, tmp_path):
+    vae = AutoencoderKL.from_pretrained(models["kl"])
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(1e5)  # beyond float16's 65504 at the first convolution
+    vae.save_pretrained(tmp_path / "hot")
+    image = np.full((8, 8, 3), 255, np.uint8)
+    column, grids, failures = load_image_tokenizer(f"diffusers:{tmp_path / 'hot'}", dtype="fp16").encode_batch(
+        [image, image])
+    assert len(column) == 0 and [i for i, _ in failures] == [0, 1]
+    assert "fp16 latents are not finite" in str(failures[0][1])
+    column, _, failures = load_image_tokenizer(f"diffusers:{tmp_path / 'hot'}").encode_batch([image])
+    assert len(column) == 1 and failures == []
+
+
 HIDE_DIFFUSERS = """
 import runpy, sys
 sys.modules["diffusers"] = None  # find_spec and import both see it as not installed
