@@ -248,6 +248,7 @@ def test_folders_that_cannot_load_are_refused_in_one_line(models, images, tmp_pa
     (tmp_path / "pipeline" / "model_index.json").write_text("{}")
     cases = {tmp_path / "pipeline": "a pipeline folder; point at its vae/ (or vqvae/) subfolder",
              tmp_path / "missing": "no such model folder",
+             models["kl"] / "config.json": "is a file; give the folder that holds config.json",
              models["wan"]: "AutoencoderKLWan is a video autoencoder, not for image inputs"}
     for folder, message in cases.items():
         with pytest.raises(TokenizerSpecError) as info:

@@ -93,8 +93,10 @@ def _listing(uri: str) -> dict[str, int]:
         entries = []
     except OSError as e:
         raise TokenizerSpecError(f"diffusers:{uri}: cannot list the folder: {e}") from None
-    files = {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
-             for e in entries if e["type"] == "file" and e["name"].rstrip("/") != path.rstrip("/")}
+    if len(entries) == 1 and entries[0]["type"] == "file" and entries[0]["name"].rstrip("/") == path.rstrip("/"):
+        raise TokenizerSpecError(f"diffusers:{uri}: is a file; give the folder that holds config.json and the "
+                                 "safetensors weights")
+    files = {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in entries if e["type"] == "file"}
     if not files:
         raise TokenizerSpecError(f"diffusers:{uri}: no such model folder (config.json + safetensors)")
     return files
@@ -186,8 +188,10 @@ class _Autoencoder(_LoadedModel):
             raise TokenizerSpecError(f"--latent must be one of {', '.join(LATENT_MODES)}")
         files = _listing(uri)
         config = _read_config(uri, files)
-        cls_name = str(config.get("_class_name"))
+        cls_name = str(config.get("_class_name") or "")
         arch = ARCHITECTURES.get(cls_name)
+        if not cls_name:
+            raise TokenizerSpecError(f"diffusers:{uri}: config.json names no _class_name: not a diffusers model")
         if arch is None:
             raise TokenizerSpecError(f"diffusers:{uri}: {cls_name} is not supported (supported: "
                                      f"{', '.join(ARCHITECTURES)})")
