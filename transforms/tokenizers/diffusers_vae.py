@@ -203,7 +203,11 @@ class _Autoencoder(_LoadedModel):
                                      "not RGB")
         weights = _weight_files(uri, files)
         self.arch, self.config, self.class_name = arch, config, cls_name
-        self.pad_multiple, self.temporal_factor = arch.spatial(config), arch.temporal
+        try:
+            self.pad_multiple, self.temporal_factor = int(arch.spatial(config)), arch.temporal
+            self.vocab_size = int(config["num_vq_embeddings"]) if arch.kind == "hard" else None
+        except (KeyError, TypeError, ValueError) as e:
+            raise TokenizerSpecError(f"diffusers:{uri}: config.json lacks a valid {e} for {cls_name}") from None
         self.latent, self.seed = latent, int(seed) if latent == "sample" else None
         self.device, self.dtype, self.rank = device, dtype, 4 if modality == "image" else 5
         self.order = (0, 3, 1, 2) if modality == "image" else (0, 4, 1, 2, 3)
@@ -221,12 +225,13 @@ class _Autoencoder(_LoadedModel):
             except Exception as e:
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise TokenizerSpecError(f"diffusers:{uri}: {cls_name} cannot load: {first[:300]}") from None
-        self.model = self.model.to(device).eval()
+        try:
+            self.model = self.model.to(device).eval()
+        except (RuntimeError, AssertionError, ValueError) as e:
+            raise TokenizerSpecError(f"--device {device}: {(str(e).strip().splitlines() or [''])[0]}") from None
         self._lock = threading.Lock()  # Wan keeps its frame cache on the module: one call at a time
         self.kind = arch.kind
-        self.dim, self.latent_dtype, self.vocab_size = 0, None, None
-        if self.kind == "hard":
-            self.vocab_size = int(config["num_vq_embeddings"])
+        self.dim, self.latent_dtype = 0, None
         m = self.pad_multiple
         probe = np.zeros((1, m, m, 3) if modality == "image" else (1, 1 + self.temporal_factor, m, m, 3), np.uint8)
         try:
