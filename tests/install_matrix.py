@@ -252,6 +252,37 @@ def check_fit(v: Venv) -> str:
     return "fit --kind vq, then a vq: build of 6 images (24 codes each)"
 
 
+def check_diffusers(v: Venv) -> str:
+    images = _images(v)
+    want = json.loads(v.py("""
+        import glob, json, numpy as np, torch
+        from PIL import Image
+        from diffusers import AutoencoderKL
+        torch.manual_seed(0)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                            up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
+                            latent_channels=4, norm_num_groups=4, sample_size=32)
+        vae.save_pretrained("vae")
+        x = np.asarray(Image.open(sorted(glob.glob("images/*.png"))[0]).convert("RGB"), np.float32)
+        x = np.pad(x, ((0, -x.shape[0] % 2), (0, -x.shape[1] % 2), (0, 0)), mode="edge")  # f = 2
+        with torch.inference_mode():
+            mean = vae.encode(torch.from_numpy(x).permute(2, 0, 1)[None] / 127.5 - 1).latent_dist.mean[0]
+        print(json.dumps(mean.reshape(4, -1).T.tolist()))
+        """))
+    v.build("--input", f"{images}/*.png", "--output", "kl", "--tokenizer", "diffusers:vae", *ONE_WORKER)
+    got = json.loads(v.py("""
+        import glob, json, numpy as np
+        from tokenmill import TokenReader
+        from tokenmill.transforms.records import row_id
+        first = row_id(sorted(glob.glob(__import__("os").path.abspath("images") + "/*.png"))[0], "file")
+        row = next(r for r in TokenReader("kl", shuffle=False, fields=["id"]) if r["id"] == first)
+        print(json.dumps(np.asarray(row["latents"], np.float32).tolist()))
+        """))
+    if len(got) != len(want) or max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g, w)) > 1e-4:
+        raise CheckFailed(f"diffusers: latents differ from vae.encode's mean: {got[:2]} vs {want[:2]}")
+    return "a diffusers: AutoencoderKL build whose latents equal vae.encode's mean"
+
+
 def check_torch(v: Venv) -> str:
     docs = _docs(v)
     v.build("--input", docs, "--output", "ds", "--tokenizer", "bytes", *ONE_WORKER)
@@ -340,8 +371,8 @@ def check_gcp(v: Venv) -> str:
 
 CHECKS: dict[str, Callable[[Venv], str]] = {
     "base": check_base, "hf": check_hf, "sentencepiece": check_sentencepiece, "fast": check_fast,
-    "fit": check_fit, "torch": check_torch, "video": check_video, "report": check_report, "aws": check_aws,
-    "gcp": check_gcp,
+    "fit": check_fit, "torch": check_torch, "diffusers": check_diffusers, "video": check_video,
+    "report": check_report, "aws": check_aws, "gcp": check_gcp,
 }
 
 
