@@ -205,17 +205,12 @@ def worker_pool(host: str, port: int) -> Iterator[str]:
     from apache_beam.runners.worker.worker_pool_main import kill_process_gracefully
     from apache_beam.utils import thread_pool_executor
 
-    from tokenmill.pipelines.local import zygote as zygotes
+    from tokenmill.pipelines import local
 
     with tempfile.TemporaryDirectory(prefix="tokenmill-workers-") as shim, contextlib.ExitStack() as stack:
         _check_bindable(host, port)  # before forking a zygote for nothing
         os.environ["PATH"] = _python_shim(shim) + os.pathsep + os.environ.get("PATH", "")
-        warm = None
-        if zygotes.safe_to_fork():  # before the gRPC server starts any thread
-            import tokenmill.pipelines.build  # noqa: F401 - what every worker imports, imported once here
-
-            with contextlib.suppress(OSError):  # e.g. a socket path too long: workers start Beam's way
-                warm = stack.enter_context(zygotes.WorkerZygote())
+        warm = local.worker_zygote(stack)  # before the gRPC server starts any thread; None: Beam's way
         server = grpc.server(thread_pool_executor.shared_unbounded_instance(),
                              options=[("grpc.http2.max_pings_without_data", 0), ("grpc.http2.max_ping_strikes", 0)])
         try:

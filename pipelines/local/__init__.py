@@ -25,7 +25,7 @@ import ctypes
 import os
 import platform
 import sys
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
@@ -150,6 +150,22 @@ def _warm_start_runner() -> type:
             return super().run_via_runner_api(pipeline_proto, options)
 
     return WarmStartFnApiRunner
+
+
+def worker_zygote(stack: contextlib.ExitStack) -> Any:
+    """A zygote that forks warm SDK workers (zygote.WorkerZygote), entered on `stack`; None where it cannot be made
+    (not Linux, TOKENMILL_FORK_WORKERS=0, threads already running, or a socket path too long). For a worker pool
+    of our own (pipelines/workers.serve): the local runner's seam is the one place that reaches the zygote."""
+    from tokenmill.pipelines.local import zygote
+
+    if not zygote.safe_to_fork():
+        return None
+    import tokenmill.pipelines.build  # noqa: F401 - what every worker imports, imported once before the fork
+
+    try:
+        return stack.enter_context(zygote.WorkerZygote())
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager
