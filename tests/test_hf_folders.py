@@ -48,6 +48,18 @@ def test_ids_equal_autotokenizer_on_the_multilingual_corpus(hf_folders, name):
     assert tok.decode(ids(tok, MULTILINGUAL[1])) == plain.decode(ids(tok, MULTILINGUAL[1]))
 
 
+@pytest.mark.parametrize("name", TRANSFORMERS_WAY + TOKENIZERS_WAY)
+def test_a_block_encodes_to_each_documents_own_ids(hf_folders, name):
+    """A block goes through one batch call without offsets (encode_batch_fast); each row must hold what
+    the library's plain encode (with offsets) gives that document alone."""
+    tok = load_text_tokenizer(f"hf:{hf_folders[name]}")
+    column, failures = tok.encode_batch(MULTILINGUAL)
+    assert not failures
+    alone = [tok._tok.encode(text, add_special_tokens=False).ids for text in MULTILINGUAL]
+    assert column.to_pylist() == alone
+    assert sum(map(len, alone)) > len(MULTILINGUAL)
+
+
 def test_the_converted_tokenizer_has_one_fingerprint_in_every_process(hf_folders):
     """Workers load the spec again: the conversion must give the launcher's fingerprint."""
     code = ("from tokenmill.transforms.tokenizers.spec import load_text_tokenizer as load; "
