@@ -290,12 +290,15 @@ def make_pipeline(argv: Sequence[str] | None = None
 
 def plan_build(spec: BuildSpec, beam_args: Sequence[str]) -> tuple[BuildSpec, beam.Pipeline, str, dict[str, int], bool]:
     """make_pipeline for a BuildSpec (what `retokenize` and schedulers use)."""
-    beam_args, runner = runners.local_defaults(beam_args)
+    chosen = list(beam_args)
+    beam_args, runner = runners.local_defaults(chosen)
     options = runners.pipeline_options(beam_args)
     local = runners.runs_locally(options)
     spec, meta, files = prepare(spec, local)
-    runners.tune_local(options, allocator=registry.modality(spec.modality).allocator_tuning)
     sizes = to_tokenize(spec, meta, files) if local else {}
+    if local and (small := runners.small_build(beam_args, chosen, sum(sizes.values()))):
+        beam_args, runner, options = small
+    runners.tune_local(options, allocator=registry.modality(spec.modality).allocator_tuning)
     return spec, build_pipeline(spec, options, meta), runner, sizes, local
 
 
@@ -333,7 +336,9 @@ def execute(spec: BuildSpec, pipeline: beam.Pipeline, runner: str, sizes: dict[s
 
 
 def main() -> None:
-    sys.exit(run())
+    from tokenmill.pipelines.cli import leave
+
+    leave(run())  # as `tokenmill build` does: no interpreter teardown once the build is done
 
 
 if __name__ == "__main__":

@@ -67,6 +67,14 @@ def cores_per_worker(options: PipelineOptions) -> int:
     return max(1, (os.cpu_count() or 1) // processes)
 
 
+def small_build(beam_args: Sequence[str], chosen: Sequence[str], input_bytes: int
+                ) -> tuple[list[str], str, PipelineOptions] | None:
+    """(args, runner description, options) for one in-process worker when a local build is small, else None
+    (the local seam's rule: pipelines/local.small_build_args)."""
+    small = local.small_build_args(beam_args, chosen, input_bytes)
+    return None if small is None else (*small, pipeline_options(small[0]))
+
+
 def tune_local(options: PipelineOptions, *, allocator: bool = False) -> None:
     """The local seam's tunings for a local runner (pipelines/local.tune); nothing for a remote one."""
     if runs_locally(options):

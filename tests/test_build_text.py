@@ -283,3 +283,22 @@ def test_shards_and_row_groups_are_sized_by_bytes_whatever_the_worker_count(tmp_
     two = read_manifest(str(outs[1]))
     assert [s["sha256"] for s in two.shards] == [s["sha256"] for s in m.shards] and two.files == m.files
     assert read_rows(outs[0]).num_rows == 3000
+
+
+def test_a_small_build_runs_in_one_process_unless_the_user_chose_workers(tmp_path, capsys, monkeypatch):
+    """Starting worker processes costs more than a tiny build (pipelines/local: small_build_args)."""
+    from tokenmill.pipelines import build
+    from tokenmill.pipelines.local import SMALL_BUILD_BYTES, local_defaults, small_build_args
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": f"doc {i}"} for i in range(5)])
+    assert build.run(["--input", str(src), "--output", str(tmp_path / "out"), "--tokenizer", "bytes",
+                      "--progress", "none"]) == 0
+    assert "runner FnApiRunner (in_memory, 1 worker)" in capsys.readouterr().err
+    assert read_rows(tmp_path / "out").num_rows == 5
+    defaults, _ = local_defaults([])
+    assert small_build_args(defaults, [], SMALL_BUILD_BYTES - 1)[1] == "FnApiRunner (in_memory, 1 worker)"
+    assert small_build_args(defaults, [], SMALL_BUILD_BYTES) is None
+    for chosen in (["--direct_num_workers=2"], ["--direct_running_mode=multi_threading"], ["--runner=DirectRunner"]):
+        assert small_build_args(local_defaults(chosen)[0], chosen, 10) is None, chosen
+    monkeypatch.setenv("TOKENMILL_SMALL_BUILD_BYTES", "0")
+    assert small_build_args(defaults, [], 10) is None

@@ -14,6 +14,10 @@ each measured (docs/benchmarks.md) and each with a switch:
   user set wins): one BLAS thread per worker process when there is a worker per core.
 * **Allocator tuning** (TOKENMILL_MALLOC_TUNING=0 turns off): for modalities
   that ask (video), glibc keeps freed memory instead of handing it back.
+* **One process for small builds** (TOKENMILL_SMALL_BUILD_BYTES=0 turns off):
+  when the inputs to tokenize come to less than 1 MiB and the user chose no
+  worker count or running mode, the build runs in the launcher's process
+  (in_memory, 1 worker) instead of starting worker processes.
 
 Nothing outside this package calls mallopt or imports zygote.py, but `tokenmill serve-workers`
 (pipelines/workers.py), whose EXTERNAL pool forks its workers warm the same way.
@@ -71,6 +75,26 @@ def local_defaults(beam_args: Sequence[str]) -> tuple[list[str], str]:
         args.append("--default_sdk_harness_log_level=ERROR")  # keep worker chatter off the terminal
     mode = PipelineOptions(args).view_as(DirectOptions).direct_running_mode
     return args, f"{runner} ({mode}, {workers} worker{'s' if workers != 1 else ''})"
+
+
+# Below this many bytes to tokenize, starting worker processes costs more than it saves: forking 2 warm
+# workers and connecting them costs about 0.5 s of a tiny build (docs/benchmarks.md, fixed cost), while
+# 1 MiB takes about 0.1 s to tokenize on one core (text at 11 MB/s; images about 26 MB/s).
+SMALL_BUILD_BYTES = 1 << 20
+
+
+def small_build_args(beam_args: Sequence[str], chosen: Sequence[str], input_bytes: int) -> tuple[list[str], str] | None:
+    """local_defaults' args for one in-process worker, when a build is small; else None.
+
+    `chosen` are the Beam args the user gave: a worker count, running mode or
+    runner named there is kept. `input_bytes`: the bytes this run will tokenize.
+    """
+    limit = int(os.environ.get("TOKENMILL_SMALL_BUILD_BYTES", SMALL_BUILD_BYTES))
+    if input_bytes >= limit or any(_given(chosen, n) for n in ("runner", "direct_num_workers",
+                                                                  "direct_running_mode")):
+        return None
+    keep = [a for a in beam_args if not (_given([a], "direct_num_workers") or _given([a], "direct_running_mode"))]
+    return local_defaults([*keep, "--direct_num_workers=1", "--direct_running_mode=in_memory"])
 
 
 def _worker_processes(options: PipelineOptions) -> int:
