@@ -15,6 +15,8 @@ BENCHES = {
     "compare": "bench.compare",
     "portable": "bench.portable",
     "diffusers_vae": "bench.diffusers_vae",
+    "peers": "bench.peers",
+    "fixed_cost": "bench.fixed_cost",
 }
 
 if __name__ == "__main__":
