@@ -59,8 +59,14 @@ case "$mode" in
       matrix_pid=$!
       export TOKENMILL_INSTALL_MATRIX="$matrix_dir/result.json" TOKENMILL_INSTALL_MATRIX_PID=$matrix_pid
     fi
+    # The whole suite runs its test files on as many pytest-xdist workers as there are cores
+    # (TOKENMILL_TEST_WORKERS overrides; 0 runs them in this one process); chosen tests run in one.
+    parallel=()
+    if [ $# -eq 0 ] && [ "${TOKENMILL_TEST_WORKERS:-auto}" != 0 ]; then
+      parallel=(-n "${TOKENMILL_TEST_WORKERS:-auto}" --dist loadfile)
+    fi
     rc=0
-    "$VENV/bin/python" -m pytest -q tests "$@" || rc=$?
+    "$VENV/bin/python" -m pytest -q ${parallel[@]+"${parallel[@]}"} tests "$@" || rc=$?
     [ -n "$matrix_pid" ] && kill "$matrix_pid" 2>/dev/null
     exit $rc
     ;;

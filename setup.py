@@ -49,7 +49,8 @@ setup(
         # 127.0.0.1; build makes the sdist that --setup_file stages.
         "test": ["pytest>=8", "hypothesis>=6", "tokenizers>=0.20", "transformers>=5,<6",
                  "sentencepiece>=0.2.2,!=0.2.3", "duckdb>=1.0", "datasets>=3", "polars>=1.0", "moto[s3]>=5",
-                 "flask>=3", "flask-cors>=4", "gcp-storage-emulator>=2024.8", "build>=1.2", "uv>=0.5"],
+                 "flask>=3", "flask-cors>=4", "gcp-storage-emulator>=2024.8", "build>=1.2", "uv>=0.5",
+                 "pytest-xdist>=3.5"],
         "bench": ["datasets>=3", "psutil>=5"],
         "report": ["matplotlib>=3.8"],
         "video": ["decord>=0.6", "av>=12"],
