@@ -51,7 +51,9 @@ setup(
                  "sentencepiece>=0.2.2,!=0.2.3", "duckdb>=1.0", "datasets>=3", "polars>=1.0", "moto[s3]>=5",
                  "flask>=3", "flask-cors>=4", "gcp-storage-emulator>=2024.8", "build>=1.2", "uv>=0.5",
                  "pytest-xdist>=3.5"],
-        "bench": ["datasets>=3", "psutil>=5"],
+        # datatrove: the text peer of bench/peers.py (its [processing] extra wants xxhash<4, which datasets'
+        # pinned xxhash 4.1 excludes; the JsonlReader -> DocumentTokenizer path needs only the base).
+        "bench": ["datasets>=3", "psutil>=5", "datatrove>=0.10.1,<0.11", "orjson>=3"],
         "report": ["matplotlib>=3.8"],
         "video": ["decord>=0.6", "av>=12"],
         # diffusers: autoencoders (AutoencoderKL, VQModel, video VAEs) from diffusers folders, safetensors only.
