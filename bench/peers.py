@@ -197,6 +197,23 @@ def image_loop(paths: list[Path], out: Path, n: int, codebook: Path | None, env:
     return {"seconds": wall, "pipeline_s": r["seconds"], "tokens": r["tokens"], "peak_rss": peak}
 
 
+def report(results: dict[str, dict], checks: list[tuple[str, float]], notes: list[str], path: Path) -> None:
+    """Print the table and ratios so far and write them to `path` (after every part: a long run keeps them)."""
+    load = os.getloadavg()
+    print(f"\nload now: {load}")
+    print(f"\n{'':48s} {'whole s':>8s} {'inner s':>8s} {'peak RSS':>9s}   runs (whole s)")
+    for name, r in results.items():
+        print(f"{name:48s} {r['seconds']:8.2f} {r['pipeline_s']:8.2f} {r['peak_rss'] / 2**20:5.0f} MiB   {r['runs']}")
+    print()
+    for note in notes:
+        print(note)
+    for name, ratio in checks:
+        print(f"{name:62s} {ratio:5.2f}x  (target >= 1.1x: {'met' if ratio >= 1.1 else 'MISSED'})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"results": results, "ratios": dict(checks), "notes": notes, "load": load}, indent=2))
+    print(f"\nresults: {path}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench.peers", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -240,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{eos_only} empty documents kept by tokenmill as EOS-only rows")
                     assert differ == 0, notes[-1]
                 print(f"  done: text {n}", flush=True)
+                report(results, checks, notes, args.results)
         if "hf" not in skip:
             for n in procs:
                 runs = {f"text: HF datasets tiktoken, {n} proc": lambda n=n: _hf_text(files, tmp / f"hf{n}", n),
@@ -250,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                 assert hf["tokens"] == tm["tokens"], (hf["tokens"], tm["tokens"])
                 checks.append((f"text {n} proc: tokenmill vs HF datasets (tiktoken)", hf["seconds"] / tm["seconds"]))
                 print(f"  done: HF text {n}", flush=True)
+                report(results, checks, notes, args.results)
         if "images" not in skip:
             from bench.image_build import PATCH, POLICY, make_images
 
@@ -279,20 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                         checks.append((f"images {label} {n} proc: tokenmill vs {peer.split(': ')[1].rsplit(',', 1)[0]}",
                                        results[peer]["seconds"] / tm["seconds"]))
                     print(f"  done: images {label} {n}", flush=True)
-    load = os.getloadavg()
-    print(f"\nload after: {load}")
-    print(f"\n{'':48s} {'whole s':>8s} {'inner s':>8s} {'peak RSS':>9s}   runs (whole s)")
-    for name, r in results.items():
-        print(f"{name:48s} {r['seconds']:8.2f} {r['pipeline_s']:8.2f} {r['peak_rss'] / 2**20:5.0f} MiB   {r['runs']}")
-    print()
-    for note in notes:
-        print(note)
-    for name, ratio in checks:
-        print(f"{name:62s} {ratio:5.2f}x  (target >= 1.1x: {'met' if ratio >= 1.1 else 'MISSED'})")
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps({"results": results, "ratios": dict(checks), "notes": notes,
-                                        "load_after": load}, indent=2))
-    print(f"\nresults: {args.results}")
+                    report(results, checks, notes, args.results)
     return 0
 
 
