@@ -279,6 +279,7 @@ def inspect(argv: Sequence[str] | None = None) -> int:
 def report(argv: Sequence[str] | None = None) -> int:
     """`tokenmill report DIR --out report/`: a self-contained HTML page with plots."""
     from tokenmill.reports.html import write_report
+    from tokenmill.schemas.manifest import read_manifest
 
     with usage_errors("tokenmill report"):
         p = dataset_parser("tokenmill report", "Write a self-contained HTML report (PNG plots embedded, no "
@@ -288,9 +289,10 @@ def report(argv: Sequence[str] | None = None) -> int:
         args = p.parse_args(argv)
         if args.samples < 0:
             raise UsageError(f"--samples must be 0 or more, not {args.samples}")
-        try:
-            path = write_report(args.dir, args.out, samples=args.samples)
+        try:  # only a missing manifest is misuse: a shard missing later is a failure that names it
+            read_manifest(args.dir)
         except FileNotFoundError:
             raise UsageError(f"{args.dir}: no _manifest.json") from None
+    path = write_report(args.dir, args.out, samples=args.samples)
     print(f"tokenmill report: {args.dir} -> {path}")
     return 0

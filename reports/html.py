@@ -370,9 +370,12 @@ def report_html(root: str, *, samples: int = 8) -> str:
 
 
 def write_report(root: str, out_dir: str, *, samples: int = 8) -> str:
-    """Write OUT/index.html; returns its path."""
+    """Write OUT/index.html; returns its path. The page is drawn first and written whole, so a report that
+    fails leaves the one already there."""
+    from tokenmill.schemas.storage import write_bytes_atomic
+
+    page = report_html(root, samples=samples)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "index.html")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(report_html(root, samples=samples))
+    write_bytes_atomic(path, page.encode("utf-8"))
     return path

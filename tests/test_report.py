@@ -134,3 +134,25 @@ def test_longest_tokens_group_separator_runs(tmp_path, capsys):
     assert "####" not in longest and "information" in longest
     assert "<code>#</code>" in runs and "<code>-</code>" in runs
     assert '<code><i class="ws" data-raw=" ">·</i></code>' in runs  # a run of spaces, drawn
+
+
+def test_a_missing_shard_fails_naming_it_and_keeps_the_previous_report(text_dataset, tmp_path, capsys):
+    """A dataset with a shard gone is a failure naming that shard (not "no _manifest.json", not misuse),
+    and the report already in --out is left whole (the page is drawn before index.html is replaced)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    ds, out = tmp_path / "ds", tmp_path / "report"
+    shutil.copytree(text_dataset, ds)
+    before = make_report(ds, out, capsys)
+    shard = json.loads((ds / "_manifest.json").read_text())["files"][0]
+    (ds / shard).unlink()
+    done = subprocess.run([sys.executable, "-m", "tokenmill.pipelines.cli", "report", str(ds), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tokenmill report: failed:") and Path(shard).name in lines[0]
+    assert (out / "index.html").read_text() == before
+
