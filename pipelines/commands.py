@@ -278,6 +278,8 @@ def inspect(argv: Sequence[str] | None = None) -> int:
 
 def report(argv: Sequence[str] | None = None) -> int:
     """`tokenmill report DIR --out report/`: a self-contained HTML page with plots."""
+    import os
+
     from tokenmill.reports.html import write_report
     from tokenmill.schemas.manifest import read_manifest
 
@@ -289,6 +291,8 @@ def report(argv: Sequence[str] | None = None) -> int:
         args = p.parse_args(argv)
         if args.samples < 0:
             raise UsageError(f"--samples must be 0 or more, not {args.samples}")
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise UsageError(f"output {args.out} exists and is not a directory")
         try:  # only a missing manifest is misuse: a shard missing later is a failure that names it
             read_manifest(args.dir)
         except FileNotFoundError:

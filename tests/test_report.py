@@ -156,3 +156,10 @@ def test_a_missing_shard_fails_naming_it_and_keeps_the_previous_report(text_data
     assert len(lines) == 1 and lines[0].startswith("tokenmill report: failed:") and Path(shard).name in lines[0]
     assert (out / "index.html").read_text() == before
 
+
+def test_report_out_that_is_a_file_is_misuse(text_dataset, tmp_path, capsys):
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        commands.report([str(text_dataset), "--out", str(tmp_path / "taken")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == f"tokenmill report: error: output {tmp_path / 'taken'} exists and is not a directory"
