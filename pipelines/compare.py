@@ -122,8 +122,8 @@ def _tokenizers(specs: Sequence[str], modality: str) -> dict[str, Any]:
 class _MeasureBatches(beam.DoFn):
     """Measures each batch with every tokenizer (loaded once per worker): one tally per batch."""
 
-    def __init__(self, specs: Sequence[str], modality: str):
-        self._specs, self._modality = tuple(specs), modality
+    def __init__(self, specs: Sequence[str], modality: str, show: int):
+        self._specs, self._modality, self._show = tuple(specs), modality, show
 
     def setup(self) -> None:
         self._toks = _tokenizers(self._specs, self._modality)
@@ -132,27 +132,28 @@ class _MeasureBatches(beam.DoFn):
         from tokenmill.reports import compare
 
         if self._modality == "text":
-            tally = compare.measure_texts(self._toks, batch["sources"], batch["locators"], batch["texts"])
+            tally = compare.measure_texts(self._toks, batch["sources"], batch["locators"], batch["texts"],
+                                         self._show)
         else:
             tally = compare.measure_images(self._toks, batch["sources"], batch["locators"], batch["images"])
         tally.errors.add(batch.get("errors", []))
         yield tally
 
 
-def _empty_tally(specs: Sequence[str], modality: str):
+def _empty_tally(specs: Sequence[str], modality: str, show: int):
     from tokenmill.reports.compare import ImageTally, TextTally
 
-    return (TextTally if modality == "text" else ImageTally)(tuple(specs))
+    return TextTally(tuple(specs), show=show) if modality == "text" else ImageTally(tuple(specs))
 
 
 class MergeTallies(beam.CombineFn):
     """Tallies added up: the figures of every batch, in any order."""
 
-    def __init__(self, specs: Sequence[str], modality: str):
-        self._specs, self._modality = tuple(specs), modality
+    def __init__(self, specs: Sequence[str], modality: str, show: int):
+        self._specs, self._modality, self._show = tuple(specs), modality, show
 
     def create_accumulator(self):
-        return _empty_tally(self._specs, self._modality)
+        return _empty_tally(self._specs, self._modality, self._show)
 
     def add_input(self, acc, tally):
         return acc.merge(tally)
@@ -293,9 +294,9 @@ class CompareTokenizers(beam.PTransform):
         ) | "JoinRejected" >> beam.Flatten()
         # A batch that fails to measure is a failure of a tokenizer, not a bad record: the run stops.
         tallies = ((batches, rejected) | "JoinBatches" >> beam.Flatten()
-                   | "MeasureWithEveryTokenizer" >> beam.ParDo(_MeasureBatches(self._specs, modality)))
+                   | "MeasureWithEveryTokenizer" >> beam.ParDo(_MeasureBatches(self._specs, modality, self._show)))
         return (tallies
-                | "MergeTallies" >> beam.CombineGlobally(MergeTallies(self._specs, modality))
+                | "MergeTallies" >> beam.CombineGlobally(MergeTallies(self._specs, modality, self._show))
                 | "WriteComparison" >> beam.ParDo(_WriteComparison(self._specs, modality, spec.output, self._show,
                                                                    spec.inputs, self._sample)))
 

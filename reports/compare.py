@@ -22,7 +22,7 @@ import numpy as np
 
 from tokenmill.reports.stats import LONG_TOKEN_CHARS, dominant_scripts, token_granularity
 
-EXAMPLES_PER_SCRIPT = 2  # candidate documents per script for the boundary views
+SHOW = 6  # documents drawn token by token (compare --show); up to this many candidates are kept per script
 EXCERPT_CHARS = 320  # a boundary view shows at most this much of a document
 MAX_ERROR_EXAMPLES = 10
 SPELLING_ROWS = 12
@@ -91,8 +91,9 @@ class TextTally:
     counts: list[np.ndarray] = dataclasses.field(default_factory=list)  # uses of each ID, per tokenizer
     refused: list[int] = dataclasses.field(default_factory=list)  # documents each tokenizer refused
     errors: ErrorTally = dataclasses.field(default_factory=ErrorTally)
-    # script -> the EXAMPLES_PER_SCRIPT smallest (sample key, source, locator, excerpt)
+    # script -> the `show` smallest (sample key, source, locator, excerpt): enough for `show` views of one script
     examples: dict[str, list[tuple[int, str, str, str]]] = dataclasses.field(default_factory=dict)
+    show: int = SHOW
 
     def merge(self, other: "TextTally") -> "TextTally":
         for k, v in other.groups.items():
@@ -105,15 +106,16 @@ class TextTally:
                                               other.refused or [0] * len(self.specs), strict=True)]
         self.errors.merge(other.errors)
         for script, items in other.examples.items():
-            self.examples[script] = _smallest(self.examples.get(script, []) + items, EXAMPLES_PER_SCRIPT)
+            self.examples[script] = _smallest(self.examples.get(script, []) + items, self.show)
         return self
 
 
 def measure_texts(tokenizers: Mapping[str, Any], sources: Sequence[str], locators: Sequence[str],
-                  texts: Sequence[str]) -> TextTally:
-    """One batch of documents through every tokenizer (without BOS/EOS): a tally to merge."""
+                  texts: Sequence[str], show: int = SHOW) -> TextTally:
+    """One batch of documents through every tokenizer (without BOS/EOS): a tally to merge, keeping up to
+    `show` excerpts per script to draw."""
     specs = tuple(tokenizers)
-    tally = TextTally(specs, refused=[0] * len(specs))
+    tally = TextTally(specs, refused=[0] * len(specs), show=show)
     if not texts:
         return tally
     refused: set[int] = set()
@@ -148,9 +150,9 @@ def measure_texts(tokenizers: Mapping[str, Any], sources: Sequence[str], locator
         for name in dict.fromkeys(names):
             tally.groups[(kind, name)] = per_doc[names_arr == name].sum(axis=0)
     for i, script in enumerate(scripts):
-        if texts[i].strip():
+        if texts[i].strip() and show:
             item = (sample_key(sources[i], locators[i]), sources[i], locators[i], excerpt(texts[i]))
-            tally.examples[script] = _smallest(tally.examples.get(script, []) + [item], EXAMPLES_PER_SCRIPT)
+            tally.examples[script] = _smallest(tally.examples.get(script, []) + [item], show)
     return tally
 
 
@@ -220,7 +222,7 @@ def boundary_examples(tokenizers: Mapping[str, Any], examples: Mapping[str, list
     from tokenmill.transforms.tokenizers.spans import utf8
 
     picked = []
-    for rank in range(EXAMPLES_PER_SCRIPT):
+    for rank in range(show):
         for script in order:
             items = examples.get(script, [])
             if rank < len(items) and len(picked) < show:
@@ -237,7 +239,7 @@ def boundary_examples(tokenizers: Mapping[str, Any], examples: Mapping[str, list
     return out
 
 
-def summarize_text(tally: TextTally, tokenizers: Mapping[str, Any], *, show: int = 6) -> dict[str, Any]:
+def summarize_text(tally: TextTally, tokenizers: Mapping[str, Any], *, show: int = SHOW) -> dict[str, Any]:
     """compare.json for text: figures per tokenizer, overall, per source and per script; long tokens;
     vocabulary usage; the spelling-risk list; boundary views of `show` documents."""
     from tokenmill.reports.render import visible

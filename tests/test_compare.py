@@ -191,6 +191,16 @@ def test_a_plugin_family_compares_and_documents_it_refuses_are_left_out_of_every
     assert by_spec["picky"]["tokens"] == result["chars"] and by_spec["bytes"]["tokens"] == result["bytes"]
 
 
+
+def test_show_draws_n_documents_from_a_corpus_of_one_script(tmp_path, capsys):
+    """--show 4 on English alone draws 4 excerpts (it drew 2: two candidates were kept per script)."""
+    texts = [f"document number {i} in plain English" for i in range(7)]
+    write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in texts])
+    result = run_compare(capsys, "--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "out"),
+                         "--show", "4", "--tokenizer", "bytes", "--tokenizer", "tiktoken:cl100k_base")
+    docs = sorted(documents(tmp_path), key=lambda d: sample_key(d[0], d[1]))[:4]
+    assert [(ex["locator"], ex["text"]) for ex in result["examples"]] == [(loc, t) for _, loc, t in docs]
+
 def test_misuse_is_one_line_and_exit_2(corpus, tmp_path, capsys):
     for argv, message in (
             (["--tokenizer", "bytes"], "two or more"),
