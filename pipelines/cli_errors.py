@@ -52,8 +52,10 @@ def failure_line(exc: BaseException, job_messages: Sequence[str] = ()) -> str:
     import traceback
 
     text = "\n".join([*job_messages, "".join(traceback.format_exception(exc))])
+    # A runner's wrapper whose message is the worker's traceback ("RuntimeError: Traceback (most recent call
+    # last):", from worker processes) names nothing: the worker's own error follows in its text.
     found = [m for m in (_EXCEPTION_LINE.match(line.strip()) for line in text.splitlines())
-             if m and m["msg"].strip() != "Traceback (most recent call last):"]  # a wrapper of a traceback's text
+             if m and not m["msg"].startswith("Traceback (most recent call last)")]
     ours = [m for m in found if m["cls"].startswith("tokenmill.")]
     if not ours and not found:
         first = (str(exc) or type(exc).__name__).strip().splitlines()

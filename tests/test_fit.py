@@ -196,3 +196,15 @@ def test_fit_help_gives_every_option_a_default_or_says_it_is_required():
         assert documented, f"{flag}: {action.help!r} does not give its default"
     assert re.search(r"--max-samples MAX_SAMPLES patches used for the fit at most, a seeded subset \(default: 200000\)",
                      help_text)
+
+
+@pytest.mark.parametrize("runner", ["one", "two"])
+def test_a_fit_that_cannot_fit_fails_in_one_line_naming_why(tmp_path, scenes, runner, capsys):
+    """On worker processes the runner wraps the worker's error in a RuntimeError whose text is a traceback;
+    the one line names the worker's error (it read "RuntimeError: Traceback (most recent call last):")."""
+    (tmp_path / "s0.png").write_bytes((scenes / "s00.png").read_bytes())
+    assert run_fit(["--kind", "pca", "--input", str(tmp_path / "s0.png"), "--output", str(tmp_path / "p.npz"),
+                    "--patch", "4", "--dim", "64", "--holdout", "0", "--progress", "none"],
+                   ONE_WORKER if runner == "one" else TWO_PROCESSES) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "tokenmill fit: failed: ValueError: --dim 64 is more than the 48 values of a patch")
