@@ -277,9 +277,30 @@ def make_pipeline(argv: Sequence[str] | None = None,
         args.modality = "video" if modality_of_files([f.uri for f in files]) == "video" else "image"
     if args.modality == "video" and not (1 <= args.frames <= args.clip_frames):
         raise UsageError("need 1 <= --frames <= --clip-frames")
+    values = args.patch * args.patch * 3 * (args.frames if args.modality == "video" else 1)
+    if args.kind == "pca" and args.dim > values:
+        shape = f"{args.frames}x" * (args.modality == "video") + f"{args.patch}x{args.patch}"
+        raise UsageError(f"--dim {args.dim} is more than the {values} values of a {shape} patch")
+    if local:
+        _check_output_path(args.output)
     args.output = fs.canonical(args.output)
     progress = progress_root if local and args.progress != "none" else None
     return args, build_pipeline(args, options, progress), runner, {f.uri: f.size for f in files}
+
+
+def _check_output_path(output: str) -> None:
+    """A local --output that cannot be written is misuse, found before the fit runs (not after)."""
+    import os
+
+    if "://" in output:
+        return
+    if os.path.isdir(output):
+        raise UsageError(f"--output {output} is a folder; name the .npz file to write")
+    parent = os.path.dirname(os.path.abspath(output))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"cannot write --output {output}: {parent} is a file")
 
 
 def run(argv: Sequence[str] | None = None) -> int:

@@ -203,8 +203,24 @@ def test_a_fit_that_cannot_fit_fails_in_one_line_naming_why(tmp_path, scenes, ru
     """On worker processes the runner wraps the worker's error in a RuntimeError whose text is a traceback;
     the one line names the worker's error (it read "RuntimeError: Traceback (most recent call last):")."""
     (tmp_path / "s0.png").write_bytes((scenes / "s00.png").read_bytes())
-    assert run_fit(["--kind", "pca", "--input", str(tmp_path / "s0.png"), "--output", str(tmp_path / "p.npz"),
-                    "--patch", "4", "--dim", "64", "--holdout", "0", "--progress", "none"],
+    assert run_fit(["--kind", "vq", "--input", str(tmp_path / "s0.png"), "--output", str(tmp_path / "v.npz"),
+                    "--patch", "4", "--codes", "1024", "--holdout", "0", "--progress", "none"],
                    ONE_WORKER if runner == "one" else TWO_PROCESSES) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "tokenmill fit: failed: ValueError: --dim 64 is more than the 48 values of a patch")
+        "tokenmill fit: failed: ValueError: 64 sampled patches cannot fit 1024 codes; add images or "
+        "--samples-per-image")
+
+
+def test_an_output_fit_cannot_write_or_a_dim_above_the_patch_is_misuse_before_any_work(tmp_path, scenes, capsys):
+    """They failed after the whole fit had run (IsADirectoryError, FileExistsError, 'more than the values')."""
+    (tmp_path / "afile").write_text("x")
+    base = ["--input", str(scenes / "s00.png"), "--patch", "4", "--progress", "none"]
+    for argv, message in (
+            (["--kind", "vq", "--output", str(tmp_path)], f"--output {tmp_path} is a folder"),
+            (["--kind", "vq", "--output", str(tmp_path / "afile" / "x.npz")], f"{tmp_path / 'afile'} is a file"),
+            (["--kind", "pca", "--output", str(tmp_path / "p.npz"), "--dim", "49"],
+             "--dim 49 is more than the 48 values of a 4x4 patch")):
+        with pytest.raises(SystemExit) as e:
+            run_fit(base + argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and message in err[0], err
