@@ -102,6 +102,14 @@ def test_clip_fps_is_the_containers_rational_rate_not_a_float_measure():
     assert plan_clips(np.arange(8) / 10, 0.8, ClipSpec(frames=8), nominal_rate=25.0)[0].fps == 10.0
 
 
+def test_a_clip_of_no_duration_takes_the_containers_rate():
+    """Repeated frame times (a damaged stream) make a one-frame clip end where it starts: its rate is the
+    container's, not a ZeroDivisionError that lost the whole video."""
+    clips = plan_clips([0.0, 0.04, 0.04, 0.08], 0.12, ClipSpec(frames=1), nominal_rate=25.0)
+    assert [(c.start, c.end, c.fps) for c in clips] == [(0.0, 0.04, 25.0), (0.04, 0.04, 25.0), (0.04, 0.08, 25.0),
+                                                       (0.08, 0.12, 25.0)]
+
+
 @pytest.mark.parametrize("decoder", ["decord", "pyav"])
 @pytest.mark.parametrize("rate", [fractions.Fraction(24), fractions.Fraction(30000, 1001)])
 def test_decoded_clips_carry_the_containers_rate_exactly(tmp_path, decoder, rate):

@@ -111,7 +111,11 @@ def clip_rate(frames: int, start: float, end: float, nominal: float | None) -> f
     frames run at it, as they do unless the video has a variable rate; else the measured rate, to 6 decimals.
 
     Frame times are rounded to their time base, so frames / (end - start) alone gives 24.000024000024002.
+    A clip of no duration (repeated frame times in a damaged stream) has no measured rate: the container's,
+    else 0.
     """
+    if not end > start:
+        return float(nominal or 0.0)
     measured = frames / (end - start)
     if nominal and abs(measured - nominal) <= RATE_TOLERANCE * nominal:
         return float(nominal)
