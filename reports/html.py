@@ -350,7 +350,8 @@ def report_html(root: str, *, samples: int = 8) -> str:
              '<meta name="viewport" content="width=device-width,initial-scale=1">'
              f"<title>tokenmill report: {html.escape(root)}</title><style>{STYLE}</style></head><body>",
              f"<h1>tokenmill report</h1><p><code>{html.escape(root)}</code>: {m.modality}, "
-             f"{html.escape(str(m.tokenizer.get('spec')))} ({view.kind} tokens), built {html.escape(m.created_at)}</p>",
+             f"{html.escape(str(m.tokenizer.get('spec')))} ({html.escape(view.kind)} tokens), "
+             f"built {html.escape(m.created_at)}</p>",
              table(["rows", "tokens", "errors", "inputs", "data files"],
                    [[m.rows, m.tokens, m.errors, len(m.inputs), len(m.files)]], {0, 1, 2, 3, 4}),
              f"<h2>Tokens per {unit}</h2>", _lengths_section(lengths, unit)]

@@ -265,3 +265,17 @@ def test_the_training_reader_trusts_no_manifest_path_and_checks_what_it_reads(tm
         (ds / "_manifest.json").write_text(json.dumps(raw))
         with pytest.raises(ManifestError):
             TokenReader(str(ds))
+
+
+def test_the_report_escapes_what_a_manifest_says(text_ds, tmp_path, capsys):
+    """The tokenizer's kind came into the page as written: a manifest could put a script in it."""
+    ds = tmp_path / "ds"
+    shutil.copytree(text_ds, ds)
+    raw = json.loads((ds / "_manifest.json").read_text())
+    raw["tokenizer"]["kind"] = "<script>alert(1)</script>"
+    (ds / "_manifest.json").write_text(json.dumps(raw))
+    from tokenmill.pipelines import commands
+
+    assert commands.report([str(ds), "--out", str(tmp_path / "r")]) == 0
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert "<script" not in page and "&lt;script&gt;alert(1)&lt;/script&gt; tokens" in page
