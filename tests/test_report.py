@@ -162,4 +162,5 @@ def test_report_out_that_is_a_file_is_misuse(text_dataset, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         commands.report([str(text_dataset), "--out", str(tmp_path / "taken")])
     assert e.value.code == 2
-    assert capsys.readouterr().err.strip() == f"tokenmill report: error: output {tmp_path / 'taken'} exists and is not a directory"
+    assert capsys.readouterr().err.strip() == (
+        f"tokenmill report: error: output {tmp_path / 'taken'} exists and is not a directory")
