@@ -1,262 +1,60 @@
 """`torchscript:PATH_OR_URI`: any TorchScript image or video encoder (extra: tokenmill[torch]).
 
-The Cosmos Tokenizer interface is the contract. Images:
-  - input B x 3 x H x W in [-1, 1] (x / 127.5 - 1), float32 or bfloat16, with H
-    and W padded at the bottom and right, by repeating edge pixels, to a
-    multiple of `pad_multiple` (the model's spatial factor; 16 by default);
-  - a discrete encoder returns (indices, codes): indices B x h x w are the hard
-    tokens; vocab_size comes from the model's `vocab_size` (or `codebook_size`)
-    attribute, or the --vocab-size option;
-  - a continuous encoder returns (latent,), B x C x h x w: the soft tokens are
-    the h * w vectors of C values;
-  - a plain module returning one tensor is read the same way (integer → hard,
-    floating → soft).
-Videos are the same with a time axis (see TorchScriptVideoTokenizer).
-The kind is found by running the model once on a blank input when it loads.
-Inputs are batched by padded size, up to `batch_size` at a time. The model is
-loaded with torch.jit.load (TorchScript, not pickle) once per worker.
+The Cosmos Tokenizer interface is the contract (transforms/tokenizers/neural.py,
+which holds everything the neural families share). A discrete encoder declares
+its vocabulary with a `vocab_size` (or `codebook_size`) attribute, or the
+--vocab-size option. The model is loaded with torch.jit.load (TorchScript, not
+pickle) once per worker process.
+
+TorchScript is deprecated from torch 2.13 (torch.jit.load warns); `export:`
+(transforms/tokenizers/exported.py) loads the torch.export programs that
+replace it, with the same interface and options.
 """
 from __future__ import annotations
 
-import hashlib
 import io
-from typing import Any, Callable, Sequence
+import warnings
+from typing import Any
 
-import numpy as np
-
-from tokenmill.schemas.storage import read_bytes
-from tokenmill.transforms.tokenizers.base import ImageTokenizer, TokenizerSpecError, VideoTokenizer
-
-DTYPES = ("fp32", "bf16")
+from tokenmill.transforms.tokenizers.base import TokenizerSpecError
+from tokenmill.transforms.tokenizers.neural import (DTYPES, EncoderModel, NeuralImageTokenizer,  # noqa: F401
+                                                    NeuralVideoTokenizer, load_family, neural_options)
 
 
-class _LoadedModel:
-    """A TorchScript encoder, its dtype and device, and what its probe said it returns (hard or soft)."""
+class TorchScriptModel(EncoderModel):
+    family, what = "torchscript", "TorchScript model"
 
-    def __init__(self, uri: str, device: str, dtype: str, pad_multiple: int, vocab_size: int | None,
-                 probe: np.ndarray, order: tuple[int, ...]):
-        try:
-            import torch
-        except ImportError:
-            raise TokenizerSpecError("torchscript: needs the extra: pip install 'tokenmill[torch]'") from None
-        if dtype not in DTYPES:
-            raise TokenizerSpecError(f"--dtype must be one of {', '.join(DTYPES)}")
-        try:
-            data = read_bytes(uri)
-            self.model = torch.jit.load(io.BytesIO(data), map_location=device).eval()
-        except Exception as e:
-            raise TokenizerSpecError(f"cannot load TorchScript model {uri}: {e}") from None
-        self.device, self.order, self.rank = device, order, len(order)
-        self.torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        self.dtype, self.pad_multiple = dtype, pad_multiple
-        self.sha256 = hashlib.sha256(data).hexdigest()
-        self.name = uri.rstrip("/").rsplit("/", 1)[-1]
-        if dtype == "bf16":
-            self.model = self.model.to(torch.bfloat16)  # weights and input in the same dtype
-        self.dim, self.latent_dtype, self.vocab_size = 0, None, None
-        try:
-            out = self.call(probe)
-        except Exception as e:
-            shape = "x".join(str(d) for d in (probe.shape[0], 3, *probe.shape[1:-1]))
-            raise TokenizerSpecError(f"{uri} failed on a blank {shape} input: "
-                                     f"{str(e).strip().splitlines()[-1]}") from None
-        if out.dtype.is_floating_point:
-            self.kind, self.dim = "soft", int(out.shape[1])
-            self.latent_dtype = "bfloat16" if out.dtype == torch.bfloat16 else "float32"
-        else:
-            self.kind = "hard"
-            size = vocab_size or next((int(getattr(self.model, a)) for a in ("vocab_size", "codebook_size")
-                                       if hasattr(self.model, a)), None)
-            if not size:
-                raise TokenizerSpecError(f"{uri} returns codes but declares no vocab_size; pass --vocab-size")
-            self.vocab_size = size
-
-    def call(self, batch: np.ndarray):
-        """uint8 channels-last batch (already padded) → [-1, 1] channels-first input → the model's token tensor."""
+    def _load(self, data: bytes):
         import torch
 
-        x = torch.from_numpy(batch).to(self.device).permute(*self.order).to(self.torch_dtype) / 127.5 - 1.0
-        with torch.inference_mode():
-            out = self.model(x)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        if not isinstance(out, torch.Tensor) or out.dim() not in (self.rank - 1, self.rank):
-            grid = "h x w" if self.rank == 4 else "t x h x w"
-            raise ValueError(f"the model must return indices (B x {grid}), a latent (B x C x {grid}), or a tuple "
-                             "starting with one")
-        return out
+        try:
+            with warnings.catch_warnings():  # the deprecation is said once, in the docs, not per worker
+                warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", FutureWarning)
+                model = torch.jit.load(io.BytesIO(data), map_location=self.device).eval()
+        except Exception as e:
+            raise TokenizerSpecError(f"cannot load TorchScript model {self.uri}: "
+                                     f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+                                     ) from None
+        if self.dtype != "fp32":
+            model = model.to(self.torch_dtype)  # weights and input in the same dtype
+        return model
 
-    def identity(self) -> dict[str, Any]:
-        return {"family": "torchscript", "model_sha256": self.sha256, "dtype": self.dtype,
-                "pad_multiple": self.pad_multiple, "device_type": self.device.split(":")[0]}
-
-    def metadata(self, spec: str, modality: str, batch_size: int, fingerprint: str) -> dict[str, Any]:
-        meta: dict[str, Any] = {
-            "spec": spec, "name": self.name, "modality": modality, "kind": self.kind,
-            "dtype": self.dtype, "device": self.device, "batch_size": batch_size,
-            "geometry": {"pad_multiple": self.pad_multiple, "padding": "edge, bottom/right",
-                         "input_range": [-1.0, 1.0]},
-            "fingerprint": fingerprint}
-        if self.kind == "hard":
-            from tokenmill.schemas.tables import token_type_for_vocab
-
-            meta.update(vocab_size=self.vocab_size, token_dtype=str(token_type_for_vocab(self.vocab_size)))
-        else:
-            meta.update(dim=self.dim, latent_dtype=self.latent_dtype, token_dtype=self.latent_dtype)
-        return meta
-
-    def tokens(self, out) -> list[tuple[np.ndarray, tuple[int, ...]]]:
-        """Per item: hard indices flattened, or soft latents as (positions, C), with the grid."""
-        import torch
-
-        results = []
-        for item in out:
-            if self.kind == "hard":
-                grid = tuple(int(d) for d in item.shape[-(self.rank - 2):])
-                results.append((item.reshape(-1).to(torch.int64).cpu().numpy(), grid))
-            else:
-                c, grid = item.shape[0], tuple(int(d) for d in item.shape[1:])
-                vec = item.reshape(c, -1).T.contiguous()
-                if self.latent_dtype == "bfloat16":
-                    vec = vec.view(torch.uint16) if hasattr(torch, "uint16") else vec.view(torch.int16)
-                results.append((vec.cpu().numpy(), grid))
-        return results
-
-    def encode_bucketed(self, padded: Sequence[np.ndarray], batch_size: int) -> list[Any]:
-        """One model call per bucket of up to batch_size inputs of the same padded shape."""
-        results: list[Any] = [None] * len(padded)
-        buckets: dict[tuple[int, ...], list[int]] = {}
-        for i, item in enumerate(padded):
-            buckets.setdefault(item.shape, []).append(i)
-        for members in buckets.values():
-            for s in range(0, len(members), batch_size):
-                chunk = members[s:s + batch_size]
-                try:
-                    for i, r in zip(chunk, self.tokens(self.call(np.stack([padded[i] for i in chunk])))):
-                        results[i] = r
-                except Exception as e:  # a failing batch fails its inputs, not the block
-                    for i in chunk:
-                        results[i] = e
-        return results
+    def _declared_vocab_size(self) -> int | None:
+        return next((int(getattr(self.model, a)) for a in ("vocab_size", "codebook_size")
+                     if hasattr(self.model, a)), None)
 
 
-class _TorchScriptTokenizer:
-    """What the image and video tokenizers share: the loaded model, its metadata, batched encoding."""
-
-    spec: str
-    modality: str
-    fingerprint: Callable[[], str]
-
-    def _load(self, spec: str, uri: str, batch_size: int, probe_shape: tuple[int, ...], order: tuple[int, ...],
-              device: str, dtype: str, pad_multiple: int, vocab_size: int | None) -> None:
-        self._model = _LoadedModel(uri, device, dtype, pad_multiple, vocab_size, np.zeros(probe_shape, np.uint8),
-                                   order)
-        self.spec, self.uri, self.batch_size, self.model = spec, uri, max(1, batch_size), self._model.model
-        for k in ("device", "dtype", "pad_multiple", "name", "kind", "dim", "latent_dtype", "vocab_size"):
-            setattr(self, k, getattr(self._model, k))
-
-    def metadata(self) -> dict[str, Any]:
-        return self._model.metadata(self.spec, self.modality, self.batch_size, self.fingerprint())
-
-    def _encode_padded(self, padded: list[np.ndarray]) -> list[Any]:
-        """Batched by padded shape: one model call per bucket of up to batch_size inputs."""
-        return self._model.encode_bucketed(padded, self.batch_size)
-
-    @staticmethod
-    def _only(results: list[Any]) -> Any:
-        if isinstance(results[0], Exception):
-            raise results[0]
-        return results[0]
+class TorchScriptImageTokenizer(NeuralImageTokenizer):
+    model_class = TorchScriptModel
 
 
-class TorchScriptImageTokenizer(_TorchScriptTokenizer, ImageTokenizer):
-    def __init__(self, spec: str, uri: str, *, device: str = "cpu", dtype: str = "fp32", batch_size: int = 8,
-                 pad_multiple: int = 16, vocab_size: int | None = None):
-        self._load(spec, uri, batch_size, (1, pad_multiple, pad_multiple, 3), (0, 3, 1, 2), device, dtype,
-                   pad_multiple, vocab_size)
-
-    def _pad(self, image: np.ndarray) -> np.ndarray:
-        m = self.pad_multiple
-        H, W = image.shape[:2]
-        return np.pad(image, ((0, -H % m), (0, -W % m), (0, 0)), mode="edge")
-
-    def identity(self) -> dict[str, Any]:
-        return {**self._model.identity(), "input": "B x 3 x H x W in [-1, 1], edge-padded bottom/right"}
-
-    def encode_images(self, images: Sequence[np.ndarray]) -> list[Any]:
-        return self._encode_padded([self._pad(i) for i in images])
-
-    def encode_image(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
-        return self._only(self.encode_images([image]))
-
-    def decode_image(self, tokens: np.ndarray, grid: tuple[int, int], height: int, width: int) -> np.ndarray:
-        raise NotImplementedError("decoding needs the model's decoder, which torchscript: does not load")
+class TorchScriptVideoTokenizer(NeuralVideoTokenizer):
+    model_class = TorchScriptModel
 
 
-class TorchScriptVideoTokenizer(_TorchScriptTokenizer, VideoTokenizer):
-    """`torchscript:` on clips, the Cosmos Tokenizer video interface.
-
-    Input B x 3 x T x H x W in [-1, 1]. T is edge-padded (the last frame repeated)
-    to 1 + k x `temporal_factor` frames (the causal first frame plus k groups),
-    H and W to a multiple of `pad_multiple`; a row's `padding` column records
-    what was added. A discrete encoder returns (indices B x t x h x w, codes),
-    a continuous one (latent B x C x t x h x w,); a plain module returning one
-    tensor is read the same way. Clips of one padded shape share model calls.
-    """
-
-    def __init__(self, spec: str, uri: str, *, device: str = "cpu", dtype: str = "fp32", batch_size: int = 8,
-                 pad_multiple: int = 16, temporal_factor: int = 8, vocab_size: int | None = None):
-        self.temporal_factor = max(1, temporal_factor)
-        self._load(spec, uri, batch_size, (1, 1 + self.temporal_factor, pad_multiple, pad_multiple, 3),
-                   (0, 4, 1, 2, 3), device, dtype, pad_multiple, vocab_size)
-
-    def padding(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
-        m = self.pad_multiple
-        return (-(frames - 1)) % self.temporal_factor, -height % m, -width % m
-
-    def _pad(self, clip: np.ndarray) -> np.ndarray:
-        t, h, w = self.padding(*clip.shape[:3])
-        return np.pad(clip, ((0, t), (0, h), (0, w), (0, 0)), mode="edge")
-
-    def identity(self) -> dict[str, Any]:
-        return {**self._model.identity(), "temporal_factor": self.temporal_factor,
-                "input": "B x 3 x T x H x W in [-1, 1], T = 1 + k x temporal_factor; edge-padded at the end "
-                         "of the clip and bottom/right"}
-
-    def metadata(self) -> dict[str, Any]:
-        meta = super().metadata()
-        meta["geometry"].update(temporal_factor=self.temporal_factor,
-                                padding="edge: last frame repeated to T = 1 + k x temporal_factor; "
-                                        "bottom/right to the pad multiple; per row in the padding column")
-        return meta
-
-    def encode_clips(self, clips: Sequence[np.ndarray]) -> list[Any]:
-        return self._encode_padded([self._pad(c) for c in clips])
-
-    def encode_clip(self, clip: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int]]:
-        return self._only(self.encode_clips([clip]))
-
-
-def load(spec: str, arg: str, modality: str, *, temporal_factor: int = 8, **options: Any):
-    if modality == "video":
-        return TorchScriptVideoTokenizer(spec, arg, temporal_factor=temporal_factor, **options)
-    return TorchScriptImageTokenizer(spec, arg, **options)
-
-
-def neural_options():
-    """Options every neural encoder family takes (torch device, input dtype, batching, padding)."""
-    from tokenmill.transforms.registry import Option
-
-    return (
-        Option("device", "torch device, e.g. cpu or cuda:0 (default: cpu)", default="cpu"),
-        Option("dtype", "model input dtype (default: fp32)", default="fp32", choices=("fp32", "bf16")),
-        Option("batch_size", "images per model call (default: 8)", type=int, default=8),
-        Option("pad_multiple", "pad H and W (edge, bottom/right) to a multiple of this (default: 16)", type=int,
-               default=16),
-        Option("vocab_size", "codes of a discrete encoder that does not declare them", type=int),
-        Option("temporal_factor", "video encoders: clips are edge-padded to 1 + k x N frames (default: 8)",
-               type=int, default=8, metavar="N"),
-    )
+def load(spec: str, arg: str, modality: str, **options: Any):
+    return load_family(TorchScriptImageTokenizer, TorchScriptVideoTokenizer, spec, arg, modality, **options)
 
 
 def _family():
