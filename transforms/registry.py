@@ -40,6 +40,7 @@ FAMILIES = {
     # diffusers before torchscript: the first family to declare an option gives its CLI form (--dtype with fp16)
     "diffusers": "tokenmill.transforms.tokenizers.diffusers_vae:FAMILY",
     "torchscript": "tokenmill.transforms.tokenizers.torchscript:FAMILY",
+    "export": "tokenmill.transforms.tokenizers.exported:FAMILY",
 }
 
 
