@@ -244,3 +244,31 @@ def test_a_file_that_is_not_a_pt2_is_one_line_exit_2(tmp_path, images, capsys):
     assert exit_.value.code == 2 and len(err) == 1
     assert "cannot load exported program" in err[0] and "not a .pt2 archive" in err[0]
     assert not (tmp_path / "o" / "_manifest.json").exists()
+
+
+def test_model_handler_under_runinference_gives_the_tokenizers_tokens_and_keeps_failures_as_data(tmp_path):
+    import apache_beam as beam
+    from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from tokenmill.transforms.neural_inference import NeuralModelHandler
+
+    program = torch.export.export(ContinuousEncoder().eval(), (torch.zeros(1, 3, 64, 64),))  # 64 x 64 only
+    torch.export.save(program, tmp_path / "static.pt2")
+    spec = f"export:{tmp_path / 'static.pt2'}"
+    images = {f"i{i}": scene(h, w, i) for i, (h, w) in enumerate(SIZES)}
+    want = [(key, ("failed on input" in str(r)) if isinstance(r, Exception) else (r[0].tobytes(), r[1]))
+            for key, r in zip(images, load_image_tokenizer(spec).encode_images(list(images.values())))]
+    assert sum(isinstance(v, bool) for _, v in want) == 2  # the two images the program refuses
+
+    def seen(kv):
+        key, result = kv
+        r = result.inference
+        return key, ("failed on input" in str(r)) if isinstance(r, Exception) else (r[0].tobytes(), r[1])
+
+    options = PipelineOptions(["--runner=FnApiRunner", "--direct_num_workers=1", "--direct_running_mode=in_memory"])
+    with beam.Pipeline(options=options) as p:
+        results = (p | beam.Create(sorted(images.items()))
+                   | RunInference(KeyedModelHandler(NeuralModelHandler(spec, "image", {"batch_size": 2}))))
+        assert_that(results | beam.Map(seen), equal_to(want))
