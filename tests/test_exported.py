@@ -272,3 +272,16 @@ def test_model_handler_under_runinference_gives_the_tokenizers_tokens_and_keeps_
         results = (p | beam.Create(sorted(images.items()))
                    | RunInference(KeyedModelHandler(NeuralModelHandler(spec, "image", {"batch_size": 2}))))
         assert_that(results | beam.Map(seen), equal_to(want))
+
+
+def test_export_reads_a_program_from_a_uri(tmp_path):
+    import fsspec
+
+    data = export_image(DiscreteEncoder(), tmp_path / "enc.pt2", extra_files={"vocab_size": "625"}).read_bytes()
+    with fsspec.open("memory://models/enc.pt2", "wb") as f:
+        f.write(data)
+    uri_tokenizer = load_image_tokenizer("export:memory://models/enc.pt2")
+    local = load_image_tokenizer(f"export:{tmp_path / 'enc.pt2'}")
+    assert uri_tokenizer.vocab_size == 625 and uri_tokenizer.identity() == local.identity()
+    image = scene(40, 24, 0)
+    assert np.array_equal(uri_tokenizer.encode_image(image)[0], local.encode_image(image)[0])

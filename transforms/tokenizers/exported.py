@@ -173,14 +173,16 @@ def _check_archive(data: bytes, uri: str) -> None:
                 except Exception:
                     raise TokenizerSpecError(f"{where}: its example inputs are more than tensors and cannot be "
                                              "loaded with weights_only=True: refused") from None
-    except (ValueError, KeyError, AttributeError) as e:
-        if isinstance(e, TokenizerSpecError):
-            raise
-        raise TokenizerSpecError(f"cannot load exported program {uri}: damaged archive ({e})") from None
+    except TokenizerSpecError:
+        raise
+    except Exception as e:  # a damaged member, JSON that is not the schema: one line, never a traceback
+        raise TokenizerSpecError(f"cannot load exported program {uri}: damaged archive ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def load_program(data: bytes, uri: str):
-    """The ExportedProgram in a .pt2's bytes, after the checks of `_check_archive`; TokenizerSpecError if not."""
+def load_program(data: bytes, uri: str) -> tuple[Any, dict[str, str]]:
+    """(the ExportedProgram in a .pt2's bytes, its extra files we ask for), after the checks of
+    `_check_archive`; TokenizerSpecError if it cannot be loaded safely."""
     import torch
 
     _check_archive(data, uri)
@@ -195,8 +197,7 @@ def load_program(data: bytes, uri: str):
             if node.op == "call_function" and not isinstance(node.target, allowed) \
                     and getattr(node.target, "__module__", None) not in ("_operator", "operator", "math"):
                 raise TokenizerSpecError(f"{uri} calls {node.target!r}, which is not a torch operator: refused")
-    program._tokenmill_extra = extra  # read by ExportedModel._declared_vocab_size
-    return program
+    return program, extra
 
 
 def _input_placeholder(program):
@@ -214,7 +215,7 @@ class ExportedModel(EncoderModel):
     def _load(self, data: bytes):
         import torch
 
-        self.program = load_program(data, self.uri)
+        self.program, self.extra_files = load_program(data, self.uri)
         val = _input_placeholder(self.program)
         if val is not None:
             if val.dtype != self.torch_dtype:
@@ -246,7 +247,7 @@ class ExportedModel(EncoderModel):
                 if fqn.rsplit(".", 1)[-1] in _VOCAB_NAMES and getattr(value, "numel", lambda: 0)() == 1 \
                         and not value.dtype.is_floating_point:
                     return int(value.item())
-        text = self.program._tokenmill_extra.get("vocab_size", "").strip()
+        text = self.extra_files.get("vocab_size", "").strip()
         return int(text) if text.isdigit() else None
 
     def _refusal(self, e: Exception, x) -> Exception:
