@@ -17,6 +17,7 @@ BENCHES = {
     "diffusers_vae": "bench.diffusers_vae",
     "peers": "bench.peers",
     "fixed_cost": "bench.fixed_cost",
+    "neural_inference": "bench.neural_inference",
 }
 
 if __name__ == "__main__":

@@ -34,9 +34,10 @@ class NeuralModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
         self._batch_size = int(self._options.get("batch_size", 8))
 
     def load_model(self) -> Any:
-        from tokenmill.transforms.registry import load_tokenizer
+        from tokenmill.transforms.registry import shared_tokenizer
 
-        return load_tokenizer(self._spec, self._modality, self._options)
+        # The process's own copy where it has one (a launcher that loaded it before forking its workers).
+        return shared_tokenizer(self._spec, self._modality, tuple(sorted(self._options.items())))
 
     def run_inference(self, batch: Sequence[np.ndarray], model: Any,
                       inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
