@@ -2,10 +2,11 @@
 tokenizer has `encode_images` / `encode_clips`), for pipelines that use RunInference.
 
 tokenmill's own builds do not use it: they encode whole decoded blocks in one
-DoFn (transforms/tokenize.py), which measured faster on the same images and
-model, with the same memory (docs/benchmarks.md, "Neural encoders: blocks or
-RunInference"; bench/neural_inference.py). It is here for users who compose
-their own Beam pipeline, and it is what that benchmark runs.
+DoFn (transforms/tokenize.py), which keeps blocks (shard names, error rows)
+without a regrouping shuffle, and was no slower, with no more memory, on the
+same images and model (docs/architecture.md and docs/benchmarks.md, "Neural
+encoders: blocks or RunInference"; bench/neural_inference.py). It is here for
+users who compose their own Beam pipeline, and it is what that benchmark runs.
 
     images | RunInference(KeyedModelHandler(NeuralModelHandler("export:enc.pt2", "image")))
 
