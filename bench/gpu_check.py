@@ -99,8 +99,9 @@ def build(images: Path, spec: str, device: str, dtype: str, out: Path) -> dict:
 def values(row: dict, meta: dict) -> np.ndarray:
     if meta["kind"] == "hard":
         return np.asarray(row["tokens"])
-    raw = np.frombuffer(row["latents"], {"float32": "<f4", "bfloat16": "<u2", "float16": "<f2"}[meta["latent_dtype"]])
-    return (raw.astype(np.uint32) << 16).view(np.float32) if meta["latent_dtype"] == "bfloat16" else raw.astype(np.float32)
+    stored = meta["latent_dtype"]
+    raw = np.frombuffer(row["latents"], {"float32": "<f4", "bfloat16": "<u2", "float16": "<f2"}[stored])
+    return (raw.astype(np.uint32) << 16).view(np.float32) if stored == "bfloat16" else raw.astype(np.float32)
 
 
 def main(argv: list[str] | None = None) -> int:

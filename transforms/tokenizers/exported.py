@@ -219,10 +219,11 @@ class ExportedModel(EncoderModel):
         val = _input_placeholder(self.program)
         if val is not None:
             if val.dtype != self.torch_dtype:
+                given = latent_dtype_of(val.dtype) if val.dtype.is_floating_point else str(val.dtype)
                 raise TokenizerSpecError(
-                    f"{self.uri} was exported for {latent_dtype_of(val.dtype) if val.dtype.is_floating_point else val.dtype} "
-                    f"inputs; --dtype {self.dtype} needs a program exported in {self.torch_dtype} (export the module "
-                    "after .to(dtype) with an input of that dtype), or pass the --dtype it was exported for")
+                    f"{self.uri} was exported for {given} inputs; --dtype {self.dtype} needs a program exported in "
+                    f"{latent_dtype_of(self.torch_dtype)} (export the module after .to(dtype) with an input of that "
+                    "dtype), or pass the --dtype it was exported for")
             if isinstance(val.shape[0], int):
                 self.max_batch = val.shape[0]
         if self.device != "cpu":
