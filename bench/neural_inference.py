@@ -5,7 +5,8 @@
 A Cosmos-style continuous encoder (stride-16 conv stack, 12 M parameters,
 48 MB of fp32 weights) is exported once with torch.export (dynamic batch, H, W)
 to an `export:` .pt2. Generated JPEGs (structured scenes) are then encoded,
-each run a fresh process tree with its peak RSS, in alternating rounds:
+each run a fresh process tree with its wall time, CPU seconds and peak memory,
+in alternating rounds:
   tokenmill N       `tokenmill build --tokenizer export:enc.pt2`, N = 1, 2 workers:
                     blocks of decoded images, one DoFn per block (transforms/tokenize.py)
   runinference N    the pipeline a Beam user would write: fileio.MatchFiles →
@@ -115,9 +116,11 @@ def runinference_main(pattern: str, model: str, out: str, workers: int, shared: 
         p.run().wait_until_finish()
 
 
-def run_measured(cmd: list[str]) -> tuple[float, int, int]:
-    """Run a command; (wall seconds, peak RSS, peak PSS) of its process tree.
+def run_measured(cmd: list[str]) -> tuple[float, int, int, float]:
+    """Run a command; (wall seconds, peak RSS, peak PSS, CPU seconds) of its process tree.
 
+    CPU seconds (user + system of every process the tree reaped) move less than wall time when other jobs
+    share the machine.
     RSS counts a page shared by several processes (a model forked into workers, copy on write) once per
     process; PSS splits it among them, so the PSS sum is the memory the tree really holds.
     """
@@ -126,8 +129,11 @@ def run_measured(cmd: list[str]) -> tuple[float, int, int]:
     import threading
     import time
 
+    import resource
+
     import psutil
 
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             env=os.environ)
@@ -157,7 +163,9 @@ def run_measured(cmd: list[str]) -> tuple[float, int, int]:
     thread.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
-    return wall, peak[0], peak[1]
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return wall, peak[0], peak[1], cpu
 
 
 def read_latents(files) -> dict[str, bytes]:
@@ -197,13 +205,14 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(target, ignore_errors=True)
                 runner = ["--runner=FnApiRunner", f"--direct_num_workers={n}",
                           f"--direct_running_mode={'multi_processing' if n > 1 else 'in_memory'}"]
-                wall, rss, pss = run_measured([sys.executable, "-m", "tokenmill.pipelines.build", "--input",
+                wall, rss, pss, cpu = run_measured([sys.executable, "-m", "tokenmill.pipelines.build", "--input",
                                               str(folder / "*.jpg"), "--output", str(target), "--tokenizer",
                                               f"export:{model}", "--batch-size", str(BATCH), "--size", POLICY,
                                               *runner])
                 m = json.loads((target / "_manifest.json").read_text())
                 latents[f"tokenmill {n}"] = read_latents(target / f for f in m["files"])
-                return {"seconds": wall, "images": m["rows"], "errors": m["errors"], "peak_rss": rss, "peak_pss": pss}
+                return {"seconds": wall, "images": m["rows"], "errors": m["errors"], "peak_rss": rss,
+                        "peak_pss": pss, "cpu_s": cpu}
             return run
 
         def runinference(n: int, shared: bool, warm: bool = False):
@@ -212,31 +221,44 @@ def main(argv: list[str] | None = None) -> int:
             def run() -> dict:
                 shutil.rmtree(target, ignore_errors=True)
                 target.mkdir()
-                wall, rss, pss = run_measured([sys.executable, "-m", "bench.neural_inference", "--runinference",
+                wall, rss, pss, cpu = run_measured([sys.executable, "-m", "bench.neural_inference", "--runinference",
                                               str(folder / "*.jpg"), str(model), str(target), str(n),
                                               "1" if shared else "0", *(["--warm"] if warm else [])])
                 got = read_latents(sorted(target.glob("*.parquet")))
                 latents[f"runinference {n}{' shared' if shared else ''}{' warm' if warm else ''}"] = got
-                return {"seconds": wall, "images": len(got), "errors": 0, "peak_rss": rss, "peak_pss": pss}
+                return {"seconds": wall, "images": len(got), "errors": 0, "peak_rss": rss, "peak_pss": pss,
+                        "cpu_s": cpu}
             return run
+
+        cpu_runs: dict[str, list[float]] = {}
+
+        def noting_cpu(name: str, run):
+            def wrapped() -> dict:
+                r = run()
+                cpu_runs.setdefault(name, []).append(r["cpu_s"])
+                return r
+            return wrapped
 
         runs = {"tokenmill, 1 worker": tokenmill(1), "runinference, 1 worker": runinference(1, False),
                 "tokenmill, 2 workers": tokenmill(2), "runinference, 2 workers": runinference(2, False),
                 "runinference, 2 workers, shared model": runinference(2, True),
                 "runinference, 2 workers, tokenmill's warm workers": runinference(2, False, warm=True)}
-        results = best_of_rounds(args.repeat, runs)
+        results = best_of_rounds(args.repeat, {name: noting_cpu(name, run) for name, run in runs.items()})
     reference = latents["tokenmill 1"]
     for name, got in latents.items():
         same = {Path(k).name: v for k, v in got.items()} == {Path(k).name: v for k, v in reference.items()}
         assert same, f"{name} latents differ from tokenmill's"
-    print(f"\n{'':40s} {'wall s':>7s} {'images/s':>9s} {'peak RSS':>9s} {'peak PSS':>9s}   runs (wall s)")
+    print(f"\n{'':52s} {'wall s':>7s} {'images/s':>9s} {'CPU s':>6s} {'peak RSS':>9s} {'peak PSS':>9s}   "
+          "runs (wall s; CPU s)")
     for name, r in results.items():
-        print(f"{name:40s} {r['seconds']:7.2f} {r['images'] / r['seconds']:9.1f} {r['peak_rss'] / 2**20:5.0f} MiB "
-              f"{r['peak_pss'] / 2**20:5.0f} MiB   {r['runs']}")
+        print(f"{name:52s} {r['seconds']:7.2f} {r['images'] / r['seconds']:9.1f} {r['cpu_s']:6.1f} "
+              f"{r['peak_rss'] / 2**20:5.0f} MiB {r['peak_pss'] / 2**20:5.0f} MiB   {r['runs']}; "
+              f"{[round(c, 1) for c in cpu_runs[name]]}")
     for n in (1, 2):
         tm, ri = results[f"tokenmill, {n} worker{'s' if n > 1 else ''}"], \
             results[f"runinference, {n} worker{'s' if n > 1 else ''}"]
-        print(f"{n} worker(s): runinference / tokenmill wall = {ri['seconds'] / tm['seconds']:.2f}x")
+        print(f"{n} worker(s): runinference / tokenmill wall = {ri['seconds'] / tm['seconds']:.2f}x, "
+              f"CPU = {ri['cpu_s'] / tm['cpu_s']:.2f}x")
     (REPO / "bench" / "data" / "neural_inference.json").write_text(json.dumps(results, indent=2))
     return 0
 
