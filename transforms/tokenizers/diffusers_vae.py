@@ -45,7 +45,7 @@ import numpy as np
 
 from tokenmill.schemas.storage import join, read_bytes, with_retries
 from tokenmill.transforms.tokenizers.base import ImageTokenizer, TokenizerSpecError, VideoTokenizer
-from tokenmill.transforms.tokenizers.torchscript import _LoadedModel, neural_options
+from tokenmill.transforms.tokenizers.neural import EncoderModel, neural_options
 
 DTYPES = ("fp32", "bf16", "fp16")
 LATENT_MODES = ("mean", "sample")
@@ -171,13 +171,16 @@ def _local_copy(uri: str, names: list[str]) -> Iterator[tuple[str, dict[str, str
 
 # -- the model -------------------------------------------------------------------
 
-class _Autoencoder(_LoadedModel):
+class _Autoencoder(EncoderModel):
     """A diffusers autoencoder, its dtype, device and geometry.
 
-    Reuses torchscript's `_LoadedModel.tokens` and `encode_bucketed` (per-item
-    tokens and bucketing by padded shape); `call` is the one place the model
-    encodes a batch, so it can move behind a Beam ModelHandler as it is.
+    Reuses the neural families' `EncoderModel.tokens` and `encode_bucketed`
+    (transforms/tokenizers/neural.py: per-item tokens, bucketing by padded
+    shape); `call` is the one place the model encodes a batch, as a Beam
+    ModelHandler would call it (transforms/neural_inference.py).
     """
+
+    max_batch = None  # any batch size (EncoderModel's loader sets this for fixed-batch programs)
 
     def __init__(self, uri: str, modality: str, device: str, dtype: str, latent: str, seed: int):
         import torch
