@@ -67,7 +67,7 @@ case "$mode" in
     fi
     rc=0
     "$VENV/bin/python" -m pytest -q ${parallel[@]+"${parallel[@]}"} tests "$@" || rc=$?
-    [ -n "$matrix_pid" ] && kill "$matrix_pid" 2>/dev/null
+    if [ -n "$matrix_pid" ]; then kill "$matrix_pid" 2>/dev/null || true; fi  # done already, normally
     exit $rc
     ;;
   bench)
