@@ -194,3 +194,25 @@ def test_a_broken_codebook_is_one_line_and_exit_2(tmp_path, arrays, message):
     assert proc.returncode == 2, proc.stderr
     [line] = proc.stderr.strip().splitlines()
     assert line.startswith("tokenmill build: error: ") and message in line, line
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_damaged_videos_decoded_in_the_launcher_print_no_native_log_lines_unless_verbose(tmp_path, verbose):
+    """FFmpeg's "[mov,mp4,... @ 0x...] moov atom not found" and decord's "video_reader.cc: ERROR opening" were
+    printed on the terminal by a build that decodes in its own process; the reasons are in the error rows."""
+    from tests.test_video import make_video
+
+    good = make_video(tmp_path / "good.mp4", n=20)
+    data = good.read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[:len(data) // 2])
+    (tmp_path / "junk.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 20)
+    args = ["build", "--input", str(tmp_path / "*.mp4"), "--output", str(tmp_path / "ds"), "--tokenizer",
+            "patch:2,16", "--progress", "none", "--max-error-fraction", "0.9", "--runner=FnApiRunner",
+            "--direct_num_workers=1", "--direct_running_mode=in_memory", *(["--verbose"] if verbose else [])]
+    proc = _cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    native = [ln for ln in proc.stderr.splitlines() if "moov atom" in ln or "video_reader.cc" in ln]
+    assert bool(native) == verbose, proc.stderr
+    if not verbose:
+        assert proc.stderr.strip().splitlines() == ["tokenmill build: runner FnApiRunner (in_memory, 1 worker)"]
+    assert {e["source"].rsplit("/", 1)[-1] for e in read_errors(tmp_path / "ds")} == {"cut.mp4", "junk.mp4"}

@@ -204,6 +204,46 @@ class VideoReader(abc.ABC):
         pass
 
 
+class _NativeStderr:
+    """FFmpeg's and decord's own C-level lines ("[mov,mp4,... @ 0x...] moov atom not found", "video_reader.cc:83:
+    ERROR opening ...") off the terminal while decord opens or decodes, unless --verbose (TOKENMILL_VERBOSE or
+    TOKENMILL_DEBUG). The same reason reaches the video's error row; on the terminal it only buries the build's
+    one line. Worker processes' stderr is closed already (pipelines/local); this covers a build that decodes in
+    the launcher's own process (the in-memory runner, small builds). fd 2 is the process's, so the redirect is
+    counted across threads: the first user points it at /dev/null, the last one puts it back."""
+
+    def __init__(self) -> None:
+        self._lock, self._users, self._saved = threading.Lock(), 0, -1
+
+    @contextlib.contextmanager
+    def quiet(self) -> Iterator[None]:
+        if os.environ.get("TOKENMILL_VERBOSE") or os.environ.get("TOKENMILL_DEBUG"):
+            yield
+            return
+        with self._lock:
+            if self._users == 0:
+                try:
+                    self._saved = os.dup(2)
+                    null = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(null, 2)
+                    os.close(null)
+                except OSError:
+                    self._saved = -1
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0 and self._saved >= 0:
+                    os.dup2(self._saved, 2)
+                    os.close(self._saved)
+                    self._saved = -1
+
+
+NATIVE_STDERR = _NativeStderr()
+
+
 class DecordReader(VideoReader):
     """decord.VideoReader, reopened every `recycle_clips` clips to bound what it holds."""
 
@@ -213,7 +253,8 @@ class DecordReader(VideoReader):
         import decord
 
         self._decord, self._path, self._recycle, self._served = decord, path, recycle_clips, 0
-        probe = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        with NATIVE_STDERR.quiet():
+            probe = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
         self.num_frames = len(probe)
         if self.num_frames == 0:
             raise VideoDecodeError("no video frames")
@@ -231,8 +272,9 @@ class DecordReader(VideoReader):
 
     def _open(self):
         same = (self._w, self._h) == (self.width, self.height)
-        return self._decord.VideoReader(self._path, ctx=self._decord.cpu(0), num_threads=1,
-                                        width=-1 if same else self._w, height=-1 if same else self._h)
+        with NATIVE_STDERR.quiet():
+            return self._decord.VideoReader(self._path, ctx=self._decord.cpu(0), num_threads=1,
+                                            width=-1 if same else self._w, height=-1 if same else self._h)
 
     def timestamps(self) -> np.ndarray:
         return np.round(np.asarray(self._ts[:, 0], np.float64), 6)  # decord keeps float32 seconds
@@ -245,7 +287,9 @@ class DecordReader(VideoReader):
             self._reader, self._served = None, 0
             self._reader = self._open()
         self._served += 1
-        return crop(as_numpy(self._reader.get_batch(list(indices))), self._box)
+        with NATIVE_STDERR.quiet():
+            frames = self._reader.get_batch(list(indices))
+        return crop(as_numpy(frames), self._box)
 
     def close(self) -> None:
         self._reader = None

@@ -13,6 +13,8 @@ workers; decoding (transforms/decoders/video.py) then streams each video clip by
 """
 from __future__ import annotations
 
+import typing
+
 from typing import Iterator
 
 import apache_beam as beam
@@ -102,7 +104,9 @@ class ReadVideoShards(beam.PTransform):
         planned = (inputs["plan"]
                    | "PlanReadTasks" >> beam.ParDo(_PlanVideoTasks()).with_outputs("errors", "tars", main="tasks"))
         listed = (planned.tars
-                  | "ListTarVideos" >> beam.ParDo(_ListTarVideos()).with_exception_handling(dead_letter_tag="failed")
+                  | "ListTarVideos" >> beam.ParDo(_ListTarVideos())
+                  .with_output_types(typing.Any, errors=typing.Any)  # declares the tag beside the dead letters
+                  .with_exception_handling(dead_letter_tag="failed")
                   .with_outputs("errors", main="tasks"))
         tasks = ((planned.tasks, listed["tasks"]) | "JoinVideoTasks" >> beam.Flatten()
                  | "SpreadOverWorkers" >> SpreadOverWorkers())
