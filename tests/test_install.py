@@ -10,26 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, write_jsonl
+from tests.conftest import write_jsonl
 
 ONE_WORKER = ["--runner=FnApiRunner", "--direct_num_workers=1", "--direct_running_mode=in_memory"]
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """The wheel of the checkout's files (a copy: setuptools leaves build/ behind in the tree it builds)."""
-    import shutil
+    """The wheel of the checkout's files, built as the install matrix builds it."""
+    from tests.install_matrix import build_wheel
 
-    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file():
-            (src / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, src / rel)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--no-deps",
-                    "--no-build-isolation", "-w", str(out), str(src)], check=True, capture_output=True, timeout=300)
-    return next(out.glob("tokenmill-*.whl"))
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 def test_wheel_adds_one_top_level_import_name(wheel):
