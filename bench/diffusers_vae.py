@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.image_build import make_images
-from bench.text_build import REPO, bench_result, best_of_rounds, manifest_seconds, run_measured
+from bench.text_build import REPO, bench_result, best_of_rounds, manifest_seconds, measure
 
 CONFIG = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
               block_out_channels=(8, 16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8)
@@ -55,15 +54,10 @@ def make_model(folder: Path) -> Path:
 
 
 def measured(cmd: list[str]) -> tuple[str, float, int, float]:
-    """run_measured, plus the CPU seconds (user + system) the process and its children used.
-
-    On a shared machine whose load is several times its cores, wall time mostly
-    measures waiting for a core; CPU time measures the work.
-    """
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out, wall, peak = run_measured(cmd)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return out, wall, peak, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    """(stdout, wall seconds, peak RSS, CPU seconds): on a shared machine whose load is several times its
+    cores, wall time mostly measures waiting for a core; CPU time measures the work."""
+    m = measure(cmd)
+    return m.out, m.wall, m.peak_rss, m.cpu_s
 
 
 def loop_main(model: str, batch_size: int, paths: list[str]) -> None:

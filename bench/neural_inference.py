@@ -117,55 +117,12 @@ def runinference_main(pattern: str, model: str, out: str, workers: int, shared: 
 
 
 def run_measured(cmd: list[str]) -> tuple[float, int, int, float]:
-    """Run a command; (wall seconds, peak RSS, peak PSS, CPU seconds) of its process tree.
+    """Run a command; (wall seconds, peak RSS, peak PSS, CPU seconds) of its process tree (bench.text_build.measure:
+    PSS is what a model forked into workers really costs, RSS counts it once per process)."""
+    from bench.text_build import measure
 
-    CPU seconds (user + system of every process the tree reaped) move less than wall time when other jobs
-    share the machine.
-    RSS counts a page shared by several processes (a model forked into workers, copy on write) once per
-    process; PSS splits it among them, so the PSS sum is the memory the tree really holds.
-    """
-    import os
-    import subprocess
-    import threading
-    import time
-
-    import resource
-
-    import psutil
-
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env=os.environ)
-    root, peak, done = psutil.Process(proc.pid), [0, 0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            rss = pss = 0
-            try:
-                family = [root, *root.children(recursive=True)]
-            except psutil.Error:
-                family = []
-            for p in family:
-                try:
-                    info = p.memory_full_info()
-                    rss, pss = rss + info.rss, pss + info.pss
-                except psutil.Error:
-                    pass
-            peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
-            done.wait(0.1)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    _, err = proc.communicate()
-    wall = time.perf_counter() - start
-    done.set()
-    thread.join()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    return wall, peak[0], peak[1], cpu
+    m = measure(cmd, pss=True)
+    return m.wall, m.peak_rss, m.peak_pss, m.cpu_s
 
 
 def read_latents(files) -> dict[str, bytes]:

@@ -18,9 +18,11 @@ Measured, each as a fresh process tree whose peak RSS is sampled:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -38,33 +40,57 @@ REPO = Path(__file__).resolve().parent.parent
 TOKENMILL = [sys.executable, "-m", "tokenmill.pipelines.build"]
 
 
-def _tree_rss(proc: psutil.Process) -> int:
-    total = 0
+def _tree_memory(proc: psutil.Process, pss: bool = False) -> tuple[int, int]:
+    """(RSS, PSS) summed over a process and its children; PSS only when asked (memory_full_info is slower).
+
+    RSS counts a page shared by several processes (a model forked into workers, copy on write) once per
+    process; PSS splits it among them, so the PSS sum is the memory the tree really holds.
+    """
+    rss = shared = 0
     try:
         family = [proc, *proc.children(recursive=True)]
     except psutil.Error:  # the process is exiting
-        return 0
+        return 0, 0
     for p in family:
         try:
-            total += p.memory_info().rss
+            if pss:
+                info = p.memory_full_info()
+                rss, shared = rss + info.rss, shared + info.pss
+            else:
+                rss += p.memory_info().rss
         except psutil.Error:
             pass
-    return total
+    return rss, shared
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> tuple[str, float, int]:
-    """Run a command; return (stdout, wall seconds, peak RSS of its process tree in bytes)."""
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """One whole-process run: its stdout, wall seconds, peak RSS and PSS of its tree (bytes; PSS 0 unless
+    asked), and the CPU seconds (user + system) of every process the tree reaped, which move less than wall
+    time when other jobs share the machine."""
+
+    out: str
+    wall: float
+    peak_rss: int
+    peak_pss: int
+    cpu_s: float
+
+
+def measure(cmd: list[str], env: dict | None = None, *, pss: bool = False) -> Measured:
+    """Run a command from the repository root, sampling its process tree's memory; raises if it fails."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             env={**os.environ, **(env or {})})
     ps = psutil.Process(proc.pid)
-    peak = [0]
+    peak = [0, 0]
     done = threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], _tree_rss(ps))
-            done.wait(0.05)
+            rss, shared = _tree_memory(ps, pss)
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], shared)
+            done.wait(0.1 if pss else 0.05)
 
     t = threading.Thread(target=sample, daemon=True)
     t.start()
@@ -74,7 +100,15 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[str, float, i
     t.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
-    return out, wall, peak[0]
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return Measured(out, wall, peak[0], peak[1], cpu)
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[str, float, int]:
+    """Run a command; return (stdout, wall seconds, peak RSS of its process tree in bytes)."""
+    m = measure(cmd, env)
+    return m.out, m.wall, m.peak_rss
 
 
 def best_of(repeat: int, run) -> dict:
