@@ -186,3 +186,34 @@ def test_a_video_tar_loses_no_sample_to_duplicates_deep_sidecars_or_a_bad_header
     assert {e["locator"]: e["error_type"] for e in read_errors(out)} == {
         "member:a.json": "JSONTooDeep", "member:a.mp4": "DuplicateKey", "member:b.avi": "DuplicateKey",
         f"offset:{offsets[6]}": "CorruptTar"}
+
+
+@pytest.mark.parametrize("compression", ["", "gz"])
+def test_a_key_without_its_image_is_an_error_row_not_a_silent_skip(tmp_path, compression):
+    """x.json alone (a sidecar whose image never came) was skipped without a word; so was a key of unknown members.
+
+    A member of an unknown kind beside a main member stays ignored (WebDataset samples carry extra parts), and a
+    key whose main member already has an error row gets no second row.
+    """
+    data, _ = tar_bytes([("a.jpg", jpeg(8, 8)), ("a.cls", b"3"), ("lost.json", b'{"caption": "no image"}'),
+                         ("lost.txt", b"no image"), ("b.jpg", jpeg(8, 16)), ("only.cls", b"7"),
+                         ("link.jpg", b""), ("link.json", b"{}"), ("c.jpg", jpeg(8, 24))])
+    data = _make_link(data, "link.jpg")
+    rows, errors = build_images(write_shard(tmp_path, data, compression), tmp_path / "ds")
+    assert sorted(rows) == ["member:a.jpg", "member:b.jpg", "member:c.jpg"]
+    assert {loc: e["error_type"] for loc, e in errors.items()} == {
+        "member:lost.json": "NoMainMember", "member:only.cls": "NoMainMember", "member:link.jpg": "UnsafeMember"}
+    assert "lost.json, lost.txt" in errors["member:lost.json"]["message"]
+
+
+def _make_link(data: bytes, name: str) -> bytes:
+    """The tar with member `name` turned into a symlink (to /etc/passwd), its header checksum redone."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(data)) as src, tarfile.open(fileobj=buf, mode="w") as dst:
+        for m in src.getmembers():
+            if m.name == name:
+                m.type, m.linkname, m.size = tarfile.SYMTYPE, "/etc/passwd", 0
+                dst.addfile(m)
+            else:
+                dst.addfile(m, src.extractfile(m))
+    return buf.getvalue()

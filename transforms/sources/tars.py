@@ -10,6 +10,8 @@ Nothing in a tar is dropped without an error row:
   rejected (UnsafeMember) and never read;
 - a second member for a part of a key already taken is a DuplicateKey row (TarSamples);
 - a sidecar that does not parse costs that sidecar only (JSONDecodeError, JSONTooDeep);
+- a key with members but no main member (x.json alone, or x.cls beside x.json) is
+  a sample without its image or video: a NoMainMember row names its members;
 - tarfile takes a bad header for the end of the archive, so where its listing
   stopped is checked against what follows: anything but the end-of-archive
   marker is an error row at that offset (end_of_archive_error).
@@ -84,9 +86,11 @@ class TarSamples:
         self._open: dict[str, dict[str, Any]] = {}  # key → {"names": {part: member}, "main": value, "meta": {...}}
         self._closed: set[str] = set()
         self._done: list[tuple[Any, str | None]] = []
+        self._erred: set[str] = set()  # keys with an error row already: a sample lost there needs no second one
 
     def error(self, name: str, kind: str, message: str) -> None:
         self.errors.append(ErrorRecord(self.source, f"member:{name}", "read", kind, message))
+        self._erred.add(posixpath.splitext(name)[0])
 
     def part(self, member: tarfile.TarInfo, file_size: int | None = None) -> tuple[str, str] | None:
         """(key, part) for a member the caller must read: part is 'main', 'json' or 'txt'.
@@ -114,12 +118,14 @@ class TarSamples:
                 self._close(done)
         part = "main" if ext.lower() in self.extensions else SIDECARS.get(ext.lower())
         if part is None:
+            if key not in self._closed:  # no part of a sample, but its key must still find a main member
+                self._open.setdefault(key, {"names": {}, "meta": {}, "others": []})["others"].append(name)
             return None
         if key in self._closed:
             self.error(name, "DuplicateKey", f"key {key!r} came earlier in the tar, apart from this member (a "
                                              "sample's members must sit together in a stream); not read")
             return None
-        names = self._open.setdefault(key, {"names": {}, "meta": {}})["names"]
+        names = self._open.setdefault(key, {"names": {}, "meta": {}, "others": []})["names"]
         if part in names:
             self.error(name, "DuplicateKey", f"{names[part]} (earlier in the tar) already holds the "
                                              f"{'main member' if part == 'main' else part + ' sidecar'} of "
@@ -150,6 +156,11 @@ class TarSamples:
             # The same text json.dumps({...}, sort_keys=True) gives, from the parts serialized when read.
             text = "{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in sorted(meta.items())) + "}" if meta else None
             self._done.append((entry["main"], text))
+        elif key not in self._erred and "main" not in entry["names"]:  # a main member not read has its own row
+            members = sorted(entry["names"].values()) + entry.get("others", [])
+            shown = ", ".join(members[:4]) + (f" and {len(members) - 4} more" if len(members) > 4 else "")
+            self.error(members[0], "NoMainMember", f"key {key!r} has {shown} but no member of the kind "
+                                                   f"built ({' '.join(self.extensions)}); its sample is lost")
 
     def take(self, finish: bool = False) -> list[tuple[Any, str | None]]:
         """The samples closed so far as (main value, meta JSON or None), in tar order; `finish` closes the rest."""
