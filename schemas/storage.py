@@ -93,13 +93,25 @@ def join(root: str, *parts: str) -> str:
 
 
 @contextlib.contextmanager
-def local_atomic_path(path: str) -> Iterator[str]:
-    """A temporary path beside local `path`: renamed to `path` when the block succeeds, else removed."""
+def local_atomic_path(path: str, durable: bool = False) -> Iterator[str]:
+    """A temporary path beside local `path`: renamed to `path` when the block succeeds, else removed.
+
+    `durable`: the file's bytes are fsynced before the rename and the folder
+    after it, so that after a power loss `path` is absent or whole.
+    """
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
         yield tmp
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)  # fsync through any descriptor flushes the file's dirty pages
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
+        if durable:
+            _fsync_folder(os.path.dirname(path))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -191,12 +203,9 @@ def write_bytes_atomic(uri: str, data: bytes | memoryview | Any) -> None:
     fs, path = fsspec.core.url_to_fs(uri)
     if isinstance(fs, LocalFileSystem):
         # Write, fsync, rename, fsync the folder: after a crash the file is the old one or the whole new one.
-        with local_atomic_path(path) as tmp:
+        with local_atomic_path(path, durable=True) as tmp:
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        _fsync_folder(os.path.dirname(path))
     else:
         payload = bytes(data)
         with_retries(lambda: fs.pipe_file(path, payload), f"writing {uri}")

@@ -190,3 +190,42 @@ def test_a_launcher_killed_mid_build_leaves_no_workers_and_no_temp_folder(tmp_pa
         import shutil
 
         shutil.rmtree(short, ignore_errors=True)
+
+
+def test_every_file_a_commit_names_is_fsynced_before_its_rename_and_its_folder_after(tmp_path, monkeypatch):
+    """Power loss: data shards were written without fsync, so a crash could leave a committed shard empty or torn.
+
+    Every data shard, error shard and manifest is fsynced under its temporary name (before the rename publishes
+    it), and its folder after; direct-I/O and streamed shards alike (a 1 MiB threshold splits them).
+    """
+    from tests.conftest import run_build, write_jsonl
+    from tokenmill.transforms import write
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(write, "DIRECT_MIN_BYTES", 1 << 20)
+    direct: list[str] = []
+    real_direct = write.write_file_direct
+    monkeypatch.setattr(write, "write_file_direct", lambda path, *a: direct.append(path) or real_direct(path, *a))
+    src = tmp_path / "in"
+    src.mkdir()
+    write_jsonl(src / "big.jsonl", [{"text": "x" * 4000 + str(i)} for i in range(1000)])  # one ~4 MB shard
+    write_jsonl(src / "small.jsonl", [{"text": "short"}, {"nottext": 1}])  # a small shard and an error shard
+    out = tmp_path / "ds"
+    assert run_build(["--input", str(src / "*.jsonl"), "--output", str(out), "--tokenizer", "bytes",
+                      "--progress", "none"]) == 0
+    m = read_manifest(str(out))
+    named = [*m.files, *(s["path"] for s in m.error_shards), "_manifest.json"]
+    assert len(m.files) == 2 and len(m.error_shards) == 1 and len(direct) == 1  # one shard by each path
+    for rel in named:
+        final = out / rel
+        tmp_synced = [p for p in synced if os.path.dirname(p) == str(final.parent)
+                      and os.path.basename(p).startswith(f".{final.name}.") and p.endswith(".tmp")]
+        assert tmp_synced, f"{rel} was never fsynced before its rename; fsynced: {synced}"
+        assert str(final.parent) in synced, f"the folder of {rel} was never fsynced"
