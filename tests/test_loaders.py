@@ -138,8 +138,9 @@ def resume_pool(tmp_path_factory) -> dict[str, Path]:
         assert run_build(["--input", str(src / "*.jsonl"), "--output", str(pool[name]), "--tokenizer",
                           "tiktoken:cl100k_base", "--row-group-size", row_group, "--progress", "none"]) == 0
     units = [len(TokenReader(str(pool[n])).units) for n in pool]
-    # 59 row groups in every serial run; 63 was seen once under pytest-xdist (same rows, smaller row groups: the
-    # split follows the Arrow table's nbytes). Not yet explained; the property below needs 1 to ~60 either way.
+    # The fourth has 59 row groups in a serial run and 63 under pytest-xdist: row groups hold --row-group-size
+    # bytes of the Arrow table, whose `source` column is each row's input path, and xdist's temporary folders
+    # (.../pytest-N/popen-gwK/...) are longer. The same inputs give the same shards; the property needs ~60.
     assert units[:3] == [1, 3, 9] and 50 <= units[3] <= 70, units
     return pool
 
