@@ -6,8 +6,10 @@ Reading and decoding are the modality plug-in's (transforms/modalities/), so
 compare reads every input form a build reads, on the same runners
 (pipelines/runners.py). Measuring is reports/compare.py's pure functions in a
 DoFn that loads every tokenizer once per worker; the tallies merge by addition
-(`MergeTallies`), and one step writes compare.json beside the inputs' figures.
-The launcher then draws index.html from compare.json.
+(`MergeTallies`), and one step writes the figures to a staging file in the output
+folder. The launcher then writes compare.json and draws index.html from it, or,
+when no record could be measured (every one failed or was refused), exits 1 with
+the first error and writes neither.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import json
 import math
 import sys
 import time
+import uuid
 from typing import Any, Iterator, Sequence
 
 import apache_beam as beam
@@ -45,6 +48,9 @@ class ComparePlan:
     show: int
     local: bool
     runner: str  # how the runner is described to the user
+    # The workers write the merged figures to this file in the output folder; the launcher reads it, removes
+    # it, and writes compare.json and index.html only when something was measured.
+    staging: str = dataclasses.field(default_factory=lambda: f".compare-{uuid.uuid4().hex}.json")
 
 
 def make_parser() -> OneLineArgumentParser:
@@ -183,7 +189,8 @@ def _keyed_records(block: Any, modality: str, n: int) -> Iterator[tuple]:
 
     batch = _batch_of(block, modality)
     payloads = batch["texts" if modality == "text" else "images"]
-    keyed = sorted(((sample_key(s, loc), i) for i, (s, loc) in enumerate(zip(batch["sources"], batch["locators"]))))
+    places = zip(batch["sources"], batch["locators"], strict=True)
+    keyed = sorted((sample_key(s, loc), i) for i, (s, loc) in enumerate(places))
     for key, i in keyed[:n]:
         yield key, batch["sources"][i], batch["locators"][i], payloads[i]
 
@@ -242,12 +249,13 @@ def _file_errors_batch(errors: Any) -> dict[str, Any]:
 
 
 class _WriteComparison(beam.DoFn):
-    """The merged tally → compare.json in the output folder (on the worker: the output may be object storage)."""
+    """The merged tally → the run's staging file in the output folder (on the worker: the output may be object
+    storage); the launcher turns it into compare.json and index.html, or into a failure."""
 
     def __init__(self, specs: Sequence[str], modality: str, out: str, show: int, inputs: Sequence[str],
-                 sample: int | None):
+                 sample: int | None, name: str = RESULT_NAME):
         self._specs, self._modality, self._out, self._show = tuple(specs), modality, out, show
-        self._inputs, self._sample = list(inputs), sample
+        self._inputs, self._sample, self._name = list(inputs), sample, name
 
     def process(self, tally: Any) -> Iterator[str]:
         from tokenmill.reports import compare
@@ -257,7 +265,7 @@ class _WriteComparison(beam.DoFn):
         result = (compare.summarize_text(tally, toks, show=self._show) if self._modality == "text"
                   else compare.summarize_images(tally, toks))
         result.update({"inputs": self._inputs, "sample": self._sample})
-        path = join(self._out, RESULT_NAME)
+        path = join(self._out, self._name)
         write_bytes_atomic(path, json.dumps(_finite(result), ensure_ascii=False).encode())
         yield path
 
@@ -276,9 +284,11 @@ def _finite(value: Any) -> Any:
 class CompareTokenizers(beam.PTransform):
     """Inputs → compare.json: the modality's read and decode, the sample, every tokenizer, one merged tally."""
 
-    def __init__(self, spec: BuildSpec, specs: Sequence[str], sample: int | None, show: int, threads: int = 1):
+    def __init__(self, spec: BuildSpec, specs: Sequence[str], sample: int | None, show: int, threads: int = 1,
+                 result_name: str = RESULT_NAME):
         super().__init__()
         self._spec, self._specs, self._sample, self._show, self._threads = spec, list(specs), sample, show, threads
+        self._result_name = result_name
 
     def expand(self, pbegin):
         spec, modality = self._spec, self._spec.modality
@@ -298,22 +308,67 @@ class CompareTokenizers(beam.PTransform):
         return (tallies
                 | "MergeTallies" >> beam.CombineGlobally(MergeTallies(self._specs, modality, self._show))
                 | "WriteComparison" >> beam.ParDo(_WriteComparison(self._specs, modality, spec.output, self._show,
-                                                                   spec.inputs, self._sample)))
+                                                                   spec.inputs, self._sample, self._result_name)))
 
 
 def build_pipeline(planned: ComparePlan, options: PipelineOptions) -> beam.Pipeline:
     """The un-run Beam graph of a compare."""
     p = beam.Pipeline(runner=runners.make_runner(options), options=options)
-    _ = p | "CompareTokenizers" >> CompareTokenizers(planned.spec, planned.specs, planned.sample, planned.show)
+    _ = p | "CompareTokenizers" >> CompareTokenizers(planned.spec, planned.specs, planned.sample, planned.show,
+                                                     result_name=planned.staging)
     return p
 
 
-def write_page(out: str) -> tuple[str, dict[str, Any]]:
-    """index.html drawn from OUT/compare.json: (its path, the result it drew)."""
+def take_result(out: str, name: str) -> dict[str, Any]:
+    """The figures the workers wrote to OUT/NAME (the run's staging file), which is removed."""
+    import fsspec
+
+    from tokenmill.schemas.storage import join, read_bytes, with_retries
+
+    path = join(out, name)
+    result = json.loads(read_bytes(path))
+    fsys, local = fsspec.core.url_to_fs(path)
+    with_retries(lambda: fsys.rm(local), f"removing {path}")
+    return result
+
+
+def measured(result: dict[str, Any]) -> int:
+    """How many documents, images or clips the figures cover."""
+    return int(result[UNITS[result["kind"]][1]])
+
+
+# kind -> (one, the result's count of them)
+UNITS = {"text": ("document", "documents"), "image": ("image", "images")}
+
+
+def nothing_measured(result: dict[str, Any]) -> str:
+    """Why a compare measured nothing, in one line: the first error, else the first refusal."""
+    one, many = UNITS[result["kind"]]
+    errors = result["errors"]
+    if errors["count"]:
+        e = errors["examples"][0]
+        return (f"no {one} could be measured: {errors['count']} record(s) failed; the first: {e['source']} "
+                f"{e['locator']}: {e['error_type']}: {e['message']}")
+    refused = [t for t in result["tokenizers"] if t.get("refused")]
+    if refused:
+        t = refused[0]
+        first = t.get("first_refusal")
+        why = f"; its first: {first['source']} {first['locator']}: {first['message']}" if first else ""
+        return (f"every {one} was refused by a tokenizer: " + ", ".join(f"{r['spec']} refused {r['refused']}"
+                                                                    for r in refused) + why)
+    return f"the inputs hold no {many}"
+
+
+def write_page(out: str, result: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """index.html drawn from `result` (written to OUT/compare.json first) or from OUT/compare.json: (its path,
+    the result it drew)."""
     from tokenmill.reports.compare_page import compare_html
     from tokenmill.schemas.storage import join, read_bytes, write_bytes_atomic
 
-    result = json.loads(read_bytes(join(out, RESULT_NAME)))
+    if result is None:
+        result = json.loads(read_bytes(join(out, RESULT_NAME)))
+    else:
+        write_bytes_atomic(join(out, RESULT_NAME), json.dumps(result, ensure_ascii=False).encode())
     path = join(out, PAGE_NAME)
     title = f"tokenmill compare: {', '.join(t['spec'] for t in result['tokenizers'])}"
     write_bytes_atomic(path, compare_html(result, title).encode("utf-8"))
@@ -335,7 +390,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     outcome = runners.execute(build_pipeline(planned, options), "tokenmill compare")
     if outcome.result is None:
         return outcome.code
-    path, result = write_page(planned.spec.output)
+    result = take_result(planned.spec.output, planned.staging)
+    if not measured(result):  # a page of nothing teaches nothing: fail as a build that commits nothing does
+        print(f"tokenmill compare: error: {nothing_measured(result)}", file=sys.stderr)
+        return 1
+    path, result = write_page(planned.spec.output, result)
     print(f"tokenmill compare: {_summary(result)} in {time.perf_counter() - start:.1f} s -> {path}")
     return 0
 

@@ -9,7 +9,9 @@ Pure functions, no Beam (pipelines/compare.py runs them on the workers):
   that `compare.json` holds; `compare_html` (reports/compare_page.py) draws it.
 
 Documents a tokenizer refuses are left out of every tokenizer's figures (and
-counted), so that all figures cover the same text.
+counted), so that all figures cover the same text; but a tokenizer that refuses
+every document is set aside instead (its figures empty, its first refusal kept),
+so that one unfit tokenizer does not empty the comparison of the others.
 """
 from __future__ import annotations
 
@@ -73,7 +75,7 @@ class ErrorTally:
         return {"count": sum(self.counts.values()),
                 "by_type": [{"stage": s, "error_type": t, "count": c}
                             for (s, t), c in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))],
-                "examples": [dict(zip(("source", "locator", "stage", "error_type", "message"), e))
+                "examples": [dict(zip(("source", "locator", "stage", "error_type", "message"), e, strict=True))
                              for e in self.examples]}
 
 
@@ -94,6 +96,11 @@ class TextTally:
     # script -> the `show` smallest (sample key, source, locator, excerpt): enough for `show` views of one script
     examples: dict[str, list[tuple[int, str, str, str]]] = dataclasses.field(default_factory=dict)
     show: int = SHOW
+    # Documents some tokenizers refused, measured with the others, by who refused them (tokenizer numbers):
+    # they join the figures only if those tokenizers refused every document (see `common`).
+    aside: dict[tuple[int, ...], "TextTally"] = dataclasses.field(default_factory=dict)
+    # per tokenizer, its first refusal by place: (source, locator, "ErrorType: message"), or None
+    first_refusal: list[tuple[str, str, str] | None] = dataclasses.field(default_factory=list)
 
     def merge(self, other: "TextTally") -> "TextTally":
         for k, v in other.groups.items():
@@ -104,45 +111,61 @@ class TextTally:
             self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
         self.refused = [a + b for a, b in zip(self.refused or [0] * len(self.specs),
                                               other.refused or [0] * len(self.specs), strict=True)]
+        self.first_refusal = [min((r for r in pair if r is not None), default=None) for pair in
+                              zip(self.first_refusal or [None] * len(self.specs),
+                                  other.first_refusal or [None] * len(self.specs), strict=True)]
         self.errors.merge(other.errors)
         for script, items in other.examples.items():
             self.examples[script] = _smallest(self.examples.get(script, []) + items, self.show)
+        for mask, part in other.aside.items():
+            self.aside[mask] = self.aside[mask].merge(part) if mask in self.aside else part
+        return self
+
+    def documents(self) -> int:
+        """Documents read and decoded: measured, or refused by some tokenizer."""
+        return sum(int(t.groups[("all", "")][DOCS]) for t in (self, *self.aside.values()) if ("all", "") in t.groups)
+
+    def refused_all(self) -> tuple[int, ...]:
+        """The tokenizers (numbers) that refused every document, where some document was read."""
+        seen = self.documents()
+        return tuple(k for k, n in enumerate(self.refused or []) if seen and n == seen)
+
+    def common(self) -> "TextTally":
+        """The documents every tokenizer encoded, each tokenizer's figures over them; a tokenizer that refused
+        every document is set aside (its figures are empty) rather than emptying everyone's."""
+        whole = set(self.refused_all())
+        if len(whole) == len(self.specs):
+            return self
+        for mask, part in sorted(self.aside.items()):
+            if set(mask) <= whole:
+                self.merge(dataclasses.replace(part, refused=[], first_refusal=[], aside={},
+                                               errors=ErrorTally()))
+        self.aside = {m: p for m, p in self.aside.items() if not set(m) <= whole}
         return self
 
 
-def measure_texts(tokenizers: Mapping[str, Any], sources: Sequence[str], locators: Sequence[str],
-                  texts: Sequence[str], show: int = SHOW) -> TextTally:
-    """One batch of documents through every tokenizer (without BOS/EOS): a tally to merge, keeping up to
-    `show` excerpts per script to draw."""
+def _tally_of(tokenizers: Mapping[str, Any], columns: Sequence[Any], rows: Sequence[np.ndarray | None],
+              sources: Sequence[str], locators: Sequence[str], texts: Sequence[str], show: int) -> TextTally:
+    """The tally of some documents: each tokenizer's tokens of them are rows[k] of its column (None: refused)."""
+    import pyarrow as pa
+
     specs = tuple(tokenizers)
     tally = TextTally(specs, refused=[0] * len(specs), show=show)
-    if not texts:
-        return tally
-    refused: set[int] = set()
-    columns = []
-    for k, tok in enumerate(tokenizers.values()):
-        column, failures = tok.encode_batch(texts)
-        tally.refused[k] += len(failures)
-        refused |= {i for i, _ in failures}
-        columns.append(column)
-    if refused:  # figures cover the same text for every tokenizer: encode the rest again, without them
-        keep = [i for i in range(len(texts)) if i not in refused]
-        texts, sources, locators = ([seq[i] for i in keep] for seq in (texts, sources, locators))
-        columns = []
-        for spec, tok in tokenizers.items():
-            column, failures = tok.encode_batch(texts)
-            if failures:  # refused now but not before: not deterministic; say so rather than misalign
-                raise RuntimeError(f"{spec} refused a document it encoded a moment before")
-            columns.append(column)
     n = len(texts)
     per_doc = np.zeros((n, TOKENS + len(specs)), np.int64)
     per_doc[:, DOCS] = 1
     per_doc[:, CHARS] = [len(t) for t in texts]
     per_doc[:, BYTES] = [len(t.encode("utf-8", "surrogatepass")) for t in texts]
-    for k, (tok, column) in enumerate(zip(tokenizers.values(), columns)):
+    for k, (tok, column, take) in enumerate(zip(tokenizers.values(), columns, rows, strict=True)):
+        vocab = int(tok.vocab_size)
+        if take is None:
+            tally.counts.append(np.zeros(vocab, np.int64))
+            continue
+        if len(take) != len(column):  # positions ascend: the same length is the whole column
+            column = column.take(pa.array(take))
         per_doc[:, TOKENS + k] = column.value_lengths().to_numpy(zero_copy_only=False)
-        values = column.values.to_numpy(zero_copy_only=False).astype(np.int64)
-        tally.counts.append(np.bincount(values, minlength=int(tok.vocab_size))[:int(tok.vocab_size)])
+        values = column.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        tally.counts.append(np.bincount(values, minlength=vocab)[:vocab])
     scripts = dominant_scripts(list(texts))
     tally.groups[("all", "")] = per_doc.sum(axis=0)
     for kind, names in (("source", sources), ("script", scripts)):
@@ -153,6 +176,41 @@ def measure_texts(tokenizers: Mapping[str, Any], sources: Sequence[str], locator
         if texts[i].strip() and show:
             item = (sample_key(sources[i], locators[i]), sources[i], locators[i], excerpt(texts[i]))
             tally.examples[script] = _smallest(tally.examples.get(script, []) + [item], show)
+    return tally
+
+
+def measure_texts(tokenizers: Mapping[str, Any], sources: Sequence[str], locators: Sequence[str],
+                  texts: Sequence[str], show: int = SHOW) -> TextTally:
+    """One batch of documents through every tokenizer (without BOS/EOS): a tally to merge, keeping up to
+    `show` excerpts per script to draw. Documents some tokenizer refused are tallied apart, by who refused
+    them (`TextTally.aside`)."""
+    specs = tuple(tokenizers)
+    tally = TextTally(specs, refused=[0] * len(specs), show=show, first_refusal=[None] * len(specs))
+    if not texts:
+        return tally
+    columns, failed = [], []
+    for k, tok in enumerate(tokenizers.values()):
+        column, failures = tok.encode_batch(texts)
+        tally.refused[k] += len(failures)
+        failed.append(np.zeros(len(texts), bool))
+        for i, e in failures:
+            failed[k][i] = True
+            where = (sources[i], locators[i], f"{type(e).__name__}: {e}")
+            tally.first_refusal[k] = min(where, tally.first_refusal[k] or where)
+        columns.append(column)
+    # where each document's tokens sit in each column (refused documents are left out of it)
+    position = [np.arange(len(texts)) - np.cumsum(f) + f for f in failed]
+    masks: dict[tuple[int, ...], list[int]] = {}
+    for i in range(len(texts)):
+        masks.setdefault(tuple(k for k in range(len(specs)) if failed[k][i]), []).append(i)
+    for mask, idx in masks.items():
+        rows = [None if k in mask else position[k][idx] for k in range(len(specs))]
+        part = _tally_of(tokenizers, columns, rows, [sources[i] for i in idx], [locators[i] for i in idx],
+                         [texts[i] for i in idx], show)
+        if mask:
+            tally.aside[mask] = part
+        else:
+            tally.merge(part)
     return tally
 
 
@@ -206,7 +264,11 @@ def spelling_risk(tokenizers: Mapping[str, Any], counts: Sequence[np.ndarray], r
             for other_spec, other in tokenizers.items():
                 if other_spec == spec:
                     continue
-                spans = other.token_spans(text)
+                try:
+                    spans = other.token_spans(text)
+                except Exception as e:  # noqa: BLE001 - a tokenizer that refuses the word: say so in its cell
+                    others[other_spec] = {"refused": f"{type(e).__name__}: {e}"}
+                    continue
                 others[other_spec] = {"tokens": len(spans), "ids": [int(i) for i in other._encode(text)],
                                       "spans": [list(s) for s in spans],
                                       "pieces": _piece_texts(utf8(text), spans)}
@@ -216,9 +278,9 @@ def spelling_risk(tokenizers: Mapping[str, Any], counts: Sequence[np.ndarray], r
 
 
 def boundary_examples(tokenizers: Mapping[str, Any], examples: Mapping[str, list[tuple]], show: int,
-                      order: Sequence[str]) -> list[dict[str, Any]]:
+                      order: Sequence[str], refused_all: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Up to `show` documents (the first of each script, in `order`, then the second ...), each with every
-    tokenizer's token IDs and byte spans (which tile the excerpt)."""
+    tokenizer's token IDs and byte spans (which tile the excerpt), but those in `refused_all`."""
     from tokenmill.transforms.tokenizers.spans import utf8
 
     picked = []
@@ -231,6 +293,8 @@ def boundary_examples(tokenizers: Mapping[str, Any], examples: Mapping[str, list
     for script, (_, source, locator, text) in picked:
         views = {}
         for spec, tok in tokenizers.items():
+            if spec in refused_all:  # it refused every document: nothing of it to draw
+                continue
             ids = [int(i) for i in tok._encode(text)]
             spans = tok.token_spans(text)
             views[spec] = {"ids": ids, "spans": [list(s) for s in spans]}
@@ -239,12 +303,18 @@ def boundary_examples(tokenizers: Mapping[str, Any], examples: Mapping[str, list
     return out
 
 
+def _refusal_json(where: tuple[str, str, str] | None) -> dict[str, str] | None:
+    return None if where is None else dict(zip(("source", "locator", "message"), where, strict=True))
+
+
 def summarize_text(tally: TextTally, tokenizers: Mapping[str, Any], *, show: int = SHOW) -> dict[str, Any]:
     """compare.json for text: figures per tokenizer, overall, per source and per script; long tokens;
     vocabulary usage; the spelling-risk list; boundary views of `show` documents."""
     from tokenmill.reports.render import visible
 
     specs = tally.specs
+    tally = tally.common()
+    whole = [specs[k] for k in tally.refused_all()]
     empty = np.zeros(TOKENS + len(specs), np.int64)
     total = tally.groups.get(("all", ""), empty)
     counts = tally.counts or [np.zeros(int(t.vocab_size), np.int64) for t in tokenizers.values()]
@@ -257,7 +327,8 @@ def summarize_text(tally: TextTally, tokenizers: Mapping[str, Any], *, show: int
             "spec": spec, "name": getattr(tok, "name", spec), "vocab_size": int(tok.vocab_size),
             **_ratios(total, k), "share_long": g["share_long"], "distinct_tokens": g["distinct_tokens"],
             "vocab_used": g["distinct_tokens"] / int(tok.vocab_size),
-            "refused": tally.refused[k] if tally.refused else 0,
+            "refused": tally.refused[k] if tally.refused else 0, "refused_all": spec in whole,
+            "first_refusal": _refusal_json(tally.first_refusal[k] if tally.first_refusal else None),
             "chars_hist": {str(c): n for c, n in g["chars_hist"].items()},
             "longest": [{**t, "text": t["text"]} for t in g["longest"]],
             "top_tokens": [{"id": int(i), "text": tok.token_bytes(int(i)).decode("utf-8", "backslashreplace"),
@@ -278,8 +349,9 @@ def summarize_text(tally: TextTally, tokenizers: Mapping[str, Any], *, show: int
         "documents": int(total[DOCS]), "chars": int(total[CHARS]), "bytes": int(total[BYTES]),
         "long_token_chars": LONG_TOKEN_CHARS,
         "by_source": grouped("source"), "by_script": scripts,
+        "read": tally.documents(),
         "spelling_risk": spelling_risk(tokenizers, counts),
-        "examples": boundary_examples(tokenizers, tally.examples, show, [s["name"] for s in scripts]),
+        "examples": boundary_examples(tokenizers, tally.examples, show, [s["name"] for s in scripts], whole),
         "errors": tally.errors.to_json(),
     }
 
@@ -389,7 +461,7 @@ def measure_images(tokenizers: Mapping[str, Any], sources: Sequence[str], locato
         failed = {i for i, _ in failures}
         refused |= failed
         kept = [i for i in range(len(images)) if i not in failed]
-        encoded.append(dict(zip(kept, zip(_items(tok, column, grids), grids))))
+        encoded.append(dict(zip(kept, zip(_items(tok, column, grids), grids, strict=True), strict=True)))
     keep = [i for i in range(len(images)) if i not in refused]
     tally.images = len(keep)
     tally.pixels = sum(int(images[i].shape[0] * images[i].shape[1]) for i in keep)

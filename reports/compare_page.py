@@ -105,13 +105,23 @@ def text_page(result: dict[str, Any], title: str) -> str:
             "bytes costs sequence length. The figures below cover the same text for every tokenizer.</p>"]
     if result["errors"]["count"]:
         body.append(f"<p class=note>{result['errors']['count']} record(s) could not be measured (see Errors).</p>")
-    refused = [f"{t['refused']} by <code>{html.escape(t['spec'])}</code>" for t in toks if t.get("refused")]
+    refused = [f"{t['refused']} by <code>{html.escape(t['spec'])}</code>" for t in toks
+               if t.get("refused") and not t.get("refused_all")]
     if refused:
         body.append(f"<p class=note>Documents a tokenizer refused are left out of every tokenizer's figures: "
                     f"{', '.join(refused)}.</p>")
+    for t in toks:
+        if t.get("refused_all"):
+            first = t.get("first_refusal") or {}
+            body.append(f"<p class=note><b><code>{html.escape(t['spec'])}</code> refused every document</b> "
+                        f"({t['refused']:,}), so it is set aside: its figures below are empty and the others' "
+                        f"cover all the text. The first refusal: {html.escape(first.get('message', ''))} "
+                        f"({html.escape(first.get('source', '').rsplit('/', 1)[-1])} "
+                        f"{html.escape(first.get('locator', ''))}).</p>")
 
     best_tpc = min((t["tokens_per_char"] for t in toks if t["tokens"]), default=None)
-    rows = [[_spec_cell(t["spec"]), f"{t['vocab_size']:,}", f"{t['tokens']:,}",
+    rows = [[_spec_cell(t["spec"]), f"{t['vocab_size']:,}",
+             "refused every document" if t.get("refused_all") else f"{t['tokens']:,}",
              Raw(_num(t["tokens_per_char"]), "n best" if t["tokens_per_char"] == best_tpc else "n"),
              _num(t["tokens_per_byte"]), _num(t["chars_per_token"], 2), f"{t['share_long']:.1%}",
              f"{t['vocab_used']:.1%} ({t['distinct_tokens']:,})"] for t in toks]
@@ -129,7 +139,8 @@ def text_page(result: dict[str, Any], title: str) -> str:
         rows = []
         for g in groups:
             values = [g["tokenizers"][s]["tokens_per_char"] for s in specs]
-            best = min(values) if g["chars"] else None
+            measured = [v for v, t in zip(values, toks, strict=True) if not t.get("refused_all")]
+            best = min(measured) if g["chars"] and measured else None
             name = g["name"].rstrip("/").rsplit("/", 1)[-1] if what == "source" else g["name"]
             rows.append([name, f"{g['documents']:,}", f"{g['chars']:,}", _num(g["bytes"] / max(1, g["chars"]), 2)]
                         + [Raw(_num(v), "n best" if v == best else "n") for v in values])
@@ -161,6 +172,9 @@ def text_page(result: dict[str, Any], title: str) -> str:
                          "word"), w["chars"], f"{w['uses']:,}"]
             for o in others:
                 split = w["others"][o]
+                if "refused" in split:
+                    cells.append(Raw(f'<span class=note>refused: {html.escape(split["refused"])}</span>'))
+                    continue
                 spans = [tuple(x) for x in split["spans"]]
                 cells.append(Raw(f'<span class="bv pieces">{boundary_html(data, spans, split["ids"])}</span> '
                                  f'<span class=note>{split["tokens"]}</span>'))
@@ -179,6 +193,9 @@ def text_page(result: dict[str, Any], title: str) -> str:
                     f'{len(ex["text"])} characters</span></h3>')
         data = ex["text"].encode("utf-8", "surrogatepass")
         for spec in specs:
+            if spec not in ex["views"]:
+                body.append(f'<div class="tokname">{html.escape(spec)}: refused every document</div>')
+                continue
             v = ex["views"][spec]
             body.append(f'<div class="tokname">{html.escape(spec)}: {len(v["ids"])} tokens</div>'
                         f'<div class="bv" data-spec="{html.escape(spec)}">'

@@ -192,6 +192,76 @@ def test_a_plugin_family_compares_and_documents_it_refuses_are_left_out_of_every
 
 
 
+
+def test_a_compare_where_every_record_fails_exits_1_naming_the_first_error_and_writes_nothing(tmp_path, capsys):
+    """It exited 0 with a page of nothing; now it fails in one line, as a build that commits nothing does."""
+    write_jsonl(tmp_path / "bad.jsonl", ["{not json", "[1, 2"])
+    out = tmp_path / "out"
+    assert compare.run(["--input", str(tmp_path / "bad.jsonl"), "--out", str(out), "--tokenizer", "bytes",
+                        "--tokenizer", "tiktoken:cl100k_base", *ONE_WORKER]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1, err
+    assert "no document could be measured: 2 record(s) failed" in err[0]
+    assert f"{tmp_path / 'bad.jsonl'} offset:0: JSONDecodeError" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == []  # no page, no compare.json, no staging file
+
+
+def test_a_compare_of_images_that_all_fail_exits_1(image_datasets, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert compare.run(["--input", str(image_datasets["images"] / "broken.png"), "--out", str(out),
+                        "--tokenizer", "patch:16", "--tokenizer", "patch:8", *ONE_WORKER]) == 1
+    err = capsys.readouterr().err
+    assert "no image could be measured: 1 record(s) failed; the first: " in err and "broken.png" in err
+    assert not (out / "index.html").exists() and not (out / "compare.json").exists()
+
+
+def test_a_tokenizer_that_refuses_every_document_is_set_aside_and_the_others_are_compared(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """picky refuses every document (each holds a skull): the page compares the others over all the text and
+    says picky refused them all, with its first refusal."""
+    from tokenmill.transforms import registry
+
+    monkeypatch.setitem(registry.FAMILIES, "picky", "tests.plugins.codepoints:PICKY_FAMILY")
+    texts = ["a skull ☠ here", "☠ Гранулярность ☠", "another ☠"]
+    write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in texts])
+    out = tmp_path / "out"
+    result = run_compare(capsys, "--input", str(tmp_path / "docs.jsonl"), "--out", str(out),
+                         "--tokenizer", "picky", "--tokenizer", "bytes", "--tokenizer", "tiktoken:cl100k_base")
+    by_spec = {t["spec"]: t for t in result["tokenizers"]}
+    assert result["documents"] == result["read"] == 3 and result["chars"] == sum(map(len, texts))
+    picky = by_spec["picky"]
+    assert picky["refused_all"] and picky["refused"] == 3 and picky["tokens"] == 0
+    assert picky["first_refusal"] == {"source": str(tmp_path / "docs.jsonl"), "locator": "offset:0",
+                                      "message": "ValueError: no skulls"}
+    assert by_spec["bytes"]["tokens"] == sum(len(t.encode()) for t in texts) and not by_spec["bytes"]["refused_all"]
+    assert all("picky" not in ex["views"] and "bytes" in ex["views"] for ex in result["examples"])
+    page = (out / "index.html").read_text()
+    assert "refused every document" in page and "ValueError: no skulls" in page
+
+
+def test_refusals_set_aside_only_for_a_tokenizer_that_refused_every_document_of_every_batch():
+    """Batch 1: picky refuses both documents; batch 2: only the one with a skull. picky encoded something, so
+    every document it refused is left out of everyone's figures (it is not set aside)."""
+    from tests.plugins.codepoints import CodepointTokenizer, PickyCodepointTokenizer
+    from tokenmill.reports.compare import measure_texts, summarize_text
+
+    toks = {"picky": PickyCodepointTokenizer("picky"), "codepoints": CodepointTokenizer("codepoints")}
+    first = measure_texts(toks, ["a", "a"], ["offset:0", "offset:9"], ["☠ one", "two ☠"])
+    second = measure_texts(toks, ["b", "b"], ["offset:0", "offset:5"], ["three", "four ☠"])
+    result = summarize_text(first.merge(second), toks)
+    by_spec = {t["spec"]: t for t in result["tokenizers"]}
+    assert result["read"] == 4 and result["documents"] == 1 and result["chars"] == len("three")
+    assert by_spec["picky"]["refused"] == 3 and not by_spec["picky"]["refused_all"]
+    assert by_spec["picky"]["first_refusal"]["source"] == "a" and by_spec["codepoints"]["tokens"] == 5
+    # the same batches with picky refusing everywhere: set aside, codepoints counts all four documents
+    third = measure_texts(toks, ["b", "b"], ["offset:0", "offset:5"], ["three ☠", "four ☠"])
+    again = measure_texts(toks, ["a", "a"], ["offset:0", "offset:9"], ["☠ one", "two ☠"])
+    result = summarize_text(again.merge(third), toks)
+    by_spec = {t["spec"]: t for t in result["tokenizers"]}
+    assert by_spec["picky"]["refused_all"] and result["documents"] == 4
+    assert by_spec["codepoints"]["tokens"] == len("☠ one" "two ☠" "three ☠" "four ☠")
+
+
 def test_show_draws_n_documents_from_a_corpus_of_one_script(tmp_path, capsys):
     """--show 4 on English alone draws 4 excerpts (it drew 2: two candidates were kept per script)."""
     texts = [f"document number {i} in plain English" for i in range(7)]
