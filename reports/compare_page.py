@@ -183,9 +183,12 @@ def text_page(result: dict[str, Any], title: str) -> str:
 
     body += ["<h2>The same text, token by token</h2>",
              "<p>Each excerpt once per tokenizer. Tokens alternate blue and orange; hover for the token's ID. "
-             "Whitespace is drawn: space ·, tab →, newline ↵. A character split across tokens (a byte-level "
-             "tokenizer cutting a multi-byte character) has a dashed red outline: it is drawn in the token that "
-             "completes it, and the tokens holding only some of its bytes show them as \\xNN.</p>"]
+             "Whitespace is drawn: space ·, tab →, newline ↵, no-break space ⍽; a character that would show as "
+             "nothing or as something else is a grey pill with its name: controls (CR, NUL, ESC, NEL), "
+             "zero-width and bidi marks (ZWSP, ZWJ, BOM, RLO), odd spaces (IDSP, U+2009). A character split "
+             "across tokens (a byte-level tokenizer cutting a multi-byte character) has a dashed red outline: it "
+             "is drawn in the token that completes it, and the tokens holding only some of its bytes show them "
+             "as \\xNN.</p>"]
     for k, ex in enumerate(result["examples"]):
         where = ex["source"].rstrip("/").rsplit("/", 1)[-1]
         body.append(f'<div class="ex" data-example="{k}"><h3>{html.escape(ex["script"])}: '

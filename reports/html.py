@@ -109,9 +109,10 @@ def _sample_rows_section(view: DatasetView, n: int) -> str:
         return f"<h2>Sample rows</h2><p class=note>not available: {html.escape(str(e))}</p>"
     parts = ["<h2>Sample rows, token by token</h2>",
              "<p>Tokens alternate blue and orange; hover for a token's ID. Whitespace is drawn: space ·, tab →, "
-             "newline ↵. A character split across tokens has a dashed red outline (drawn in the token that "
-             "completes it; the tokens holding only some of its bytes show them as \\xNN). Special tokens such "
-             "as EOS show as their names.</p>"]
+             "newline ↵, no-break space ⍽; other invisible characters as a grey pill with their name (CR, NUL, "
+             "ESC, NEL, ZWSP, ZWJ, BOM, RLO, IDSP, U+XXXX). A character split across tokens has a dashed red "
+             "outline (drawn in the token that completes it; the tokens holding only some of its bytes show them "
+             "as \\xNN). Special tokens such as EOS show as their names.</p>"]
     for row in view.rows(n):
         ids = [int(i) for i in row["tokens"]]
         shown = ids[:SAMPLE_TOKENS]
@@ -172,7 +173,7 @@ def _text_section(view: DatasetView) -> str:
 def _per_source_section(view: DatasetView, unit: str) -> str:
     totals: dict[str, list[int]] = {}
     for t in view.tables(["source", "num_tokens"]):
-        for source, n in zip(t.column("source").to_pylist(), t.column("num_tokens").to_pylist()):
+        for source, n in zip(t.column("source").to_pylist(), t.column("num_tokens").to_pylist(), strict=True):
             acc = totals.setdefault(source, [0, 0])
             acc[0] += 1
             acc[1] += int(n)

@@ -68,8 +68,13 @@ def token_pieces(token_bytes: Sequence[bytes]) -> list[str]:
 
 
 def visible(piece: str) -> str:
-    """A piece with newlines, tabs and carriage returns shown as escapes."""
-    return "".join(_ESCAPES.get(c, c) for c in piece)
+    """A piece for a terminal: newlines, tabs and carriage returns shown as escapes, and so is every other
+    character the HTML views draw as a mark (boundaries.invisible_mark: controls, such as ESC, which a
+    terminal would obey; zero-width and bidi marks; odd spaces), as \\xNN or \\uNNNN."""
+    from tokenmill.reports.boundaries import invisible_mark
+
+    return "".join(_ESCAPES.get(c) or (c if c == " " or invisible_mark(c) is None else
+                                       c.encode("unicode_escape").decode("ascii")) for c in piece)
 
 
 def marked_text(pieces: Sequence[str], mark: str = "|", inside: Sequence[bool] | None = None) -> str:

@@ -386,7 +386,9 @@ function check(frame, name, width) {
   const doc = frame.contentDocument, win = frame.contentWindow, imgs = Array.from(doc.images);
   const views = Array.from(doc.querySelectorAll(".ex .bv[data-spec], .bv[data-row]")).map(v => {
     const c = v.cloneNode(true);
-    c.querySelectorAll(".ws").forEach(w => w.replaceWith(doc.createTextNode(w.dataset.raw)));
+    // a mark stands for the character of its data-cp (HTML cannot hold U+0000 itself)
+    c.querySelectorAll(".ws").forEach(w => w.replaceWith(doc.createTextNode(String.fromCodePoint(
+      parseInt(w.dataset.cp, 16)))));
     c.querySelectorAll(".pb").forEach(p => p.remove());
     const key = v.dataset.spec !== undefined ? v.closest(".ex").dataset.example + "|" + v.dataset.spec : v.dataset.row;
     return [key, c.textContent];
@@ -436,8 +438,23 @@ def make_video(path: Path, n: int = 12, w: int = 64, h: int = 48) -> Path:
 
 def test_every_page_renders_in_chromium_with_images_loaded_no_errors_and_exact_text(
         text_result, image_result, text_dataset, image_datasets, tmp_path, capsys, cl100k):
-    """compare (text, images) and report (text, image, video) pages at 1400 and 390 pixels wide."""
+    """compare (text, images) and report (text, image, video) pages at 1400 and 390 pixels wide; a compare
+    and a report of odd text too (NUL, controls, odd spaces, zero-width and bidi marks), whose views must read
+    back as the documents."""
+    from tests.test_report import ODD_TEXT
+
     browser = chromium()
+    odd_texts = [ODD_TEXT, "\x00", "a\u2028b\u2029c\x85d", "tab\there\x0b\x0c\x1f\x01", "\u202eRTL override",
+                 "zero\u200b\u200c\u200d\ufeffwidth\u3000\xa0", "C1 \x80\x9f\x90 end"]
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    write_jsonl(odd / "odd.jsonl", [{"text": t} for t in odd_texts])
+    assert compare.run(["--input", str(odd / "odd.jsonl"), "--out", str(tmp_path / "compare-odd"), "--show", "10",
+                        "--tokenizer", "bytes", "--tokenizer", "tiktoken:cl100k_base", *ONE_WORKER]) == 0
+    odd_result = json.loads((tmp_path / "compare-odd" / "compare.json").read_text())
+    assert sorted(ex["text"] for ex in odd_result["examples"]) == sorted(odd_texts)
+    assert run_build(["--input", str(odd / "odd.jsonl"), "--output", str(tmp_path / "odd-ds"), "--tokenizer",
+                      "tiktoken:cl100k_base", "--progress", "none"]) == 0
     videos = tmp_path / "videos"
     videos.mkdir()
     make_video(videos / "clip.mp4")
@@ -447,12 +464,12 @@ def test_every_page_renders_in_chromium_with_images_loaded_no_errors_and_exact_t
                       "--progress", "none"]) == 0
     reports = {}
     for name, root in (("report-text", text_dataset), ("report-image", image_datasets["vq"]),
-                       ("report-video", video_ds)):
+                       ("report-video", video_ds), ("report-odd", tmp_path / "odd-ds")):
         assert commands.report([str(root), "--out", str(tmp_path / name)]) == 0
         reports[name] = tmp_path / name / "index.html"
     capsys.readouterr()
     pages = {"compare-text": text_result[1] / "index.html", "compare-images": image_result[1] / "index.html",
-             **reports}
+             "compare-odd": tmp_path / "compare-odd" / "index.html", **reports}
     checks = []
     for name, page in pages.items():
         check = tmp_path / f"check-{name}.html"
@@ -467,14 +484,17 @@ def test_every_page_renders_in_chromium_with_images_loaded_no_errors_and_exact_t
     assert found and found.group(1), f"chromium rendered no result: {done.stderr[-2000:]}"
     results = json.loads(html.unescape(found.group(1)))
     assert "Uncaught" not in done.stderr
-    expected_views = {f"{k}|{spec}": ex["text"] for k, ex in enumerate(text_result[0]["examples"])
-                      for spec in ex["views"]}
     from tokenmill.reports.dataset import DatasetView
 
-    view = DatasetView(str(text_dataset))
-    for row in view.rows(5):
-        pieces = cl100k.token_pieces([int(i) for i in row["tokens"]][:400])
-        expected_views[row["id"]] = b"".join(pieces).decode("utf-8", "ignore")
+    expected_views = {}  # page -> view -> the text it must read back as
+    for name, result in (("compare-text", text_result[0]), ("compare-odd", odd_result)):
+        expected_views[name] = {f"{k}|{spec}": ex["text"] for k, ex in enumerate(result["examples"])
+                                for spec in ex["views"]}
+    for name, root in (("report-text", text_dataset), ("report-odd", tmp_path / "odd-ds")):
+        expected_views[name] = {}
+        for row in DatasetView(str(root)).rows(5):
+            pieces = cl100k.token_pieces([int(i) for i in row["tokens"]][:400])
+            expected_views[name][row["id"]] = b"".join(pieces).decode("utf-8", "ignore")
     for page in pages.values():  # self-contained: nothing to fetch
         assert not re.search(r"(src|href)=\"(?!data:)", page.read_text()), page
     for key, r in results.items():
@@ -482,9 +502,11 @@ def test_every_page_renders_in_chromium_with_images_loaded_no_errors_and_exact_t
         assert r["images"] == r["loaded"] > 0, key
         assert r["scrollWidth"] <= r["width"] + 1, f"{key}: the page is {r['scrollWidth']} px wide"
         for view_key, text in r["views"]:
-            assert text == expected_views[view_key], (key, view_key)
-    assert {k for k, _ in results["compare-text@390"]["views"]} == {k for k in expected_views if "|" in k}
-    assert len(results["report-text@1400"]["views"]) == 5
+            assert text == expected_views[key.split("@")[0]][view_key], (key, view_key)
+    for name in expected_views:
+        assert {k for k, _ in results[f"{name}@390"]["views"]} == set(expected_views[name]), name
+    assert len(results["report-text@1400"]["views"]) == 5 and len(results["report-odd@1400"]["views"]) == 5
+    assert len(results["compare-odd@1400"]["views"]) == 2 * len(odd_texts)
     assert results["report-video@1400"]["images"] >= 3  # tokens-per-clip plot, original and reconstructed frames
     keep = os.environ.get("TOKENMILL_SCREENSHOTS")
     if keep:  # for a person to look at: every page at both widths

@@ -79,7 +79,7 @@ def test_text_report_draws_sample_rows_token_by_token_with_whitespace_visible(te
     # every token is a span with its ID on hover; the EOS marker is the last token of each row
     assert all('<span class="tk a" title="id ' in body and body.endswith("&lt;|endoftext|&gt;</span>")
                for _, body in rows)
-    assert '<i class="ws" data-raw=" ">·</i>' in page  # spaces drawn, never a blank cell
+    assert '<i class="ws" data-cp="20" data-raw=" ">·</i>' in page  # spaces drawn, never a blank cell
     assert all('<span class="tk b" title="id ' in body for _, body in rows)  # alternating backgrounds
     assert "<h2>By source</h2>" in page and "<td>docs.jsonl</td><td class=\"n\">16</td>" in page
 
@@ -133,7 +133,7 @@ def test_longest_tokens_group_separator_runs(tmp_path, capsys):
     runs = re.search(r"<h3>Separator runs</h3>(.*?)<h2>", page, re.S).group(1)
     assert "####" not in longest and "information" in longest
     assert "<code>#</code>" in runs and "<code>-</code>" in runs
-    assert '<code><i class="ws" data-raw=" ">·</i></code>' in runs  # a run of spaces, drawn
+    assert '<code><i class="ws" data-cp="20" data-raw=" ">·</i></code>' in runs  # a run of spaces, drawn
 
 
 def test_a_missing_shard_fails_naming_it_and_keeps_the_previous_report(text_dataset, tmp_path, capsys):
@@ -164,3 +164,75 @@ def test_report_out_that_is_a_file_is_misuse(text_dataset, tmp_path, capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == (
         f"tokenmill report: error: output {tmp_path / 'taken'} exists and is not a directory")
+
+
+# Characters that draw as nothing or as something else, or that HTML cannot hold (NUL), each with its mark.
+ODD_MARKS = {"\x00": "NUL", "\x0b": "VT", "\x0c": "FF", "\x1b": "ESC", "\x7f": "DEL", "\x85": "NEL", "\x9b": "CSI",
+             "\u2028": "LS", "\u2029": "PS", "\u3000": "IDSP", "\xa0": "⍽", "\u200b": "ZWSP", "\u200c": "ZWNJ",
+             "\u200d": "ZWJ", "\ufeff": "BOM", "\u202e": "RLO", "\xad": "SHY", "\u2009": "U+2009",
+             "\U000e0001": "U+E0001", "\t": "→", "\r": "CR", "\n": "↵", " ": "·"}
+ODD_TEXT = "nul\x00 vt\x0b ff\x0c esc\x1b[31m del\x7f nel\x85 csi\x9b ls\u2028ps\u2029 ideo\u3000graphic " \
+           "no\xa0break zw\u200bsp\u200cnj\u200dj \ufeffbom rlo\u202eolr shy\xadphen thin\u2009 tag\U000e0001 " \
+           "tab\t cr\r crlf\r\n literal · and ␀ and NUL and \\x00, 分词 ☃"
+
+
+def boundary_text(markup: str) -> str:
+    """What the browser test reads from a boundary view: each mark replaced by the character of its data-cp,
+    each .pb dropped, tags dropped, entities unescaped."""
+    from html.parser import HTMLParser
+
+    class Reader(HTMLParser):
+        def __init__(self):
+            super().__init__(convert_charrefs=True)
+            self.out, self.skip = [], 0
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if self.skip:
+                self.skip += tag == "i"
+            elif tag == "i" and "pb" in (a.get("class") or "").split():
+                self.skip = 1
+            elif tag == "i" and "data-cp" in a:
+                self.out.append(chr(int(a["data-cp"], 16)))
+                self.skip = 1
+
+        def handle_endtag(self, tag):
+            if self.skip and tag == "i":
+                self.skip -= 1
+
+        def handle_data(self, data):
+            if not self.skip:
+                self.out.append(data)
+
+    reader = Reader()
+    reader.feed(markup)
+    reader.close()
+    return "".join(reader.out)
+
+
+@pytest.mark.parametrize("cut", ["whole", "bytes", "cl100k"])
+def test_boundary_view_draws_every_invisible_character_as_a_mark_and_reads_back_exactly(cut):
+    """NUL (which HTML cannot hold), C0 and C1 controls, odd spaces, zero-width and bidi marks, line and
+    paragraph separators: each drawn as its glyph or labelled pill, none raw, and the view reads back as the
+    document, whether a token holds the text whole, one byte, or what cl100k makes of it."""
+    from tokenmill.reports.boundaries import boundary_html, invisible_mark
+    from tokenmill.transforms.tokenizers.spec import load_text_tokenizer
+
+    data = ODD_TEXT.encode()
+    spans = {"whole": [(0, len(data))], "bytes": [(i, i + 1) for i in range(len(data))],
+             "cl100k": load_text_tokenizer("tiktoken:cl100k_base").token_spans(ODD_TEXT)}[cut]
+    markup = boundary_html(data, spans)
+    assert boundary_text(markup) == ODD_TEXT
+    for ch, mark in ODD_MARKS.items():
+        assert invisible_mark(ch) == mark
+        assert f'data-cp="{ord(ch):x}"' in markup and f">{mark}</i>" in markup, (ch, mark)
+        if ch not in " \n":  # drawn only as a mark (html.escape leaves the rest as they are)
+            assert ch not in markup, repr(ch)
+    assert '<i class="ws cc" data-cp="85">NEL</i><br>' in markup  # a line break after NEL, LS and PS
+    assert invisible_mark("a") is invisible_mark("分") is invisible_mark("·") is None
+
+
+def test_inspect_text_escapes_what_a_terminal_would_obey_or_hide():
+    from tokenmill.reports.render import visible
+
+    assert visible("a\x1b[31mb\x00\u200b\u3000 c\n") == "a\\x1b[31mb\\x00\\u200b\\u3000 c\\n"
