@@ -34,8 +34,11 @@ RESULT_NAME = "compare.json"
 PAGE_NAME = "index.html"
 SAMPLE_BATCH_BYTES = 1 << 20  # sampled documents are measured in batches of about this many bytes
 SAMPLE_BATCH_IMAGES = 16
+SAMPLE_BATCH_CLIPS = 4
 # The build's reading options that compare takes too (the modality plug-ins declare them).
-READER_OPTIONS = ("text_field", "txt_per_line", "max_doc_bytes", "size", "max_pixels", "image_field")
+READER_OPTIONS = ("text_field", "txt_per_line", "max_doc_bytes", "size", "max_pixels", "image_field", "fps",
+                  "clip_frames", "clip_stride", "max_clips", "start", "end", "decode_timeout", "decoder")
+MODALITIES = ("text", "image", "video")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,22 +59,24 @@ class ComparePlan:
 def make_parser() -> OneLineArgumentParser:
     p = OneLineArgumentParser(
         prog="tokenmill compare",
-        description="Run several text tokenizers (or several image tokenizers) over the same deterministic sample "
-                    "of your inputs and write a self-contained HTML page and compare.json: tokens per character "
-                    "and per byte (overall, per source, per script), long tokens, the spelling-risk list, the same "
-                    "text drawn token by token, vocabulary usage; for images, tokens and bytes per image and "
-                    "reconstruction PSNR and SSIM. Arguments not listed here are Beam pipeline options.")
+        description="Run several text tokenizers (or several image, or video, tokenizers) over the same "
+                    "deterministic sample of your inputs and write a self-contained HTML page and compare.json: "
+                    "tokens per character and per byte (overall, per source, per script), long tokens, the "
+                    "spelling-risk list, the same text drawn token by token, vocabulary usage; for images, tokens "
+                    "and bytes per image and reconstruction PSNR and SSIM; for video, the same per clip, tokens "
+                    "per second, and contact sheets of the frames. Exits 1 when no record could be measured. "
+                    "Arguments not listed here are Beam pipeline options.")
     p.add_argument("--input", action="append", required=True, metavar="GLOB",
                    help="input shard path, glob or URI (repeatable), as for tokenmill build")
     p.add_argument("--tokenizer", action="append", required=True, metavar="SPEC",
                    help="a tokenizer to compare (repeat it: two or more); all of one modality")
     p.add_argument("--out", required=True, metavar="DIR", help="folder (or URI) to write index.html and compare.json")
     p.add_argument("--sample", type=int, metavar="N",
-                   help="measure N documents (or images), chosen by a hash of where each comes from: the same N "
-                        "on every run and runner (default: all)")
+                   help="measure N documents (or images, or clips), chosen by a hash of where each comes from: "
+                        "the same N on every run and runner (default: all)")
     p.add_argument("--show", type=int, default=6, metavar="N",
                    help="text: documents drawn token by token, one per script first (default: 6)")
-    p.add_argument("--modality", choices=("auto", "text", "image"), default="auto",
+    p.add_argument("--modality", choices=("auto", *MODALITIES), default="auto",
                    help="what the inputs hold (default: from the file names, else the tokenizers)")
     group = p.add_argument_group("reading the inputs (as tokenmill build)")
     for o in reader_options():
@@ -107,8 +112,9 @@ def plan(argv: Sequence[str]) -> tuple[ComparePlan, PipelineOptions]:
         base = BuildSpec(inputs=tuple(args.input), output=args.out, tokenizer=TokenizerRef(specs[0]),
                          modality=args.modality, reader=tuple(sorted(reader.items())))
         modality = infer_modality(base, [f.uri for f in files])
-        if modality not in ("text", "image"):
-            raise UsageError(f"compare measures text or image tokenizers; {specs[0]} is a {modality} tokenizer")
+        if modality not in MODALITIES:
+            raise UsageError(f"compare measures text, image or video tokenizers; {specs[0]} is a {modality} "
+                             "tokenizer")
         spec = base.resolved(modality, [fs.canonical(i) for i in args.input], fs.canonical(args.out))
         registry.modality(modality).check(spec.reader_options)
         for s in specs:  # each must load, for this modality: a usage error now, not a failed job later
@@ -141,7 +147,8 @@ class _MeasureBatches(beam.DoFn):
             tally = compare.measure_texts(self._toks, batch["sources"], batch["locators"], batch["texts"],
                                          self._show)
         else:
-            tally = compare.measure_images(self._toks, batch["sources"], batch["locators"], batch["images"])
+            tally = compare.measure_images(self._toks, batch["sources"], batch["locators"], batch["images"],
+                                           batch.get("infos"))
         tally.errors.add(batch.get("errors", []))
         yield tally
 
@@ -149,7 +156,7 @@ class _MeasureBatches(beam.DoFn):
 def _empty_tally(specs: Sequence[str], modality: str, show: int):
     from tokenmill.reports.compare import ImageTally, TextTally
 
-    return TextTally(tuple(specs), show=show) if modality == "text" else ImageTally(tuple(specs))
+    return TextTally(tuple(specs), show=show) if modality == "text" else ImageTally(tuple(specs), modality=modality)
 
 
 class MergeTallies(beam.CombineFn):
@@ -180,7 +187,27 @@ def _batch_of(block: Any, modality: str) -> dict[str, Any]:
     if modality == "text":
         return {"sources": [block.source] * len(block.texts), "locators": block.locators, "texts": block.texts,
                 "errors": block.errors}
+    if modality == "video":  # clips are measured as images are, with their timing
+        return {"sources": block.sources, "locators": block.locators, "images": block.clips, "infos": block.infos,
+                "errors": block.errors}
     return {"sources": block.sources, "locators": block.locators, "images": block.images, "errors": block.errors}
+
+
+def _payloads(batch: dict[str, Any], modality: str) -> list[Any]:
+    """A batch's records without their place: texts, images, or (clip, timing) pairs."""
+    if modality == "video":
+        return list(zip(batch["images"], batch["infos"], strict=True))
+    return batch["texts" if modality == "text" else "images"]
+
+
+def _batch_from(records: list[tuple], modality: str) -> dict[str, Any]:
+    """(key, source, locator, payload) records as one batch to measure."""
+    batch = {"sources": [r[1] for r in records], "locators": [r[2] for r in records]}
+    if modality == "video":
+        batch.update(images=[r[3][0] for r in records], infos=[r[3][1] for r in records])
+    else:
+        batch["texts" if modality == "text" else "images"] = [r[3] for r in records]
+    return batch
 
 
 def _keyed_records(block: Any, modality: str, n: int) -> Iterator[tuple]:
@@ -188,7 +215,7 @@ def _keyed_records(block: Any, modality: str, n: int) -> Iterator[tuple]:
     from tokenmill.reports.compare import sample_key
 
     batch = _batch_of(block, modality)
-    payloads = batch["texts" if modality == "text" else "images"]
+    payloads = _payloads(batch, modality)
     places = zip(batch["sources"], batch["locators"], strict=True)
     keyed = sorted((sample_key(s, loc), i) for i, (s, loc) in enumerate(places))
     for key, i in keyed[:n]:
@@ -199,15 +226,15 @@ def _rebatch(records: list[tuple], modality: str) -> Iterator[tuple[int, dict[st
     """The sampled records in key order, cut into batches to measure in parallel: (batch number, batch)."""
     out: list[tuple] = []
     size, number = 0, 0
-    name = "texts" if modality == "text" else "images"
+    limit = {"text": SAMPLE_BATCH_BYTES, "image": SAMPLE_BATCH_IMAGES, "video": SAMPLE_BATCH_CLIPS}[modality]
     for rec in records:
         out.append(rec)
         size += len(rec[3]) if modality == "text" else 1
-        if size >= (SAMPLE_BATCH_BYTES if modality == "text" else SAMPLE_BATCH_IMAGES):
-            yield number, {"sources": [r[1] for r in out], "locators": [r[2] for r in out], name: [r[3] for r in out]}
+        if size >= limit:
+            yield number, _batch_from(out, modality)
             out, size, number = [], 0, number + 1
     if out:
-        yield number, {"sources": [r[1] for r in out], "locators": [r[2] for r in out], name: [r[3] for r in out]}
+        yield number, _batch_from(out, modality)
 
 
 def _first(record: tuple) -> int:
@@ -338,7 +365,7 @@ def measured(result: dict[str, Any]) -> int:
 
 
 # kind -> (one, the result's count of them)
-UNITS = {"text": ("document", "documents"), "image": ("image", "images")}
+UNITS = {"text": ("document", "documents"), "image": ("image", "images"), "video": ("clip", "clips")}
 
 
 def nothing_measured(result: dict[str, Any]) -> str:
@@ -403,5 +430,6 @@ def _summary(result: dict[str, Any]) -> str:
     if result["kind"] == "text":
         figures = ", ".join(f"{t['spec']} {t['tokens_per_char']:.3f}" for t in result["tokenizers"])
         return f"{result['documents']} documents; tokens/char: {figures}"
-    figures = ", ".join(f"{t['spec']} {t['tokens_per_image']:.0f}" for t in result["tokenizers"])
-    return f"{result['images']} images; tokens/image: {figures}"
+    one, many = UNITS[result["kind"]]
+    figures = ", ".join(f"{t['spec']} {t[f'tokens_per_{one}']:.0f}" for t in result["tokenizers"])
+    return f"{result[many]} {many}; tokens/{one}: {figures}"

@@ -356,9 +356,16 @@ def summarize_text(tally: TextTally, tokenizers: Mapping[str, Any], *, show: int
     }
 
 
-# -- images ------------------------------------------------------------------------------------------------
+# -- images and video clips ---------------------------------------------------------------------------------
+#
+# One path for both: a clip is measured as an image is (tokens, stored bytes, the reconstruction's PSNR and
+# SSIM through the tokenizer's own decoder, as `tokenmill decode` uses it), with its seconds added for
+# tokens per second; a clip is shown as a contact sheet of its frames (render.contact_sheet, as `report`).
 
 SHOWN_IMAGES = 6
+SHOWN_CLIPS = 4
+SHEET_FRAMES = 8  # a shown clip's contact sheet holds at most this many of its frames, evenly spaced
+UNIT = {"image": "image", "video": "clip"}
 
 
 def ssim(a: np.ndarray, b: np.ndarray, window: int = 7) -> float:
@@ -394,25 +401,34 @@ def _png_b64(image: np.ndarray) -> str:
     return base64.b64encode(png_bytes(image)).decode()
 
 
-# Per tokenizer, summed over images: tokens, their bytes as stored, images measured, images decoded again,
-# PSNR over the decoded ones with a finite PSNR, how many those are, lossless ones, and SSIM.
+# Per tokenizer, summed over images (or clips): tokens, their bytes as stored, items measured, items decoded
+# again, PSNR over the decoded ones with a finite PSNR, how many those are, lossless ones, and SSIM.
 IMAGE_SUMS = ("tokens", "bytes", "images", "decoded", "psnr", "finite", "lossless", "ssim")
 
 
 @dataclasses.dataclass
 class ImageTally:
     specs: tuple[str, ...]
-    images: int = 0
-    pixels: int = 0
+    images: int = 0  # images, or clips
+    pixels: int = 0  # over every frame of a clip
     sums: np.ndarray | None = None  # (tokenizers, len(IMAGE_SUMS)): see IMAGE_SUMS
     psnr: list[list[float]] = dataclasses.field(default_factory=list)  # per tokenizer, per image
     refused: list[int] = dataclasses.field(default_factory=list)
     errors: ErrorTally = dataclasses.field(default_factory=ErrorTally)
     shown: list[tuple[int, dict[str, Any]]] = dataclasses.field(default_factory=list)  # (sample key, sample)
+    modality: str = "image"
+    seconds: float = 0.0  # clips: their length in time, summed
+    frames: int = 0  # clips: their frames, summed
+
+    @property
+    def show(self) -> int:
+        return SHOWN_CLIPS if self.modality == "video" else SHOWN_IMAGES
 
     def merge(self, other: "ImageTally") -> "ImageTally":
         self.images += other.images
         self.pixels += other.pixels
+        self.seconds += other.seconds
+        self.frames += other.frames
         if other.sums is not None:
             self.sums = other.sums.copy() if self.sums is None else self.sums + other.sums
         self.psnr = [a + b for a, b in zip(self.psnr or [[] for _ in self.specs], other.psnr or
@@ -420,7 +436,7 @@ class ImageTally:
         self.refused = [a + b for a, b in zip(self.refused or [0] * len(self.specs),
                                               other.refused or [0] * len(self.specs), strict=True)]
         self.errors.merge(other.errors)
-        self.shown = sorted(self.shown + other.shown, key=lambda kv: kv[0])[:SHOWN_IMAGES]
+        self.shown = sorted(self.shown + other.shown, key=lambda kv: kv[0])[:self.show]
         return self
 
 
@@ -441,16 +457,50 @@ def token_nbytes(tok: Any, tokens: int) -> int:
     return tokens * (numpy_dtype(tok.token_type).itemsize * (1 if tok.kind == "hard" else int(tok.dim)))
 
 
-def measure_images(tokenizers: Mapping[str, Any], sources: Sequence[str], locators: Sequence[str],
-                   images: Sequence[np.ndarray]) -> ImageTally:
-    """One batch of images through every tokenizer: tokens, stored bytes, and reconstruction PSNR and SSIM
-    (decode_image of the tokens against the image as tokenized). Images a tokenizer refuses are left out
-    of every tokenizer's figures."""
+def sheet_frames(frames: int, most: int = SHEET_FRAMES) -> list[int]:
+    """The frames a clip's contact sheet shows: all, or `most` evenly spaced from the first to the last."""
+    if frames <= most:
+        return list(range(frames))
+    return sorted({round(i * (frames - 1) / (most - 1)) for i in range(most)})
+
+
+def _picture(item: np.ndarray, video: bool) -> str:
+    """An image, or a clip's contact sheet (the `sheet_frames` of it), as base64 PNG."""
+    if not video:
+        return _png_b64(item)
+    from tokenmill.reports.render import contact_sheet
+
+    return _png_b64(contact_sheet(item[sheet_frames(len(item))], columns=SHEET_FRAMES))
+
+
+def decode_item(tok: Any, values: np.ndarray, grid: Sequence[int], item: np.ndarray) -> np.ndarray:
+    """What the tokens of one image (H, W, 3) or clip (T, H, W, 3) decode to, at its shape, through the
+    tokenizer's decoder (decode_image or decode_clip, as `tokenmill decode`). NotImplementedError where the
+    tokenizer cannot decode."""
+    if tok.modality == "video":
+        return tok.decode_clip(values, tuple(grid), item.shape[0], item.shape[1], item.shape[2])
+    return tok.decode_image(values, tuple(grid), item.shape[0], item.shape[1])
+
+
+def fidelity(back: np.ndarray, item: np.ndarray) -> tuple[float, float]:
+    """(PSNR over every pixel, SSIM) of a reconstruction; a clip's SSIM is the mean of its frames'."""
     from tokenmill.transforms.tokenizers.codebook import psnr
 
+    if back.ndim == 4:
+        return psnr(back, item), float(np.mean([ssim(b, a) for b, a in zip(back, item, strict=True)]))
+    return psnr(back, item), ssim(back, item)
+
+
+def measure_images(tokenizers: Mapping[str, Any], sources: Sequence[str], locators: Sequence[str],
+                   images: Sequence[np.ndarray], infos: Sequence[Mapping[str, Any]] | None = None) -> ImageTally:
+    """One batch of images, or of clips (T, H, W, 3) with their timing `infos` (clip_start, clip_end, fps), through
+    every tokenizer (all of one modality): tokens, stored bytes, and reconstruction PSNR and SSIM (the tokens
+    decoded against the item as tokenized). Items a tokenizer refuses are left out of every tokenizer's
+    figures."""
     specs = tuple(tokenizers)
+    video = bool(specs) and next(iter(tokenizers.values())).modality == "video"
     tally = ImageTally(specs, sums=np.zeros((len(specs), len(IMAGE_SUMS))), psnr=[[] for _ in specs],
-                       refused=[0] * len(specs))
+                       refused=[0] * len(specs), modality="video" if video else "image")
     if not len(images):
         return tally
     encoded = []
@@ -464,55 +514,72 @@ def measure_images(tokenizers: Mapping[str, Any], sources: Sequence[str], locato
         encoded.append(dict(zip(kept, zip(_items(tok, column, grids), grids, strict=True), strict=True)))
     keep = [i for i in range(len(images)) if i not in refused]
     tally.images = len(keep)
-    tally.pixels = sum(int(images[i].shape[0] * images[i].shape[1]) for i in keep)
-    # Only the batch's SHOWN_IMAGES smallest keys can be shown: only they are drawn as PNGs.
+    tally.pixels = sum(int(np.prod(images[i].shape[:-1])) for i in keep)
+    if video:
+        tally.frames = sum(len(images[i]) for i in keep)
+        tally.seconds = float(sum(infos[i]["clip_end"] - infos[i]["clip_start"] for i in keep))
+    # Only the batch's smallest keys can be shown: only they are drawn as PNGs.
     keys = {i: sample_key(sources[i], locators[i]) for i in keep}
-    shown = sorted(keep, key=keys.__getitem__)[:SHOWN_IMAGES]
+    shown = sorted(keep, key=keys.__getitem__)[:tally.show]
     recon: dict[int, dict[str, Any]] = {i: {} for i in shown}
     for k, (spec, tok) in enumerate(tokenizers.items()):
         for i in keep:
             values, grid = encoded[k][i]
-            image, n = images[i], int(np.prod(grid))
+            item, n = images[i], int(np.prod(grid))
             row = dict.fromkeys(IMAGE_SUMS, 0.0)
             row.update(tokens=n, bytes=token_nbytes(tok, n), images=1)
             try:
-                back = tok.decode_image(values, tuple(grid), image.shape[0], image.shape[1])
+                back = decode_item(tok, values, grid, item)
             except NotImplementedError:  # an encoder without a decoder: tokens and bytes, no fidelity
                 back = None
             if back is not None:
-                p, s = psnr(back, image), ssim(back, image)
+                p, s = fidelity(back, item)
                 row.update(decoded=1, psnr=p if np.isfinite(p) else 0.0, finite=np.isfinite(p),
                            lossless=not np.isfinite(p), ssim=s)
                 tally.psnr[k].append(float(p))
             tally.sums[k] += [row[name] for name in IMAGE_SUMS]
             if i in recon:
-                recon[i][spec] = {"tokens": n, **({"png": _png_b64(back), "psnr": float(p), "ssim": s}
+                recon[i][spec] = {"tokens": n, **({"png": _picture(back, video), "psnr": float(p), "ssim": s}
                                                   if back is not None else {})}
     for i in shown:
-        tally.shown.append((keys[i], {
-            "source": sources[i], "locator": locators[i], "height": int(images[i].shape[0]),
-            "width": int(images[i].shape[1]), "original_png": _png_b64(images[i]), "reconstructions": recon[i]}))
-    tally.shown = sorted(tally.shown, key=lambda kv: kv[0])[:SHOWN_IMAGES]
+        item = images[i]
+        sample = {"source": sources[i], "locator": locators[i], "height": int(item.shape[-3]),
+                  "width": int(item.shape[-2]), "original_png": _picture(item, video), "reconstructions": recon[i]}
+        if video:
+            sample.update(frames=int(len(item)), sheet_frames=sheet_frames(len(item)),
+                          **{k: infos[i][k] for k in ("clip_start", "clip_end", "fps")})
+        tally.shown.append((keys[i], sample))
+    tally.shown = sorted(tally.shown, key=lambda kv: kv[0])[:tally.show]
     return tally
 
 
 def summarize_images(tally: ImageTally, tokenizers: Mapping[str, Any]) -> dict[str, Any]:
-    """compare.json for images: per tokenizer, tokens and stored bytes per image, PSNR and SSIM; the
-    shown images with each reconstruction."""
+    """compare.json for images (or clips): per tokenizer, tokens and stored bytes per image (per clip, and
+    tokens per second), PSNR and SSIM; the shown images (clips) with each reconstruction."""
+    unit = UNIT[tally.modality]
     sums = tally.sums if tally.sums is not None else np.zeros((len(tally.specs), len(IMAGE_SUMS)))
     per_tok = []
     for k, (spec, tok) in enumerate(tokenizers.items()):
         tokens, nbytes, n, decoded, psnr_sum, finite, lossless, ssim_sum = sums[k]
         scores = tally.psnr[k] if tally.psnr else []
-        per_tok.append({
+        row = {
             "spec": spec, "kind": tok.kind, "vocab_size": getattr(tok, "vocab_size", None),
             "dim": int(getattr(tok, "dim", 0) or 0) or None, "latent_dtype": getattr(tok, "latent_dtype", None),
-            "images": int(n), "tokens_per_image": tokens / n if n else 0.0,
-            "bytes_per_image": nbytes / n if n else 0.0,
+            f"{unit}s": int(n), f"tokens_per_{unit}": tokens / n if n else 0.0,
+            f"bytes_per_{unit}": nbytes / n if n else 0.0,
             "psnr_mean": psnr_sum / finite if finite else None, "lossless": int(lossless),
             "psnr_median": float(np.median(scores)) if scores else None,
             "ssim_mean": ssim_sum / decoded if decoded else None, "decoded": int(decoded),
-            "refused": tally.refused[k] if tally.refused else 0})
-    return {"kind": "image", "tokenizers": per_tok, "images": tally.images,
-            "raw_bytes_per_image": 3 * tally.pixels / tally.images if tally.images else 0.0,
-            "shown": [s for _, s in tally.shown], "errors": tally.errors.to_json()}
+            "refused": tally.refused[k] if tally.refused else 0}
+        if unit == "clip":
+            row["tokens_per_second"] = tokens / tally.seconds if tally.seconds else 0.0
+            row["tokens_per_frame"] = tokens / tally.frames if tally.frames else 0.0
+        per_tok.append(row)
+    out = {"kind": tally.modality, "tokenizers": per_tok, f"{unit}s": tally.images,
+           f"raw_bytes_per_{unit}": 3 * tally.pixels / tally.images if tally.images else 0.0,
+           "shown": [s for _, s in tally.shown], "errors": tally.errors.to_json()}
+    if unit == "clip":
+        out.update(seconds=tally.seconds, frames=tally.frames,
+                   seconds_per_clip=tally.seconds / tally.images if tally.images else 0.0,
+                   frames_per_clip=tally.frames / tally.images if tally.images else 0.0)
+    return out

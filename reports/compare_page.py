@@ -18,7 +18,7 @@ img{max-width:100%;height:auto}.plot{max-width:760px;width:100%}
 .pieces{display:inline;padding:.1em .2em;line-height:2.1}td.word .bv{white-space:pre}.bv{unicode-bidi:isolate}
 .grid{display:flex;flex-wrap:wrap;gap:10px 14px;align-items:flex-start}
 figure{margin:0}figcaption{font-size:.8em;color:#444;max-width:200px;overflow-wrap:anywhere}
-.pix{image-rendering:pixelated}""" + "\n" + BOUNDARY_CSS
+.pix{image-rendering:pixelated}.sheets figure{margin:.3em 0}.sheets figcaption{max-width:none}""" + "\n" + BOUNDARY_CSS
 
 
 def page(title: str, body: list[str]) -> str:
@@ -229,31 +229,52 @@ def errors_html(errors: dict[str, Any]) -> str:
 
 
 def image_page(result: dict[str, Any], title: str) -> str:
+    """The page of an image compare, or of a video compare (`kind` video: the same figures per clip, tokens per
+    second, and contact sheets of each shown clip's frames in place of pictures)."""
     from tokenmill.reports.html import image_tag
 
+    video = result["kind"] == "video"
+    one = "clip" if video else "image"
     toks = result["tokenizers"]
-    raw = result["raw_bytes_per_image"]
-    body = [f"<h1>{html.escape(title)}</h1>",
-            f"<p>{result['images']:,} images, each tokenized and decoded again by {len(toks)} tokenizers. Tokens "
-            "per image is the sequence a model reads; bytes per image is what the dataset stores; PSNR and SSIM "
-            "say how much of the picture the tokens keep (PSNR in dB, higher is closer, infinite when exact; "
-            "SSIM 1.0 is identical structure).</p>"]
+    raw = result[f"raw_bytes_per_{one}"]
+    if video:
+        intro = (f"<p>{result['clips']:,} clips ({result['frames']:,} frames, {result['seconds']:,.1f} s; "
+                 f"{result['frames_per_clip']:.1f} frames and {result['seconds_per_clip']:.2f} s per clip on "
+                 f"average), each tokenized and decoded again by {len(toks)} tokenizers. Tokens per clip and per "
+                 "second are the sequence a model reads; bytes per clip is what the dataset stores; PSNR (over "
+                 "every frame) and SSIM (the mean of the frames') say how much of the picture the tokens keep "
+                 "(PSNR in dB, higher is closer, infinite when exact; SSIM 1.0 is identical structure).</p>")
+    else:
+        intro = (f"<p>{result['images']:,} images, each tokenized and decoded again by {len(toks)} tokenizers. "
+                 "Tokens per image is the sequence a model reads; bytes per image is what the dataset stores; PSNR "
+                 "and SSIM say how much of the picture the tokens keep (PSNR in dB, higher is closer, infinite "
+                 "when exact; SSIM 1.0 is identical structure).</p>")
+    body = [f"<h1>{html.escape(title)}</h1>", intro]
+    refused = [f"{t['refused']} by <code>{html.escape(t['spec'])}</code>" for t in toks if t.get("refused")]
+    if refused:
+        body.append(f"<p class=note>{one.capitalize()}s a tokenizer refused are left out of every tokenizer's "
+                    f"figures: {', '.join(refused)}.</p>")
     rows = []
     for t in toks:
         what = (f"hard, {t['vocab_size']:,} codes" if t["kind"] == "hard"
                 else f"soft, {t['dim']} × {t['latent_dtype']}")
-        psnr = ("cannot decode" if not t["decoded"] else "lossless" if t["lossless"] == t["images"] else
+        psnr = ("cannot decode" if not t["decoded"] else "lossless" if t["lossless"] == t[f"{one}s"] else
                 "–" if t["psnr_mean"] is None else f"{t['psnr_mean']:.1f}"
                 + (f" ({t['lossless']} lossless)" if t["lossless"] else ""))
-        ratio = f"{raw / t['bytes_per_image']:.1f}×" if t["bytes_per_image"] else "–"
-        rows.append([_spec_cell(t["spec"]), what, f"{t['tokens_per_image']:,.1f}", f"{t['bytes_per_image']:,.0f}",
-                     ratio, psnr, "–" if t["ssim_mean"] is None else f"{t['ssim_mean']:.3f}"])
-    body += ["<h2>Tokens, bytes and fidelity per image</h2>",
-             table(["tokenizer", "kind", "tokens/image", "bytes/image", "vs raw RGB", "PSNR dB (mean)",
-                    "SSIM (mean)"], rows, {2, 3, 4, 5, 6}),
-             f"<p class=note>Raw RGB is {raw:,.0f} bytes per image on average (as decoded for tokenizing).</p>"]
+        per_item = t[f"bytes_per_{one}"]
+        ratio = f"{raw / per_item:.1f}×" if per_item else "–"
+        rows.append([_spec_cell(t["spec"]), what, f"{t[f'tokens_per_{one}']:,.1f}"]
+                    + ([f"{t['tokens_per_second']:,.1f}"] if video else [])
+                    + [f"{per_item:,.0f}", ratio, psnr, "–" if t["ssim_mean"] is None else f"{t['ssim_mean']:.3f}"])
+    header = (["tokenizer", "kind", f"tokens/{one}"] + (["tokens/second"] if video else [])
+              + [f"bytes/{one}", "vs raw RGB", "PSNR dB (mean)", "SSIM (mean)"])
+    body += [f"<h2>Tokens, bytes and fidelity per {one}</h2>",
+             table(header, rows, set(range(2, len(header)))),
+             f"<p class=note>Raw RGB is {raw:,.0f} bytes per {one} on average (as decoded for tokenizing).</p>"]
     shown = result["shown"]
-    if shown:
+    if shown and video:
+        body += _contact_sheets(shown, image_tag)
+    elif shown:
         # one row per file at 1,160 px: the original and each reconstruction side by side
         box = max(96, min(240, (1120 - 14 * len(toks)) // (len(toks) + 1)))
         scale = min(4.0, box / max(max(s["height"], s["width"]) for s in shown))
@@ -261,24 +282,60 @@ def image_page(result: dict[str, Any], title: str) -> str:
                  f"<p>All pictures at one scale ({scale:.2g} screen pixels per image pixel), so sizes compare; "
                  "each row is one file.</p>"]
         for s in shown:
-            name = s["source"].rstrip("/").rsplit("/", 1)[-1]
-            label = name if s["locator"] == "file" else f"{name} {s['locator']}"
+            label = _label(s)
             w, h = round(s["width"] * scale), round(s["height"] * scale)
             figures = [f"<figure>{image_tag(s['original_png'], f'original {label}', w, h)}"
                        f"<figcaption>original: {html.escape(label)} ({s['width']}×{s['height']})"
                        "</figcaption></figure>"]
-            for spec, r in s["reconstructions"].items():
-                if "png" not in r:
-                    figures.append(f"<figure><figcaption>{html.escape(short(spec))}: {r['tokens']} tokens; it "
-                                   "cannot decode, so no reconstruction</figcaption></figure>")
-                    continue
-                score = "lossless" if r["psnr"] in ("inf", None) else f"PSNR {float(r['psnr']):.1f} dB"
-                figures.append(f"<figure>{image_tag(r['png'], f'{spec} {label}', w, h)}"
-                               f"<figcaption>{html.escape(short(spec))}: {r['tokens']} tokens, {score}, "
-                               f"SSIM {r['ssim']:.3f}</figcaption></figure>")
+            figures += _reconstructions(s, label, w, h, image_tag)
             body.append(f'<div class="grid">{"".join(figures)}</div><hr>')
     body.append(errors_html(result["errors"]))
     return page(title, body)
+
+
+def _label(sample: dict[str, Any]) -> str:
+    name = sample["source"].rstrip("/").rsplit("/", 1)[-1]
+    return name if sample["locator"] == "file" else f"{name} {sample['locator']}"
+
+
+def _reconstructions(sample: dict[str, Any], label: str, w: int, h: int, image_tag) -> list[str]:
+    """A figure per tokenizer: its reconstruction of the sample, with tokens, PSNR and SSIM."""
+    figures = []
+    for spec, r in sample["reconstructions"].items():
+        if "png" not in r:
+            figures.append(f"<figure><figcaption>{html.escape(short(spec))}: {r['tokens']} tokens; it "
+                           "cannot decode, so no reconstruction</figcaption></figure>")
+            continue
+        score = "lossless" if r["psnr"] in ("inf", None) else f"PSNR {float(r['psnr']):.1f} dB"
+        figures.append(f"<figure>{image_tag(r['png'], f'{spec} {label}', w, h)}"
+                       f"<figcaption>{html.escape(short(spec))}: {r['tokens']} tokens, {score}, "
+                       f"SSIM {r['ssim']:.3f}</figcaption></figure>")
+    return figures
+
+
+def _contact_sheets(shown: list[dict[str, Any]], image_tag) -> list[str]:
+    """Each shown clip: a contact sheet of its frames as decoded, then one per tokenizer of the frames its
+    tokens decode to, all at one scale, one above the other."""
+    def sheet_size(s: dict[str, Any]) -> tuple[int, int]:
+        n = len(s["sheet_frames"])
+        return n * s["width"] + (n - 1) * 2, s["height"]  # render.contact_sheet: one row, 2-pixel gaps
+
+    scale = min(3.0, 1120 / max(sheet_size(s)[0] for s in shown))
+    out = ["<h2>Clips: frames as decoded and from each tokenizer's tokens</h2>",
+           f"<p>Each clip's frames left to right (up to {max(len(s['sheet_frames']) for s in shown)}, evenly "
+           f"spaced), as decoded for tokenizing (top) and as each tokenizer's tokens decode to (below), all at one "
+           f"scale ({scale:.2g} screen pixels per pixel).</p>"]
+    for s in shown:
+        label = _label(s)
+        w, h = (round(v * scale) for v in sheet_size(s))
+        frames = ", ".join(map(str, s["sheet_frames"]))
+        out.append(f"<h3>{html.escape(label)} <span class=note>{s['width']}×{s['height']}, {s['frames']} frames, "
+                   f"{s['clip_start']:g}–{s['clip_end']:g} s at {s['fps']:g} fps; frames {frames} shown</span></h3>")
+        figures = [f"<figure>{image_tag(s['original_png'], f'original frames {label}', w, h)}"
+                   "<figcaption>original frames</figcaption></figure>"]
+        figures += _reconstructions(s, label, w, h, image_tag)
+        out.append(f'<div class="sheets">{"".join(figures)}</div><hr>')
+    return out
 
 
 def compare_html(result: dict[str, Any], title: str = "tokenmill compare") -> str:

@@ -1,6 +1,7 @@
 """`tokenmill compare` on real tokenizers and a real Beam runner, and every HTML page in headless Chromium."""
 from __future__ import annotations
 
+import base64
 import html
 import json
 import os
@@ -369,6 +370,118 @@ def test_images_compare_tokens_bytes_psnr_and_ssim(image_result, image_datasets)
     assert all(set(s["reconstructions"]) == set(by_spec) for s in shown)
 
 
+
+@pytest.fixture(scope="module")
+def video_result(tmp_path_factory) -> tuple[dict, Path, dict]:
+    """Three small videos (8, 12 and 16 frames of 32 x 24, a moving bar) and one that is not a video, compared in
+    4-frame clips with spacetime patches, a fitted video codebook (vq:), a fitted video PCA (pca:) and a
+    TorchScript encoder that cannot decode."""
+    import torch
+
+    from tests.test_video import PlainVideoEncoder, make_video
+    from tokenmill.pipelines import fit
+
+    folder = tmp_path_factory.mktemp("compare-video")
+    videos = folder / "in"
+    videos.mkdir()
+    for i in range(3):
+        make_video(videos / f"v{i}.mp4", n=8 + 4 * i, w=32, h=24)
+    (videos / "bad.mp4").write_bytes(b"not a video")
+    vq, pca = folder / "vq.npz", folder / "pca.npz"
+    common = ["--input", str(videos / "v*.mp4"), "--patch", "8", "--frames", "2", "--clip-frames", "4",
+              "--samples-per-image", "8", "--holdout", "0.3", *ONE_WORKER]
+    assert fit.run(["--kind", "vq", "--output", str(vq), "--codes", "8", "--iterations", "3", *common]) == 0
+    assert fit.run(["--kind", "pca", "--output", str(pca), "--dim", "8", *common]) == 0
+    model = folder / "plain.pt"
+    torch.jit.script(PlainVideoEncoder()).save(str(model))
+    specs = {"patch": "patch:2,8", "patch16": "patch:2,16", "vq": f"vq:{vq}", "pca": f"pca:{pca}",
+             "torchscript": f"torchscript:{model}"}
+    out = folder / "page"
+    argv = ["--input", str(videos / "*.mp4"), "--out", str(out), "--clip-frames", "4"]
+    for spec in specs.values():
+        argv += ["--tokenizer", spec]
+    assert compare.run([*argv, *ONE_WORKER]) == 0
+    return json.loads((out / "compare.json").read_text()), out, {**specs, "videos": videos}
+
+
+def test_video_compare_tokens_per_clip_and_second_bytes_psnr_ssim_and_contact_sheets(video_result):
+    """Every figure is the tokenizer's own, on the clips as the build decodes them; fidelity goes through the
+    tokenizer's decode_clip, as `tokenmill decode` does."""
+    import io
+
+    from PIL import Image
+
+    from tokenmill.reports.compare import sheet_frames
+    from tokenmill.reports.render import contact_sheet
+    from tokenmill.transforms.decoders.images import SizePolicy
+    from tokenmill.transforms.decoders.video import ClipSpec, iter_clips
+    from tokenmill.transforms.tokenizers.codebook import psnr
+    from tokenmill.transforms.tokenizers.spec import load_video_tokenizer
+
+    result, _, specs = video_result
+    clips = {(str(path), f"clip:{c.plan.index}"): c for path in sorted(specs["videos"].glob("v*.mp4"))
+             for c in iter_clips(str(path), ClipSpec(frames=4), SizePolicy.parse("native:1024"))}
+    assert result["kind"] == "video" and result["clips"] == len(clips) == 2 + 3 + 4
+    assert result["frames"] == 4 * 9 and result["seconds"] == pytest.approx(9 * 4 / 25)
+    assert result["raw_bytes_per_clip"] == 4 * 24 * 32 * 3
+    assert result["errors"]["count"] == 1 and result["errors"]["examples"][0]["source"].endswith("bad.mp4")
+    by_spec = {t["spec"]: t for t in result["tokenizers"]}
+    patch = by_spec[specs["patch"]]
+    assert (patch["tokens_per_clip"], patch["bytes_per_clip"]) == (2 * 3 * 4, 4 * 24 * 32 * 3)
+    assert patch["tokens_per_second"] == pytest.approx(24 / (4 / 25)) and patch["tokens_per_frame"] == 6
+    assert patch["lossless"] == 9 and patch["ssim_mean"] == pytest.approx(1.0)
+    assert by_spec[specs["patch16"]]["tokens_per_clip"] == 2 * 2 * 2  # 24 x 32 padded to 32 x 32
+    for name in ("vq", "pca"):
+        tok = load_video_tokenizer(specs[name])
+        scores, similar = [], []
+        for clip in clips.values():
+            values, grid = tok.encode_clip(clip.frames)
+            back = tok.decode_clip(values, grid, 4, 24, 32)
+            scores.append(psnr(back, clip.frames))
+            similar.append(np.mean([ssim(b, a) for b, a in zip(back, clip.frames, strict=True)]))
+        t = by_spec[specs[name]]
+        assert t["tokens_per_clip"] == 24 and t["decoded"] == 9 and t["lossless"] == 0
+        assert t["psnr_mean"] == pytest.approx(np.mean(scores)) and t["ssim_mean"] == pytest.approx(np.mean(similar))
+        assert 0 < t["ssim_mean"] < 1
+    assert by_spec[specs["vq"]]["bytes_per_clip"] == 24  # 8 codes: one uint8 each
+    assert by_spec[specs["pca"]]["bytes_per_clip"] == 24 * 8 * 4  # 8 float32 per token
+    script = by_spec[specs["torchscript"]]
+    tok = load_video_tokenizer(specs["torchscript"])
+    grid = tok.encode_clip(next(iter(clips.values())).frames)[1]
+    assert script["tokens_per_clip"] == np.prod(grid) and script["decoded"] == 0 and script["ssim_mean"] is None
+    # the shown clips: contact sheets of the frames as decoded and as each tokenizer's tokens decode to
+    shown = result["shown"]
+    assert len(shown) == 4 and len({(s["source"], s["locator"]) for s in shown}) == 4
+    vq = load_video_tokenizer(specs["vq"])
+
+    def png(data: str) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
+
+    for s in shown:
+        clip = clips[(s["source"], s["locator"])].frames
+        assert s["frames"] == 4 and s["sheet_frames"] == sheet_frames(4) == [0, 1, 2, 3]
+        assert np.array_equal(png(s["original_png"]), contact_sheet(clip, columns=8))
+        recon = vq.decode_clip(*vq.encode_clip(clip), 4, 24, 32)
+        assert np.array_equal(png(s["reconstructions"][specs["vq"]]["png"]), contact_sheet(recon, columns=8))
+        assert "png" not in s["reconstructions"][specs["torchscript"]]
+    assert sheet_frames(16) == [0, 2, 4, 6, 9, 11, 13, 15] and sheet_frames(3) == [0, 1, 2]
+
+
+def test_a_video_compare_where_every_clip_fails_exits_1(video_result, tmp_path, capsys):
+    _, _, specs = video_result
+    out = tmp_path / "out"
+    assert compare.run(["--input", str(specs["videos"] / "bad.mp4"), "--out", str(out), "--tokenizer",
+                        "patch:2,8", "--tokenizer", "patch:2,16", *ONE_WORKER]) == 1
+    err = capsys.readouterr().err
+    assert "error: no clip could be measured: 1 record(s) failed; the first: " in err and "bad.mp4 file" in err
+    assert not (out / "index.html").exists()
+    with pytest.raises(SystemExit) as e:  # a text tokenizer among video ones is misuse
+        compare.run(["--input", str(specs["videos"] / "v0.mp4"), "--out", str(out), "--tokenizer", "patch:2,8",
+                     "--tokenizer", "bytes", *ONE_WORKER])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "'bytes' is not a video tokenizer" in err and err.count("\n") == 1, err
+
+
 # -- every page in headless Chromium: one browser session for the whole module ----------------------------
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -437,7 +550,7 @@ def make_video(path: Path, n: int = 12, w: int = 64, h: int = 48) -> Path:
 
 
 def test_every_page_renders_in_chromium_with_images_loaded_no_errors_and_exact_text(
-        text_result, image_result, text_dataset, image_datasets, tmp_path, capsys, cl100k):
+        text_result, image_result, video_result, text_dataset, image_datasets, tmp_path, capsys, cl100k):
     """compare (text, images) and report (text, image, video) pages at 1400 and 390 pixels wide; a compare
     and a report of odd text too (NUL, controls, odd spaces, zero-width and bidi marks), whose views must read
     back as the documents."""
@@ -469,7 +582,8 @@ def test_every_page_renders_in_chromium_with_images_loaded_no_errors_and_exact_t
         reports[name] = tmp_path / name / "index.html"
     capsys.readouterr()
     pages = {"compare-text": text_result[1] / "index.html", "compare-images": image_result[1] / "index.html",
-             "compare-odd": tmp_path / "compare-odd" / "index.html", **reports}
+             "compare-odd": tmp_path / "compare-odd" / "index.html", "compare-video": video_result[1] / "index.html",
+             **reports}
     checks = []
     for name, page in pages.items():
         check = tmp_path / f"check-{name}.html"
@@ -507,6 +621,8 @@ def test_every_page_renders_in_chromium_with_images_loaded_no_errors_and_exact_t
         assert {k for k, _ in results[f"{name}@390"]["views"]} == set(expected_views[name]), name
     assert len(results["report-text@1400"]["views"]) == 5 and len(results["report-odd@1400"]["views"]) == 5
     assert len(results["compare-odd@1400"]["views"]) == 2 * len(odd_texts)
+    # original frames and a sheet from each of the four tokenizers that decode, for each of the four clips
+    assert results["compare-video@390"]["images"] == 4 * 5
     assert results["report-video@1400"]["images"] >= 3  # tokens-per-clip plot, original and reconstructed frames
     keep = os.environ.get("TOKENMILL_SCREENSHOTS")
     if keep:  # for a person to look at: every page at both widths
