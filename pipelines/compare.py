@@ -369,21 +369,22 @@ UNITS = {"text": ("document", "documents"), "image": ("image", "images"), "video
 
 
 def nothing_measured(result: dict[str, Any]) -> str:
-    """Why a compare measured nothing, in one line: the first error, else the first refusal."""
+    """Why a compare measured nothing, in one line: the first error, and the refusals where there were any
+    (with a text tokenizer's first)."""
     one, many = UNITS[result["kind"]]
     errors = result["errors"]
+    parts = []
     if errors["count"]:
         e = errors["examples"][0]
-        return (f"no {one} could be measured: {errors['count']} record(s) failed; the first: {e['source']} "
-                f"{e['locator']}: {e['error_type']}: {e['message']}")
+        parts.append(f"{errors['count']} record(s) failed; the first: {e['source']} {e['locator']}: "
+                     f"{e['error_type']}: {e['message']}")
     refused = [t for t in result["tokenizers"] if t.get("refused")]
     if refused:
-        t = refused[0]
-        first = t.get("first_refusal")
-        why = f"; its first: {first['source']} {first['locator']}: {first['message']}" if first else ""
-        return (f"every {one} was refused by a tokenizer: " + ", ".join(f"{r['spec']} refused {r['refused']}"
-                                                                    for r in refused) + why)
-    return f"the inputs hold no {many}"
+        first = refused[0].get("first_refusal")
+        parts.append(f"every {one} {'left ' if parts else ''}was refused by a tokenizer: "
+                     + ", ".join(f"{t['spec']} refused {t['refused']}" for t in refused)
+                     + (f" (the first: {first['source']} {first['locator']}: {first['message']})" if first else ""))
+    return f"no {one} could be measured: " + "; ".join(parts) if parts else f"the inputs hold no {many}"
 
 
 def write_page(out: str, result: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:

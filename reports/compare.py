@@ -8,10 +8,11 @@ Pure functions, no Beam (pipelines/compare.py runs them on the workers):
 - `summarize_text` / `summarize_images` turn the merged tally into the JSON
   that `compare.json` holds; `compare_html` (reports/compare_page.py) draws it.
 
-Documents a tokenizer refuses are left out of every tokenizer's figures (and
-counted), so that all figures cover the same text; but a tokenizer that refuses
-every document is set aside instead (its figures empty, its first refusal kept),
-so that one unfit tokenizer does not empty the comparison of the others.
+Documents (images, clips) a tokenizer refuses are left out of every tokenizer's
+figures (and counted), so that all figures cover the same text; but a tokenizer
+that refuses every one is set aside instead (its figures empty, its first
+refusal kept), so that one unfit tokenizer does not empty the comparison of the
+others (`_Refusals`).
 """
 from __future__ import annotations
 
@@ -86,8 +87,70 @@ class ErrorTally:
 DOCS, CHARS, BYTES, TOKENS = 0, 1, 2, 3
 
 
+class _Refusals:
+    """What the text and image tallies share about refusals. Items some tokenizers refused are tallied apart
+    (`aside`, by who refused them: tokenizer numbers), measured with the others; they join the figures only
+    if those tokenizers refused every item (`common`). `refused` counts each tokenizer's refusals and
+    `first_refusal` keeps its first by place: (source, locator, "ErrorType: message")."""
+
+    specs: tuple[str, ...]
+    refused: list[int]
+    aside: dict[tuple[int, ...], Any]
+    first_refusal: list[tuple[str, str, str] | None]
+
+    def _count(self) -> int:  # items measured here
+        raise NotImplementedError
+
+    def _merge_refusals(self, other: Any) -> Any:
+        self.first_refusal = [min((r for r in pair if r is not None), default=None) for pair in
+                              zip(self.first_refusal or [None] * len(self.specs),
+                                  other.first_refusal or [None] * len(self.specs), strict=True)]
+        for mask, part in other.aside.items():
+            self.aside[mask] = self.aside[mask].merge(part) if mask in self.aside else part
+        return self
+
+    def read(self) -> int:
+        """Items read and decoded: measured, or refused by some tokenizer."""
+        return self._count() + sum(p._count() for p in self.aside.values())
+
+    def refused_all(self) -> tuple[int, ...]:
+        """The tokenizers (numbers) that refused every item, where some item was read."""
+        seen = self.read()
+        return tuple(k for k, n in enumerate(self.refused or []) if seen and n == seen)
+
+    def common(self) -> Any:
+        """The items every tokenizer encoded, each tokenizer's figures over them; a tokenizer that refused
+        every item is set aside (its figures are empty) rather than emptying everyone's."""
+        whole = set(self.refused_all())
+        if len(whole) == len(self.specs):
+            return self
+        for mask in sorted(self.aside):
+            if set(mask) <= whole:
+                self.merge(dataclasses.replace(self.aside[mask], refused=[], first_refusal=[], aside={},
+                                               errors=ErrorTally()))
+        self.aside = {m: p for m, p in self.aside.items() if not set(m) <= whole}
+        return self
+
+    def note_refusals(self, k: int, failures: Sequence[tuple[int, BaseException]], sources: Sequence[str],
+                      locators: Sequence[str]) -> set[int]:
+        """Count tokenizer k's refusals of a batch and keep its first; returns the refused items' numbers."""
+        self.refused[k] += len(failures)
+        for i, e in failures:
+            where = (sources[i], locators[i], f"{type(e).__name__}: {e}")
+            self.first_refusal[k] = min(where, self.first_refusal[k] or where)
+        return {i for i, _ in failures}
+
+
+def _refusal_masks(failed: Sequence[set[int]], n: int) -> dict[tuple[int, ...], list[int]]:
+    """Items (numbers, in order) grouped by the tokenizers that refused them."""
+    masks: dict[tuple[int, ...], list[int]] = {}
+    for i in range(n):
+        masks.setdefault(tuple(k for k, f in enumerate(failed) if i in f), []).append(i)
+    return masks
+
+
 @dataclasses.dataclass
-class TextTally:
+class TextTally(_Refusals):
     specs: tuple[str, ...]
     groups: dict[tuple[str, str], np.ndarray] = dataclasses.field(default_factory=dict)
     counts: list[np.ndarray] = dataclasses.field(default_factory=list)  # uses of each ID, per tokenizer
@@ -111,37 +174,13 @@ class TextTally:
             self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
         self.refused = [a + b for a, b in zip(self.refused or [0] * len(self.specs),
                                               other.refused or [0] * len(self.specs), strict=True)]
-        self.first_refusal = [min((r for r in pair if r is not None), default=None) for pair in
-                              zip(self.first_refusal or [None] * len(self.specs),
-                                  other.first_refusal or [None] * len(self.specs), strict=True)]
         self.errors.merge(other.errors)
         for script, items in other.examples.items():
             self.examples[script] = _smallest(self.examples.get(script, []) + items, self.show)
-        for mask, part in other.aside.items():
-            self.aside[mask] = self.aside[mask].merge(part) if mask in self.aside else part
-        return self
+        return self._merge_refusals(other)
 
-    def documents(self) -> int:
-        """Documents read and decoded: measured, or refused by some tokenizer."""
-        return sum(int(t.groups[("all", "")][DOCS]) for t in (self, *self.aside.values()) if ("all", "") in t.groups)
-
-    def refused_all(self) -> tuple[int, ...]:
-        """The tokenizers (numbers) that refused every document, where some document was read."""
-        seen = self.documents()
-        return tuple(k for k, n in enumerate(self.refused or []) if seen and n == seen)
-
-    def common(self) -> "TextTally":
-        """The documents every tokenizer encoded, each tokenizer's figures over them; a tokenizer that refused
-        every document is set aside (its figures are empty) rather than emptying everyone's."""
-        whole = set(self.refused_all())
-        if len(whole) == len(self.specs):
-            return self
-        for mask, part in sorted(self.aside.items()):
-            if set(mask) <= whole:
-                self.merge(dataclasses.replace(part, refused=[], first_refusal=[], aside={},
-                                               errors=ErrorTally()))
-        self.aside = {m: p for m, p in self.aside.items() if not set(m) <= whole}
-        return self
+    def _count(self) -> int:
+        return int(self.groups[("all", "")][DOCS]) if ("all", "") in self.groups else 0
 
 
 def _tally_of(tokenizers: Mapping[str, Any], columns: Sequence[Any], rows: Sequence[np.ndarray | None],
@@ -191,19 +230,12 @@ def measure_texts(tokenizers: Mapping[str, Any], sources: Sequence[str], locator
     columns, failed = [], []
     for k, tok in enumerate(tokenizers.values()):
         column, failures = tok.encode_batch(texts)
-        tally.refused[k] += len(failures)
-        failed.append(np.zeros(len(texts), bool))
-        for i, e in failures:
-            failed[k][i] = True
-            where = (sources[i], locators[i], f"{type(e).__name__}: {e}")
-            tally.first_refusal[k] = min(where, tally.first_refusal[k] or where)
+        failed.append(tally.note_refusals(k, failures, sources, locators))
         columns.append(column)
     # where each document's tokens sit in each column (refused documents are left out of it)
-    position = [np.arange(len(texts)) - np.cumsum(f) + f for f in failed]
-    masks: dict[tuple[int, ...], list[int]] = {}
-    for i in range(len(texts)):
-        masks.setdefault(tuple(k for k in range(len(specs)) if failed[k][i]), []).append(i)
-    for mask, idx in masks.items():
+    refused = [np.isin(np.arange(len(texts)), sorted(f)) for f in failed]
+    position = [np.arange(len(texts)) - np.cumsum(f) + f for f in refused]
+    for mask, idx in _refusal_masks(failed, len(texts)).items():
         rows = [None if k in mask else position[k][idx] for k in range(len(specs))]
         part = _tally_of(tokenizers, columns, rows, [sources[i] for i in idx], [locators[i] for i in idx],
                          [texts[i] for i in idx], show)
@@ -349,7 +381,7 @@ def summarize_text(tally: TextTally, tokenizers: Mapping[str, Any], *, show: int
         "documents": int(total[DOCS]), "chars": int(total[CHARS]), "bytes": int(total[BYTES]),
         "long_token_chars": LONG_TOKEN_CHARS,
         "by_source": grouped("source"), "by_script": scripts,
-        "read": tally.documents(),
+        "read": tally.read(),
         "spelling_risk": spelling_risk(tokenizers, counts),
         "examples": boundary_examples(tokenizers, tally.examples, show, [s["name"] for s in scripts], whole),
         "errors": tally.errors.to_json(),
@@ -407,7 +439,7 @@ IMAGE_SUMS = ("tokens", "bytes", "images", "decoded", "psnr", "finite", "lossles
 
 
 @dataclasses.dataclass
-class ImageTally:
+class ImageTally(_Refusals):
     specs: tuple[str, ...]
     images: int = 0  # images, or clips
     pixels: int = 0  # over every frame of a clip
@@ -419,6 +451,11 @@ class ImageTally:
     modality: str = "image"
     seconds: float = 0.0  # clips: their length in time, summed
     frames: int = 0  # clips: their frames, summed
+    aside: dict[tuple[int, ...], "ImageTally"] = dataclasses.field(default_factory=dict)  # see _Refusals
+    first_refusal: list[tuple[str, str, str] | None] = dataclasses.field(default_factory=list)
+
+    def _count(self) -> int:
+        return self.images
 
     @property
     def show(self) -> int:
@@ -437,7 +474,7 @@ class ImageTally:
                                               other.refused or [0] * len(self.specs), strict=True)]
         self.errors.merge(other.errors)
         self.shown = sorted(self.shown + other.shown, key=lambda kv: kv[0])[:self.show]
-        return self
+        return self._merge_refusals(other)
 
 
 def _items(tok: Any, column: Any, grids: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
@@ -495,24 +532,37 @@ def measure_images(tokenizers: Mapping[str, Any], sources: Sequence[str], locato
                    images: Sequence[np.ndarray], infos: Sequence[Mapping[str, Any]] | None = None) -> ImageTally:
     """One batch of images, or of clips (T, H, W, 3) with their timing `infos` (clip_start, clip_end, fps), through
     every tokenizer (all of one modality): tokens, stored bytes, and reconstruction PSNR and SSIM (the tokens
-    decoded against the item as tokenized). Items a tokenizer refuses are left out of every tokenizer's
-    figures."""
+    decoded against the item as tokenized). Items some tokenizer refused are tallied apart, by who refused
+    them (`ImageTally.aside`)."""
     specs = tuple(tokenizers)
     video = bool(specs) and next(iter(tokenizers.values())).modality == "video"
     tally = ImageTally(specs, sums=np.zeros((len(specs), len(IMAGE_SUMS))), psnr=[[] for _ in specs],
-                       refused=[0] * len(specs), modality="video" if video else "image")
+                       refused=[0] * len(specs), modality="video" if video else "image",
+                       first_refusal=[None] * len(specs))
     if not len(images):
         return tally
-    encoded = []
-    refused: set[int] = set()
+    encoded, failed = [], []
     for k, tok in enumerate(tokenizers.values()):
         column, grids, failures = tok.encode_batch(list(images))
-        tally.refused[k] += len(failures)
-        failed = {i for i, _ in failures}
-        refused |= failed
-        kept = [i for i in range(len(images)) if i not in failed]
+        failed.append(tally.note_refusals(k, failures, sources, locators))
+        kept = [i for i in range(len(images)) if i not in failed[k]]
         encoded.append(dict(zip(kept, zip(_items(tok, column, grids), grids, strict=True), strict=True)))
-    keep = [i for i in range(len(images)) if i not in refused]
+    for mask, idx in _refusal_masks(failed, len(images)).items():
+        part = _image_tally_of(tokenizers, encoded, mask, idx, sources, locators, images, infos, video)
+        if mask:
+            tally.aside[mask] = part
+        else:
+            tally.merge(part)
+    return tally
+
+
+def _image_tally_of(tokenizers: Mapping[str, Any], encoded: Sequence[dict[int, tuple]], mask: tuple[int, ...],
+                    keep: Sequence[int], sources: Sequence[str], locators: Sequence[str], images: Sequence[np.ndarray],
+                    infos: Sequence[Mapping[str, Any]] | None, video: bool) -> ImageTally:
+    """The tally of items `keep`, which the tokenizers in `mask` refused (their figures stay empty)."""
+    specs = tuple(tokenizers)
+    tally = ImageTally(specs, sums=np.zeros((len(specs), len(IMAGE_SUMS))), psnr=[[] for _ in specs],
+                       refused=[0] * len(specs), modality="video" if video else "image")
     tally.images = len(keep)
     tally.pixels = sum(int(np.prod(images[i].shape[:-1])) for i in keep)
     if video:
@@ -523,6 +573,10 @@ def measure_images(tokenizers: Mapping[str, Any], sources: Sequence[str], locato
     shown = sorted(keep, key=keys.__getitem__)[:tally.show]
     recon: dict[int, dict[str, Any]] = {i: {} for i in shown}
     for k, (spec, tok) in enumerate(tokenizers.items()):
+        if k in mask:
+            for i in shown:
+                recon[i][spec] = {"refused": True}
+            continue
         for i in keep:
             values, grid = encoded[k][i]
             item, n = images[i], int(np.prod(grid))
@@ -557,6 +611,8 @@ def summarize_images(tally: ImageTally, tokenizers: Mapping[str, Any]) -> dict[s
     """compare.json for images (or clips): per tokenizer, tokens and stored bytes per image (per clip, and
     tokens per second), PSNR and SSIM; the shown images (clips) with each reconstruction."""
     unit = UNIT[tally.modality]
+    tally = tally.common()
+    whole = [tally.specs[k] for k in tally.refused_all()]
     sums = tally.sums if tally.sums is not None else np.zeros((len(tally.specs), len(IMAGE_SUMS)))
     per_tok = []
     for k, (spec, tok) in enumerate(tokenizers.items()):
@@ -570,12 +626,13 @@ def summarize_images(tally: ImageTally, tokenizers: Mapping[str, Any]) -> dict[s
             "psnr_mean": psnr_sum / finite if finite else None, "lossless": int(lossless),
             "psnr_median": float(np.median(scores)) if scores else None,
             "ssim_mean": ssim_sum / decoded if decoded else None, "decoded": int(decoded),
-            "refused": tally.refused[k] if tally.refused else 0}
+            "refused": tally.refused[k] if tally.refused else 0, "refused_all": spec in whole,
+            "first_refusal": _refusal_json(tally.first_refusal[k] if tally.first_refusal else None)}
         if unit == "clip":
             row["tokens_per_second"] = tokens / tally.seconds if tally.seconds else 0.0
             row["tokens_per_frame"] = tokens / tally.frames if tally.frames else 0.0
         per_tok.append(row)
-    out = {"kind": tally.modality, "tokenizers": per_tok, f"{unit}s": tally.images,
+    out = {"kind": tally.modality, "tokenizers": per_tok, f"{unit}s": tally.images, "read": tally.read(),
            f"raw_bytes_per_{unit}": 3 * tally.pixels / tally.images if tally.images else 0.0,
            "shown": [s for _, s in tally.shown], "errors": tally.errors.to_json()}
     if unit == "clip":

@@ -105,19 +105,7 @@ def text_page(result: dict[str, Any], title: str) -> str:
             "bytes costs sequence length. The figures below cover the same text for every tokenizer.</p>"]
     if result["errors"]["count"]:
         body.append(f"<p class=note>{result['errors']['count']} record(s) could not be measured (see Errors).</p>")
-    refused = [f"{t['refused']} by <code>{html.escape(t['spec'])}</code>" for t in toks
-               if t.get("refused") and not t.get("refused_all")]
-    if refused:
-        body.append(f"<p class=note>Documents a tokenizer refused are left out of every tokenizer's figures: "
-                    f"{', '.join(refused)}.</p>")
-    for t in toks:
-        if t.get("refused_all"):
-            first = t.get("first_refusal") or {}
-            body.append(f"<p class=note><b><code>{html.escape(t['spec'])}</code> refused every document</b> "
-                        f"({t['refused']:,}), so it is set aside: its figures below are empty and the others' "
-                        f"cover all the text. The first refusal: {html.escape(first.get('message', ''))} "
-                        f"({html.escape(first.get('source', '').rsplit('/', 1)[-1])} "
-                        f"{html.escape(first.get('locator', ''))}).</p>")
+    body += _refusal_notes(toks, "document")
 
     best_tpc = min((t["tokens_per_char"] for t in toks if t["tokens"]), default=None)
     rows = [[_spec_cell(t["spec"]), f"{t['vocab_size']:,}",
@@ -218,6 +206,25 @@ def text_page(result: dict[str, Any], title: str) -> str:
     return page(title, body)
 
 
+def _refusal_notes(toks: list[dict[str, Any]], one: str) -> list[str]:
+    """What the tokenizers refused: left out of every figure, or, for one that refused every item, set aside."""
+    out = []
+    refused = [f"{t['refused']} by <code>{html.escape(t['spec'])}</code>" for t in toks
+               if t.get("refused") and not t.get("refused_all")]
+    if refused:
+        out.append(f"<p class=note>{one.capitalize()}s a tokenizer refused are left out of every tokenizer's "
+                   f"figures: {', '.join(refused)}.</p>")
+    for t in toks:
+        if t.get("refused_all"):
+            first = t.get("first_refusal") or {}
+            out.append(f"<p class=note><b><code>{html.escape(t['spec'])}</code> refused every {one}</b> "
+                       f"({t['refused']:,}), so it is set aside: its figures below are empty and the others' "
+                       f"cover every {one}. The first refusal: {html.escape(first.get('message', ''))} "
+                       f"({html.escape(first.get('source', '').rsplit('/', 1)[-1])} "
+                       f"{html.escape(first.get('locator', ''))}).</p>")
+    return out
+
+
 def errors_html(errors: dict[str, Any]) -> str:
     if not errors["count"]:
         return "<h2>Errors</h2><p>None: every record read was measured.</p>"
@@ -250,14 +257,14 @@ def image_page(result: dict[str, Any], title: str) -> str:
                  "and SSIM say how much of the picture the tokens keep (PSNR in dB, higher is closer, infinite "
                  "when exact; SSIM 1.0 is identical structure).</p>")
     body = [f"<h1>{html.escape(title)}</h1>", intro]
-    refused = [f"{t['refused']} by <code>{html.escape(t['spec'])}</code>" for t in toks if t.get("refused")]
-    if refused:
-        body.append(f"<p class=note>{one.capitalize()}s a tokenizer refused are left out of every tokenizer's "
-                    f"figures: {', '.join(refused)}.</p>")
+    body += _refusal_notes(toks, one)
     rows = []
     for t in toks:
         what = (f"hard, {t['vocab_size']:,} codes" if t["kind"] == "hard"
                 else f"soft, {t['dim']} × {t['latent_dtype']}")
+        if t.get("refused_all"):
+            rows.append([_spec_cell(t["spec"]), what, f"refused every {one}"] + ["–"] * (5 + video))
+            continue
         psnr = ("cannot decode" if not t["decoded"] else "lossless" if t["lossless"] == t[f"{one}s"] else
                 "–" if t["psnr_mean"] is None else f"{t['psnr_mean']:.1f}"
                 + (f" ({t['lossless']} lossless)" if t["lossless"] else ""))
@@ -302,6 +309,9 @@ def _reconstructions(sample: dict[str, Any], label: str, w: int, h: int, image_t
     """A figure per tokenizer: its reconstruction of the sample, with tokens, PSNR and SSIM."""
     figures = []
     for spec, r in sample["reconstructions"].items():
+        if r.get("refused"):
+            figures.append(f"<figure><figcaption>{html.escape(short(spec))}: refused it</figcaption></figure>")
+            continue
         if "png" not in r:
             figures.append(f"<figure><figcaption>{html.escape(short(spec))}: {r['tokens']} tokens; it "
                            "cannot decode, so no reconstruction</figcaption></figure>")

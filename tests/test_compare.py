@@ -240,6 +240,22 @@ def test_a_tokenizer_that_refuses_every_document_is_set_aside_and_the_others_are
     assert "refused every document" in page and "ValueError: no skulls" in page
 
 
+def test_why_nothing_was_measured_names_the_first_error_and_the_refusals():
+    errors = {"count": 2, "examples": [{"source": "a.png", "locator": "file", "error_type": "UnidentifiedImageError",
+                                        "message": "cannot identify"}]}
+    toks = [{"spec": "patch:16", "refused": 0}, {"spec": "picky", "refused": 3}]
+    none = {"count": 0, "examples": []}
+    assert compare.nothing_measured({"kind": "image", "errors": errors, "tokenizers": toks}) == (
+        "no image could be measured: 2 record(s) failed; the first: a.png file: UnidentifiedImageError: cannot "
+        "identify; every image left was refused by a tokenizer: picky refused 3")
+    assert compare.nothing_measured({"kind": "video", "errors": none, "tokenizers": toks[:1]}) == \
+        "the inputs hold no clips"
+    toks[1]["first_refusal"] = {"source": "d.jsonl", "locator": "offset:0", "message": "ValueError: no skulls"}
+    assert compare.nothing_measured({"kind": "text", "errors": none, "tokenizers": toks}) == (
+        "no document could be measured: every document was refused by a tokenizer: picky refused 3 (the first: "
+        "d.jsonl offset:0: ValueError: no skulls)")
+
+
 def test_refusals_set_aside_only_for_a_tokenizer_that_refused_every_document_of_every_batch():
     """Batch 1: picky refuses both documents; batch 2: only the one with a skull. picky encoded something, so
     every document it refused is left out of everyone's figures (it is not set aside)."""
@@ -312,6 +328,47 @@ def test_an_image_tokenizer_that_cannot_decode_gets_tokens_and_bytes_but_no_fide
     assert only["psnr_mean"] is None and only["ssim_mean"] is None
     assert patch["lossless"] == 3 and patch["ssim_mean"] == pytest.approx(1.0)
     assert all("png" not in s["reconstructions"]["encode-only"] for s in result["shown"])
+
+
+def test_an_image_tokenizer_that_refuses_every_image_is_set_aside_and_one_refusal_is_left_out_of_every_figure():
+    from tokenmill.reports.compare import measure_images, summarize_images
+    from tokenmill.reports.compare_page import compare_html
+    from tokenmill.transforms.tokenizers.base import ImageTokenizer
+    from tokenmill.transforms.tokenizers.patches import PatchTokenizer
+
+    class Refuses(PatchTokenizer):
+        """Refuses images whose first pixel is dark; `every` refuses all."""
+
+        def __init__(self, spec, patch, every):
+            super().__init__(spec, patch)
+            self.every = every
+
+        encode_images = ImageTokenizer.encode_images  # one image at a time, through encode_image
+
+        def encode_image(self, image):
+            if self.every or image[0, 0, 0] < 128:
+                raise ValueError("too dark")
+            return super().encode_image(image)
+
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, (32, 48, 3), dtype=np.uint8) for _ in range(4)]
+    images[1][0, 0, 0], images[0][0, 0, 0], images[2][0, 0, 0], images[3][0, 0, 0] = 10, 200, 200, 200
+    sources = [f"{c}.png" for c in "abcd"]
+    toks = {"patch:16": load_image_tokenizer("patch:16"), "all": Refuses("all", 16, True),
+            "dark": Refuses("dark", 8, False)}
+    first = measure_images(toks, sources[:2], ["file"] * 2, images[:2])
+    result = summarize_images(first.merge(measure_images(toks, sources[2:], ["file"] * 2, images[2:])), toks)
+    by_spec = {t["spec"]: t for t in result["tokenizers"]}
+    assert result["read"] == 4 and result["images"] == 3  # b.png, refused by "dark", is left out of every figure
+    assert by_spec["all"]["refused_all"] and by_spec["all"]["refused"] == 4 and by_spec["all"]["images"] == 0
+    assert by_spec["all"]["first_refusal"] == {"source": "a.png", "locator": "file", "message": "ValueError: too dark"}
+    assert by_spec["dark"]["refused"] == 1 and not by_spec["dark"]["refused_all"]
+    assert by_spec["patch:16"]["images"] == by_spec["dark"]["images"] == 3 and by_spec["patch:16"]["lossless"] == 3
+    assert by_spec["dark"]["tokens_per_image"] == 24
+    assert {s["source"] for s in result["shown"]} == {"a.png", "c.png", "d.png"}
+    assert all(s["reconstructions"]["all"] == {"refused": True} for s in result["shown"])
+    page = compare_html(result)
+    assert "<b><code>all</code> refused every image</b> (4)" in page and "1 by <code>dark</code>" in page
 
 
 def test_ssim_known_values():
