@@ -431,11 +431,12 @@ def test_images_compare_tokens_bytes_psnr_and_ssim(image_result, image_datasets)
 @pytest.fixture(scope="module")
 def video_result(tmp_path_factory) -> tuple[dict, Path, dict]:
     """Three small videos (8, 12 and 16 frames of 32 x 24, a moving bar) and one that is not a video, compared in
-    4-frame clips with spacetime patches, a fitted video codebook (vq:), a fitted video PCA (pca:) and a
-    TorchScript encoder that cannot decode."""
+    4-frame clips with spacetime patches, a fitted video codebook (vq:), a fitted video PCA (pca:), and a
+    TorchScript and a torch.export encoder (Cosmos-like) that cannot decode."""
     import torch
 
-    from tests.test_video import PlainVideoEncoder, make_video
+    from tests.test_exported import export_video
+    from tests.test_video import ContinuousVideoEncoder, PlainVideoEncoder, make_video
     from tokenmill.pipelines import fit
 
     folder = tmp_path_factory.mktemp("compare-video")
@@ -451,8 +452,9 @@ def video_result(tmp_path_factory) -> tuple[dict, Path, dict]:
     assert fit.run(["--kind", "pca", "--output", str(pca), "--dim", "8", *common]) == 0
     model = folder / "plain.pt"
     torch.jit.script(PlainVideoEncoder()).save(str(model))
+    program = export_video(ContinuousVideoEncoder(), folder / "cv.pt2")
     specs = {"patch": "patch:2,8", "patch16": "patch:2,16", "vq": f"vq:{vq}", "pca": f"pca:{pca}",
-             "torchscript": f"torchscript:{model}"}
+             "torchscript": f"torchscript:{model}", "export": f"export:{program}"}
     out = folder / "page"
     argv = ["--input", str(videos / "*.mp4"), "--out", str(out), "--clip-frames", "4"]
     for spec in specs.values():
@@ -502,10 +504,13 @@ def test_video_compare_tokens_per_clip_and_second_bytes_psnr_ssim_and_contact_sh
         assert 0 < t["ssim_mean"] < 1
     assert by_spec[specs["vq"]]["bytes_per_clip"] == 24  # 8 codes: one uint8 each
     assert by_spec[specs["pca"]]["bytes_per_clip"] == 24 * 8 * 4  # 8 float32 per token
-    script = by_spec[specs["torchscript"]]
-    tok = load_video_tokenizer(specs["torchscript"])
-    grid = tok.encode_clip(next(iter(clips.values())).frames)[1]
-    assert script["tokens_per_clip"] == np.prod(grid) and script["decoded"] == 0 and script["ssim_mean"] is None
+    for name in ("torchscript", "export"):  # encoders without a decoder: tokens and bytes, no fidelity
+        encoder = by_spec[specs[name]]
+        tok = load_video_tokenizer(specs[name])
+        latents, grid = tok.encode_clip(next(iter(clips.values())).frames)
+        assert encoder["tokens_per_clip"] == np.prod(grid) and encoder["bytes_per_clip"] == latents.size * 4
+        assert encoder["decoded"] == 0 and encoder["ssim_mean"] is None and encoder["psnr_mean"] is None
+    assert by_spec[specs["export"]]["tokens_per_clip"] == 3 * 4 * 4  # 9 frames (1 + 8) x 32 x 32 padded
     # the shown clips: contact sheets of the frames as decoded and as each tokenizer's tokens decode to
     shown = result["shown"]
     assert len(shown) == 4 and len({(s["source"], s["locator"]) for s in shown}) == 4
@@ -521,6 +526,7 @@ def test_video_compare_tokens_per_clip_and_second_bytes_psnr_ssim_and_contact_sh
         recon = vq.decode_clip(*vq.encode_clip(clip), 4, 24, 32)
         assert np.array_equal(png(s["reconstructions"][specs["vq"]]["png"]), contact_sheet(recon, columns=8))
         assert "png" not in s["reconstructions"][specs["torchscript"]]
+        assert "png" not in s["reconstructions"][specs["export"]]
     assert sheet_frames(16) == [0, 2, 4, 6, 9, 11, 13, 15] and sheet_frames(3) == [0, 1, 2]
 
 
