@@ -199,17 +199,17 @@ def decode(argv: Sequence[str] | None = None) -> int:
 
         values = np.frombuffer(row["latents"], LATENT_NUMPY[manifest.tokenizer["latent_dtype"]]).reshape(
             row["num_tokens"], -1)
-    if manifest.modality == "video":
-        from tokenmill.reports.render import contact_sheet
+    from tokenmill.reports.render import contact_sheet, reconstruct
 
-        try:
-            frames = tok.decode_clip(values, grid, len(row["frame_indices"]), row["height"], row["width"])
-        except NotImplementedError as e:
-            print(f"tokenmill decode: error: {e}", file=sys.stderr)
-            return 2
-        image = contact_sheet(frames)
-    else:
-        image = tok.decode_image(values, grid, row["height"], row["width"])
+    video = manifest.modality == "video"
+    try:
+        image = reconstruct(tok, values, grid, (len(row["frame_indices"]), row["height"], row["width"]) if video
+                            else (row["height"], row["width"]))
+    except NotImplementedError as e:
+        print(f"tokenmill decode: error: {e}", file=sys.stderr)
+        return 2
+    if video:
+        image = contact_sheet(image)
     Image.fromarray(image).save(args.out)
     print(f"tokenmill decode: {args.id} ({row['source']} {row['locator']}, grid {grid}) -> {args.out}")
     return 0

@@ -512,11 +512,11 @@ def _picture(item: np.ndarray, video: bool) -> str:
 
 def decode_item(tok: Any, values: np.ndarray, grid: Sequence[int], item: np.ndarray) -> np.ndarray:
     """What the tokens of one image (H, W, 3) or clip (T, H, W, 3) decode to, at its shape, through the
-    tokenizer's decoder (decode_image or decode_clip, as `tokenmill decode`). NotImplementedError where the
+    tokenizer's decoder (render.reconstruct, as `tokenmill decode` and `report`). NotImplementedError where the
     tokenizer cannot decode."""
-    if tok.modality == "video":
-        return tok.decode_clip(values, tuple(grid), item.shape[0], item.shape[1], item.shape[2])
-    return tok.decode_image(values, tuple(grid), item.shape[0], item.shape[1])
+    from tokenmill.reports.render import reconstruct
+
+    return reconstruct(tok, values, grid, item.shape[:-1])
 
 
 def fidelity(back: np.ndarray, item: np.ndarray) -> tuple[float, float]:

@@ -136,13 +136,25 @@ class DatasetView:
 
             policy = tok_meta.get("special_token_policy") or {}
             tok = load_text_tokenizer(spec, bos=policy.get("bos") is not None, eos=policy.get("eos") is not None)
-        else:
-            from tokenmill.transforms.tokenizers.spec import load_image_tokenizer, recorded_options
+        else:  # loaded as `tokenmill decode` loads it
+            from tokenmill.transforms.tokenizers.spec import (load_image_tokenizer, load_video_tokenizer,
+                                                              recorded_options)
 
-            tok = load_image_tokenizer(spec, **recorded_options(self.manifest))
-        if tok.fingerprint() != tok_meta.get("fingerprint") and self.modality != "video":
+            load = load_image_tokenizer if self.modality == "image" else load_video_tokenizer
+            tok = load(spec, **recorded_options(self.manifest))
+        if tok.fingerprint() != tok_meta.get("fingerprint"):
             raise ValueError(f"{spec} no longer matches the dataset's tokenizer fingerprint")
         return tok
+
+    def reconstruction(self, row: dict[str, Any]) -> np.ndarray:
+        """What an image or video row's tokens decode to, as `tokenmill decode` decodes them (render.reconstruct):
+        the image at the row's height and width, or the clip's frames (F, H, W, 3). ValueError where the
+        tokenizer cannot be loaded (see `tokenizer`), NotImplementedError where it has no decoder."""
+        from tokenmill.reports.render import reconstruct
+
+        shape = ((len(row["frame_indices"]), row["height"], row["width"]) if self.modality == "video"
+                 else (row["height"], row["width"]))
+        return reconstruct(self.tokenizer, self.payload(row), row["grid"], shape)
 
     def original_image(self, row: dict[str, Any]) -> np.ndarray:
         """The source image of a row, decoded with the build's size policy (what was tokenized).

@@ -20,7 +20,6 @@ from tokenmill.reports.compare_page import PAGE_CSS, Raw, table
 from tokenmill.reports.dataset import DatasetView, NotLocalError, png_bytes
 from tokenmill.reports.stats import (LONG_TOKEN_CHARS, codebook_usage, error_summary, is_separator_run,
                                      log_scale_wanted, throughput, token_granularity)
-from tokenmill.transforms.tokenizers.codebook import psnr
 
 UNIT = {"text": "document", "image": "image", "video": "clip"}
 STYLE = PAGE_CSS
@@ -200,36 +199,68 @@ def _codebook_section(view: DatasetView) -> str:
         plot(draw, alt="codebook usage")])
 
 
-def _reconstruction_section(view: DatasetView, samples: int) -> str:
-    """Original and reconstruction side by side, at one scale, labelled by file, with PSNR."""
+def _reconstructions(view: DatasetView, rows: list[dict[str, Any]], what: str
+                     ) -> tuple[list[tuple[np.ndarray | None, str | None]], str | None]:
+    """Each row's reconstruction as `tokenmill decode` makes it (view.reconstruction), or None and why; and, where
+    the section can show none at all, the plain reason: the tokenizer cannot be loaded, or it has no decoder."""
     try:
-        tok = view.tokenizer
-    except ValueError as e:
-        return f"<h2>Reconstructions</h2><p class=note>not available: {html.escape(str(e))}</p>"
+        spec = getattr(view.tokenizer, "spec", None) or view.manifest.tokenizer.get("spec")
+    except ValueError as e:  # a tokenizer file that moved or is not local (never fetched), or a new fingerprint
+        return [(None, None)] * len(rows), f"No reconstructions: the tokenizer is not available: {e}"
+    out: list[tuple[np.ndarray | None, str | None]] = []
+    for row in rows:
+        try:
+            out.append((view.reconstruction(row), None))
+        except NotImplementedError as e:  # an encoder without a decoder (TorchScript, torch.export)
+            return [(None, None)] * len(rows), (f"No reconstructions: {spec} has no decoder, so its tokens cannot be "
+                                                f"turned back into {what}; only the originals are shown ({e}).")
+        except Exception as e:  # noqa: BLE001 - one row's tokens that do not decode: say so under it
+            out.append((None, f"no reconstruction: {type(e).__name__}: {e}"))
+    return out, None
+
+
+def _fidelity_text(score: tuple[float, float] | None) -> str:
+    if score is None:
+        return ""
+    p, s = score
+    return "lossless" if np.isinf(p) else f"PSNR {p:.1f} dB, SSIM {s:.3f}"
+
+
+def _reconstruction_section(view: DatasetView, samples: int) -> str:
+    """Original and reconstruction side by side, at one scale, labelled by file, with PSNR and SSIM."""
+    from tokenmill.reports.compare import fidelity
+
+    rows = view.rows(samples)
+    decoded, missing = _reconstructions(view, rows, "pixels")
     shown = []
-    for row in view.rows(samples):
-        recon = tok.decode_image(view.payload(row), tuple(row["grid"]), row["height"], row["width"])
+    for row, (recon, failed) in zip(rows, decoded, strict=True):
         try:
             original, why = view.original_image(row), None
         except NotLocalError as e:  # a URL, say: never fetched; say why instead
             original, why = None, f"original not shown: {e}"
         except Exception as e:  # the source moved or is unreadable: show the reconstruction alone
             original, why = None, f"original unavailable: {type(e).__name__}"
-        shown.append((row, recon, original, why, None if original is None else psnr(recon, original)))
-    scale = _scale([r[1].shape[:2] for r in shown])
+        score = fidelity(recon, original) if recon is not None and original is not None else None
+        shown.append((row, recon, original, why, failed, score))
+    scale = _scale([(r["height"], r["width"]) for r in rows])
     pairs = []
-    for row, recon, original, why, score in shown:
+    for row, recon, original, why, failed, score in shown:
         label = _where(row)
-        first = (f"<figure>{_picture(original, f'original {label}', scale)}<figcaption>original</figcaption></figure>"
-                 if original is not None else f"<span class=note>{html.escape(why)}</span>")
-        score_text = "" if score is None else ("lossless" if np.isinf(score) else f"PSNR {score:.1f} dB")
+        figures = [f"<figure>{_picture(original, f'original {label}', scale)}<figcaption>original</figcaption></figure>"
+                   if original is not None else f"<span class=note>{html.escape(why)}</span>"]
+        if recon is not None:
+            figures.append(f'<figure>{_picture(recon, f"reconstruction {label}", scale)}'
+                           f'<figcaption>reconstruction {html.escape(_fidelity_text(score))}</figcaption></figure>')
+        elif failed:
+            figures.append(f"<span class=note>{html.escape(failed)}</span>")
         pairs.append(f'<h3>{html.escape(label)} <span class=note>{row["width"]}×{row["height"]}</span></h3>'
-                     f'<div class="grid">{first}<figure>{_picture(recon, f"reconstruction {label}", scale)}'
-                     f'<figcaption>reconstruction {html.escape(score_text)}</figcaption></figure></div>')
-    finite = [(_where(r[0]), r[4]) for r in shown if r[4] is not None and np.isfinite(r[4])]
-    parts = ["<h2>Reconstructions</h2>",
-             f"<p>Each file as tokenized (left) and decoded from its tokens (right), all at one scale "
-             f"({scale:.2g} screen pixels per image pixel).</p>", *pairs]
+                     f'<div class="grid">{"".join(figures)}</div>')
+    finite = [(_where(r[0]), r[5][0]) for r in shown if r[5] is not None and np.isfinite(r[5][0])]
+    parts = ["<h2>Reconstructions</h2>"]
+    if missing:
+        parts.append(f"<p class=note>{html.escape(missing)}</p>")
+    parts += [f"<p>Each file as tokenized (left) and decoded from its tokens (right), as <code>tokenmill decode</code> "
+              f"decodes them, all at one scale ({scale:.2g} screen pixels per image pixel).</p>", *pairs]
     if finite:
         def draw(ax):
             names = [n for n, _ in finite]
@@ -240,55 +271,53 @@ def _reconstruction_section(view: DatasetView, samples: int) -> str:
             ax.set(ylabel="PSNR (dB)", title="reconstruction PSNR by file")
             ax.legend()
         parts.append(plot(draw, alt="reconstruction PSNR by file"))
-    elif shown and all(r[4] is not None for r in shown):
+    elif shown and all(r[5] is not None for r in shown):
         parts.append(f"<p>All {len(shown)} samples reconstruct exactly (PSNR infinite).</p>")
     return "".join(parts)
 
 
 def _clips_section(view: DatasetView, samples: int) -> str:
-    """A contact sheet of each sample clip's frames as decoded, and one of its frames from the tokens."""
-    from tokenmill.reports.inspect import _patch
-    from tokenmill.reports.render import contact_sheet, token_pixels, video_frames
+    """Contact sheets of each sample clip's frames as the build decoded them and as its tokens decode (as
+    `tokenmill decode` draws them), at one scale, with PSNR and SSIM over the frames."""
+    from tokenmill.reports.compare import fidelity
+    from tokenmill.reports.render import contact_sheet
 
-    try:
-        tok = view.tokenizer
-    except ValueError:  # a video tokenizer the image loader does not know: its pixels are stored
-        tok = None
     rows = view.rows(max(1, min(samples, 4)))
+    decoded, missing = _reconstructions(view, rows, "frames")
     sheets = []
-    for row in rows:
-        frames = len(row.get("frame_indices") or []) or None
-        try:
-            recon = video_frames(token_pixels(tok, view.payload(row)), row["grid"], _patch(view), row["height"],
-                                 row["width"], frames)
-        except Exception as e:  # a tokenizer whose tokens are not pixels and that cannot decode
-            sheets.append((row, None, None, f"no reconstruction: {type(e).__name__}: {e}"))
-            continue
+    for row, (recon, failed) in zip(rows, decoded, strict=True):
         try:
             original, why = view.original_clip(row), None
         except NotLocalError as e:
             original, why = None, f"original not shown: {e}"
         except Exception as e:
             original, why = None, f"original unavailable: {type(e).__name__}: {e}"
-        sheets.append((row, contact_sheet(recon), None if original is None else contact_sheet(original), why))
-    scale = min(2.0, _scale([s[1].shape[:2] for s in sheets if s[1] is not None]) * 2)
-    parts = ["<h2>Clips: frames as decoded and from the tokens</h2>",
-             "<p>Each clip's frames left to right, top to bottom: as the build decoded them (top) and "
-             "reconstructed from the tokens (below), at one scale.</p>"]
-    for row, recon, original, why in sheets:
+        score = (fidelity(recon, original) if recon is not None and original is not None
+                 and recon.shape == original.shape else None)
+        sheets.append((row, None if recon is None else contact_sheet(recon),
+                       None if original is None else contact_sheet(original), why, failed, score))
+    scale = min(2.0, _scale([p.shape[:2] for s in sheets for p in s[1:3] if p is not None]) * 2)
+    parts = ["<h2>Clips: frames as decoded and from the tokens</h2>"]
+    if missing:
+        parts.append(f"<p class=note>{html.escape(missing)}</p>")
+    parts.append("<p>Each clip's frames left to right, top to bottom: as the build decoded them (top) and "
+                 "reconstructed from the tokens as <code>tokenmill decode</code> draws them (below), at one scale; "
+                 "PSNR and SSIM over the frames.</p>")
+    for row, recon, original, why, failed, score in sheets:
         label = f"{_where(row)}, {row.get('clip_start')}–{row.get('clip_end')} s"
         parts.append(f"<h3>{html.escape(label)}</h3>")
         if original is not None:
-            score = psnr(recon, original) if recon is not None and recon.shape == original.shape else None
             parts.append(f"<figure>{_picture(original, f'original frames {label}', scale)}"
                          "<figcaption>original frames</figcaption></figure>")
         else:
-            score = None
             parts.append(f"<p class=note>{html.escape(why or '')}</p>")
         if recon is not None:
-            text = "" if score is None else (" (lossless)" if np.isinf(score) else f" (PSNR {score:.1f} dB)")
+            text = _fidelity_text(score)
             parts.append(f"<figure>{_picture(recon, f'reconstructed frames {label}', scale)}"
-                         f"<figcaption>reconstructed frames{text}</figcaption></figure>")
+                         f"<figcaption>reconstructed frames{f' ({html.escape(text)})' if text else ''}"
+                         "</figcaption></figure>")
+        elif failed:
+            parts.append(f"<p class=note>{html.escape(failed)}</p>")
     return "".join(parts)
 
 

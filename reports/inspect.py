@@ -7,8 +7,7 @@ from typing import Any
 import numpy as np
 
 from tokenmill.reports.dataset import DatasetView, png_bytes
-from tokenmill.reports.render import (code_grid_lines, contact_sheet, describe_pieces, marked_text, token_pixels,
-                                     video_frames, visible)
+from tokenmill.reports.render import code_grid_lines, contact_sheet, describe_pieces, marked_text, visible
 from tokenmill.schemas.tables import type_json
 
 
@@ -36,10 +35,6 @@ def describe_text_row(view: DatasetView, row: dict[str, Any]) -> dict[str, Any]:
             "tokens": tokens}
 
 
-def _patch(view: DatasetView) -> int:
-    return int((view.manifest.tokenizer.get("geometry") or {}).get("patch", [16])[-1])
-
-
 def describe_visual_row(view: DatasetView, row: dict[str, Any], out_dir: str) -> dict[str, Any]:
     """Grid and codes (or a latent summary), and a PNG reconstruction (image) or contact sheet (video)."""
     values = view.payload(row)
@@ -54,18 +49,10 @@ def describe_visual_row(view: DatasetView, row: dict[str, Any], out_dir: str) ->
         out.update({k: row.get(k) for k in ("clip_start", "clip_end", "fps", "frame_indices")})
     os.makedirs(out_dir, exist_ok=True)
     try:
-        if view.modality == "image":
-            tok = view.tokenizer
-            picture = tok.decode_image(values, tuple(row["grid"]), row["height"], row["width"])
-            key = "reconstruction"
-        else:
-            try:
-                tok = view.tokenizer
-            except ValueError:  # a video tokenizer the image loader does not know: its pixels are stored
-                tok = None
-            frames = video_frames(token_pixels(tok, values), row["grid"], _patch(view), row["height"],
-                                  row["width"], len(row.get("frame_indices") or []) or None)
-            picture, key = contact_sheet(frames), "contact_sheet"
+        picture = view.reconstruction(row)  # as `tokenmill decode` decodes it
+        key = "reconstruction"
+        if view.modality == "video":
+            picture, key = contact_sheet(picture), "contact_sheet"
         path = os.path.join(out_dir, f"{row['id']}-{key.replace('_', '-')}.png")
         with open(path, "wb") as f:
             f.write(png_bytes(picture))

@@ -96,20 +96,6 @@ def code_grid_lines(codes: np.ndarray, grid: Sequence[int], max_rows: int = 16, 
     return lines
 
 
-def video_frames(pixels: np.ndarray, grid: Sequence[int], patch: int, height: int, width: int,
-                 frames: int | None = None) -> np.ndarray:
-    """(F, height, width, 3) frames from spacetime patch pixels (the `patch:T,P` layout, see
-    transforms/tokenizers/patches.py), T = values per token / (P * P * 3). Padding past
-    height, width and `frames` (when given) is cut off.
-    """
-    from tokenmill.transforms.tokenizers.patches import patches_to_clip
-
-    t, h, w = grid
-    values = np.asarray(pixels, np.uint8).reshape(t * h * w, -1)
-    tube = values.shape[1] // (patch * patch * 3)
-    return patches_to_clip(values, (t, h, w), tube, patch, frames or t * tube, height, width)
-
-
 def contact_sheet(frames: np.ndarray, columns: int = 8, gap: int = 2) -> np.ndarray:
     """Frames (F, H, W, 3) tiled left to right, top to bottom, on a white background."""
     n, H, W = frames.shape[:3]
@@ -122,12 +108,13 @@ def contact_sheet(frames: np.ndarray, columns: int = 8, gap: int = 2) -> np.ndar
     return sheet
 
 
-def token_pixels(tokenizer, values: np.ndarray) -> np.ndarray:
-    """(n, P*P*3 [* T]) uint8 pixels of each token: patches as stored, vq codes and pca latents decoded."""
-    from tokenmill.transforms.tokenizers.codebook import PCATokenizer, VQTokenizer, to_pixels
-
-    if isinstance(tokenizer, VQTokenizer):
-        return to_pixels(tokenizer.codes[np.asarray(values, np.int64)])
-    if isinstance(tokenizer, PCATokenizer):
-        return to_pixels(np.asarray(values, np.float32) @ tokenizer.components + tokenizer.mean)
-    return np.asarray(values, np.uint8)
+def reconstruct(tok, values: np.ndarray, grid: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """What the tokens (or latents) of one item decode to: an image (H, W, 3) where `shape` is (height, width),
+    a clip (F, H, W, 3) where it is (frames, height, width), through the tokenizer's own decoder (decode_image,
+    decode_clip). The one path `tokenmill decode`, `report`, `inspect` and `compare` share; NotImplementedError
+    where the tokenizer has no decoder (a TorchScript or torch.export encoder, say)."""
+    if tok.modality == "video":
+        frames, height, width = shape
+        return tok.decode_clip(values, tuple(grid), int(frames), int(height), int(width))
+    height, width = shape
+    return tok.decode_image(values, tuple(grid), int(height), int(width))

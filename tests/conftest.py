@@ -189,6 +189,7 @@ def video_dataset(tmp_path_factory) -> Path:
 
     from tokenmill.schemas.manifest import Manifest, write_manifest
     from tokenmill.schemas.tables import dataset_schema, table_from_columns
+    from tokenmill.transforms.tokenizers.spec import load_video_tokenizer
 
     frames = video_frames_fixture()
     T, P = VIDEO_TUBE, VIDEO_PATCH
@@ -196,9 +197,8 @@ def video_dataset(tmp_path_factory) -> Path:
     t, h, w = -(-F // T), -(-H // P), -(-W // P)
     padded = np.pad(frames, ((0, t * T - F), (0, h * P - H), (0, w * P - W), (0, 0)), mode="edge")
     tokens = padded.reshape(t, T, h, P, w, P, 3).transpose(0, 2, 4, 1, 3, 5, 6).reshape(t * h * w, -1)
-    meta = {"spec": f"patch:{P}", "name": f"patch{P}", "modality": "video", "kind": "soft", "dim": T * P * P * 3,
-            "latent_dtype": "uint8", "token_dtype": "uint8", "fingerprint": "video-fixture",
-            "geometry": {"patch": [T, P, P], "channels": 3, "layout": "thwc"}}
+    # the patch:T,P tokenizer's own metadata: reports and `tokenmill decode` load it from the spec and decode
+    meta = load_video_tokenizer(f"patch:{T},{P}").metadata()
     schema = dataset_schema("video", "soft", latent_dtype="uint8", dim=T * P * P * 3, metadata=meta)
     table = table_from_columns(schema, {
         "id": ["clip0"], "source": ["/videos/a.mp4"], "locator": ["clip:0"], "modality": ["video"],
