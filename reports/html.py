@@ -305,7 +305,7 @@ def _clips_section(view: DatasetView, samples: int) -> str:
                  "PSNR and SSIM over the frames.</p>")
     for row, recon, original, why, failed, score in sheets:
         label = f"{_where(row)}, {row.get('clip_start')}–{row.get('clip_end')} s"
-        parts.append(f"<h3>{html.escape(label)}</h3>")
+        parts.append(f"<h3>{html.escape(label)}</h3><div class=sheets>")
         if original is not None:
             parts.append(f"<figure>{_picture(original, f'original frames {label}', scale)}"
                          "<figcaption>original frames</figcaption></figure>")
@@ -318,6 +318,7 @@ def _clips_section(view: DatasetView, samples: int) -> str:
                          "</figcaption></figure>")
         elif failed:
             parts.append(f"<p class=note>{html.escape(failed)}</p>")
+        parts.append("</div>")
     return "".join(parts)
 
 

@@ -638,9 +638,12 @@ def test_every_page_renders_in_chromium_with_images_loaded_no_errors_and_exact_t
     assert run_build(["--input", str(videos / "*.mp4"), "--output", str(video_ds), "--tokenizer", "patch:2,8",
                       "--clip-frames", "4", "--max-clips", "2",
                       "--progress", "none"]) == 0
+    video_vq = tmp_path / "video-vq-ds"  # a fitted video codebook: clips reconstructed as `tokenmill decode` does
+    assert run_build(["--input", str(video_result[2]["videos"] / "v*.mp4"), "--output", str(video_vq), "--tokenizer",
+                      video_result[2]["vq"], "--clip-frames", "4", "--max-clips", "1", "--progress", "none"]) == 0
     reports = {}
     for name, root in (("report-text", text_dataset), ("report-image", image_datasets["vq"]),
-                       ("report-video", video_ds), ("report-odd", tmp_path / "odd-ds")):
+                       ("report-video", video_ds), ("report-video-vq", video_vq), ("report-odd", tmp_path / "odd-ds")):
         assert commands.report([str(root), "--out", str(tmp_path / name)]) == 0
         reports[name] = tmp_path / name / "index.html"
     capsys.readouterr()
@@ -687,6 +690,8 @@ def test_every_page_renders_in_chromium_with_images_loaded_no_errors_and_exact_t
     # original frames and a sheet from each of the four tokenizers that decode, for each of the four clips
     assert results["compare-video@390"]["images"] == 4 * 5
     assert results["report-video@1400"]["images"] >= 3  # tokens-per-clip plot, original and reconstructed frames
+    # tokens-per-clip and codebook plots, then original and reconstructed frames of each of three clips
+    assert results["report-video-vq@390"]["images"] == 2 + 3 * 2
     keep = os.environ.get("TOKENMILL_SCREENSHOTS")
     if keep:  # for a person to look at: every page at both widths
         for name, page in pages.items():

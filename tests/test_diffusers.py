@@ -199,6 +199,19 @@ def test_wan_clips_are_padded_to_1_plus_4k_frames_and_decode_to_the_clip(models,
     want = ((pixels[:, :6, :20, :36].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
     assert frames.shape == (6, 20, 36, 3)
     np.testing.assert_array_equal(frames, want)
+    # `tokenmill decode` and the report draw those frames, as one contact sheet
+    from PIL import Image
+
+    from tests.test_report import images_of
+    from tokenmill.pipelines import commands
+    from tokenmill.reports.render import contact_sheet
+
+    assert commands.decode([str(out), "--id", row["id"], "--out", str(tmp_path / "row.png")]) == 0
+    assert commands.report([str(out), "--out", str(tmp_path / "report")]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "row.png")), contact_sheet(frames))
+    pictures = dict(images_of((tmp_path / "report" / "index.html").read_text()))
+    label = f"a.mp4 clip:0, {row['clip_start']}–{row['clip_end']} s"
+    np.testing.assert_array_equal(pictures[f"reconstructed frames {label}"], contact_sheet(frames))
 
 
 def test_fingerprint_follows_the_weights_and_config_not_the_folder(models, tmp_path):

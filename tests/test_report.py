@@ -121,6 +121,116 @@ def test_video_report_counts_tokens_per_clip_and_shows_its_frames(video_dataset,
     assert np.array_equal(sheet, contact_sheet(video_frames_fixture()))
 
 
+@pytest.fixture(scope="module")
+def video_codebooks(tmp_path_factory) -> dict[str, Path]:
+    """Two small videos (8 and 12 frames of 32 x 24) built in 4-frame clips with a fitted video codebook (vq:),
+    a fitted video PCA (pca:), and a TorchScript encoder that has no decoder."""
+    import torch
+
+    from tests.conftest import ONE_WORKER, run_build
+    from tests.test_video import PlainVideoEncoder, make_video
+    from tokenmill.pipelines import fit
+
+    folder = tmp_path_factory.mktemp("report-video")
+    videos = folder / "in"
+    videos.mkdir()
+    for i in range(2):
+        make_video(videos / f"v{i}.mp4", n=8 + 4 * i, w=32, h=24)
+    vq, pca, model = folder / "vq.npz", folder / "pca.npz", folder / "plain.pt"
+    common = ["--input", str(videos / "v*.mp4"), "--patch", "8", "--frames", "2", "--clip-frames", "4",
+              "--samples-per-image", "8", "--holdout", "0.3", *ONE_WORKER]
+    assert fit.run(["--kind", "vq", "--output", str(vq), "--codes", "8", "--iterations", "3", *common]) == 0
+    assert fit.run(["--kind", "pca", "--output", str(pca), "--dim", "8", *common]) == 0
+    torch.jit.script(PlainVideoEncoder()).save(str(model))
+    out = {"videos": videos}
+    for name, spec in (("vq", f"vq:{vq}"), ("pca", f"pca:{pca}"), ("torchscript", f"torchscript:{model}")):
+        out[name] = folder / name
+        assert run_build(["--input", str(videos / "*.mp4"), "--output", str(out[name]), "--tokenizer", spec,
+                          "--clip-frames", "4", "--progress", "none"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("name", ["vq", "pca"])
+def test_a_codebook_video_report_shows_the_frames_tokenmill_decode_draws(video_codebooks, name, tmp_path, capsys):
+    """The reconstructed contact sheets are `tokenmill decode`'s, pixel for pixel, beside the frames as tokenized;
+    their PSNR and SSIM are those of the tokenizer's decode_clip against the clip as the build decodes it."""
+    from tokenmill.reports.compare import ssim
+    from tokenmill.reports.dataset import DatasetView
+    from tokenmill.reports.render import contact_sheet
+    from tokenmill.transforms.decoders.images import SizePolicy
+    from tokenmill.transforms.decoders.video import ClipSpec, iter_clips
+    from tokenmill.transforms.tokenizers.codebook import psnr
+    from tokenmill.transforms.tokenizers.spec import load_video_tokenizer
+
+    root = video_codebooks[name]
+    page = make_report(root, tmp_path / "report", capsys)
+    pictures = dict(images_of(page))
+    view = DatasetView(str(root))
+    tok = load_video_tokenizer(view.manifest.tokenizer["spec"])
+    rows = view.rows(4)
+    assert len(rows) == 4 and "No reconstructions" not in page
+    for row in rows:
+        label = f"{Path(row['source']).name} {row['locator']}, {row['clip_start']}–{row['clip_end']} s"
+        drawn = tmp_path / f"{row['id']}.png"
+        assert commands.decode([str(root), "--id", row["id"], "--out", str(drawn)]) == 0
+        decoded = np.asarray(Image.open(drawn))
+        assert np.array_equal(pictures[f"reconstructed frames {label}"], decoded)
+        clip = next(c for c in iter_clips(row["source"], ClipSpec(frames=4), SizePolicy.parse("native:1024"))
+                    if f"clip:{c.plan.index}" == row["locator"]).frames
+        assert np.array_equal(pictures[f"original frames {label}"], contact_sheet(clip))
+        back = tok.decode_clip(view.payload(row), tuple(row["grid"]), 4, 24, 32)
+        assert np.array_equal(decoded, contact_sheet(back))
+        p = psnr(back, clip)
+        assert 10 < p < 60  # lossy, and not noise
+        s = np.mean([ssim(b, a) for b, a in zip(back, clip, strict=True)])
+        assert f"reconstructed frames (PSNR {p:.1f} dB, SSIM {s:.3f})" in page
+    capsys.readouterr()
+    if name == "vq":
+        assert "Codebook usage" in page and "of 8 codes used" in page
+
+
+def test_a_video_report_without_a_decoder_says_so_and_shows_the_originals(video_codebooks, tmp_path, capsys):
+    root = video_codebooks["torchscript"]
+    page = make_report(root, tmp_path / "report", capsys)
+    spec = f"torchscript:{video_codebooks['torchscript'].parent / 'plain.pt'}"
+    assert (f'<p class=note>No reconstructions: {spec} has no decoder, so its tokens cannot be turned back into '
+            "frames; only the originals are shown") in page
+    alts = [alt for alt, _ in images_of(page)]
+    assert len([a for a in alts if a.startswith("original frames v")]) == 4
+    assert not [a for a in alts if a.startswith("reconstructed")]
+    row = read_rows(root).to_pylist()[0]  # `tokenmill decode` refuses the same way, in one line
+    assert commands.decode([str(root), "--id", row["id"], "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tokenmill decode: error: ") and err.count("\n") == 1
+    assert err.removeprefix("tokenmill decode: error: ").strip() in page
+
+
+def test_image_report_reconstructions_are_tokenmill_decode_s_and_an_encoder_without_a_decoder_is_named(
+        image_datasets, tmp_path, capsys):
+    from tests.conftest import run_build
+    from tests.test_torchscript import ContinuousEncoder, save
+    from tokenmill.reports.dataset import DatasetView
+
+    root = image_datasets["vq"]
+    pictures = dict(images_of(make_report(root, tmp_path / "report", capsys)))
+    rows = DatasetView(str(root)).rows(8)
+    for row in rows:
+        drawn = tmp_path / f"{row['id']}.png"
+        assert commands.decode([str(root), "--id", row["id"], "--out", str(drawn)]) == 0
+        assert np.array_equal(pictures[f"reconstruction {Path(row['source']).name}"], np.asarray(Image.open(drawn)))
+    capsys.readouterr()
+    model = save(ContinuousEncoder(), tmp_path / "enc.pt")
+    encoded = tmp_path / "ts"
+    assert run_build(["--input", str(image_datasets["images"] / "im0*.png"), "--output", str(encoded), "--tokenizer",
+                      f"torchscript:{model}", "--progress", "none"]) == 0
+    page = make_report(encoded, tmp_path / "report-ts", capsys)
+    assert (f"<p class=note>No reconstructions: torchscript:{model} has no decoder, so its tokens cannot be turned "
+            "back into pixels; only the originals are shown") in page
+    alts = [alt for alt, _ in images_of(page)]
+    assert [a for a in alts if a.startswith("original")] == [f"original im{i:02d}.png" for i in range(8)]
+    assert not [a for a in alts if a.startswith("reconstruction")]
+
+
 def test_longest_tokens_group_separator_runs(tmp_path, capsys):
     from tests.conftest import run_build, write_jsonl
 
