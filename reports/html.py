@@ -207,6 +207,9 @@ def _reconstructions(view: DatasetView, rows: list[dict[str, Any]], what: str
         spec = getattr(view.tokenizer, "spec", None) or view.manifest.tokenizer.get("spec")
     except ValueError as e:  # a tokenizer file that moved or is not local (never fetched), or a new fingerprint
         return [(None, None)] * len(rows), f"No reconstructions: the tokenizer is not available: {e}"
+    except Exception as e:  # noqa: BLE001 - it cannot load here (a model built for a device this machine lacks)
+        return [(None, None)] * len(rows), (f"No reconstructions: the tokenizer cannot be loaded here: "
+                                            f"{type(e).__name__}: {e}")
     out: list[tuple[np.ndarray | None, str | None]] = []
     for row in rows:
         try:

@@ -205,6 +205,21 @@ def test_a_video_report_without_a_decoder_says_so_and_shows_the_originals(video_
     assert err.removeprefix("tokenmill decode: error: ").strip() in page
 
 
+def test_a_video_report_whose_tokenizer_cannot_load_here_says_why(video_codebooks, tmp_path, capsys, monkeypatch):
+    from tokenmill.reports import dataset
+
+    def unloadable(self):
+        raise RuntimeError("Found no NVIDIA driver on your system")
+
+    monkeypatch.setattr(dataset.DatasetView, "tokenizer", property(unloadable))
+    page = make_report(video_codebooks["vq"], tmp_path / "report", capsys)
+    assert ("<p class=note>No reconstructions: the tokenizer cannot be loaded here: RuntimeError: Found no NVIDIA "
+            "driver on your system</p>") in page
+    alts = [alt for alt, _ in images_of(page)]
+    assert len([a for a in alts if a.startswith("original frames")]) == 4
+    assert not [a for a in alts if a.startswith("reconstructed")]
+
+
 def test_image_report_reconstructions_are_tokenmill_decode_s_and_an_encoder_without_a_decoder_is_named(
         image_datasets, tmp_path, capsys):
     from tests.conftest import run_build
