@@ -244,7 +244,8 @@ CARD_SUMMARY = {
 }
 
 
-def _summary(root: str, seconds: float, runner: str, counters: dict[str, int]) -> str:
+def _summary(root: str, seconds: float, runner: str, counters: dict[str, int], planned_s: float | None = None) -> str:
+    """The closing summary; `planned_s`: the launcher's seconds before the pipeline ran, shown when given."""
     m = read_manifest(root)
     in_bytes = sum(i["size"] for i in m.inputs)
     up_to_date = counters.get("commits_unchanged", 0) > 0 and not counters.get("commits", 0)
@@ -266,6 +267,9 @@ def _summary(root: str, seconds: float, runner: str, counters: dict[str, int]) -
         f"  output:     {root}  ({len(m.files)} data shards, manifest {MANIFEST_NAME})",
         f"  card:       {CARD_SUMMARY[card_state(root, m)]}",
     ]
+    if planned_s is not None:  # listing and planning happen before "done in": a phase of their own
+        lines.insert(2, f"  planning:   {planned_s:.2f} s before the pipeline ran (inputs listed, output probed, "
+                        "tokenizer loaded, run planned, graph built)")
     if not up_to_date:  # an up-to-date run tokenized nothing: no rate to speak of
         lines.insert(-2, f"  throughput: {human(in_bytes / seconds, 'B/s')}, {human(m.tokens / seconds, 'tokens/s')}")
     if counters:
@@ -309,19 +313,23 @@ def run(argv: Sequence[str] | None = None) -> int:
         from tokenmill.pipelines.build_spec import run_config
 
         return run_config(argv)
+    start = time.perf_counter()
     with usage_errors("tokenmill build"):
         planned = make_pipeline(argv)
-    return execute(*planned)
+    return execute(*planned, planned_s=time.perf_counter() - start)
 
 
 def run_spec(spec: BuildSpec, beam_args: Sequence[str] = ()) -> int:
     """Build a BuildSpec with Beam options; returns the process exit code."""
+    start = time.perf_counter()
     with usage_errors("tokenmill build"):
         planned = plan_build(spec, beam_args)
-    return execute(*planned)
+    return execute(*planned, planned_s=time.perf_counter() - start)
 
 
-def execute(spec: BuildSpec, pipeline: beam.Pipeline, runner: str, sizes: dict[str, int], local: bool) -> int:
+def execute(spec: BuildSpec, pipeline: beam.Pipeline, runner: str, sizes: dict[str, int], local: bool,
+            planned_s: float | None = None) -> int:
+    """Run a planned build and print its summary; `planned_s`: how long listing and planning took."""
     print(f"tokenmill build: runner {runner}", file=sys.stderr)
     start = time.perf_counter()
     # On a remote runner the launcher needs no access to the output; the runner's own UI shows progress.
@@ -331,7 +339,7 @@ def execute(spec: BuildSpec, pipeline: beam.Pipeline, runner: str, sizes: dict[s
     if outcome.result is None:
         return outcome.code
     seconds = time.perf_counter() - start
-    print(_summary(spec.output, seconds, runner, runners.counters(outcome.result)))
+    print(_summary(spec.output, seconds, runner, runners.counters(outcome.result), planned_s))
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -101,6 +102,9 @@ def test_bad_inputs_become_error_rows_and_the_run_goes_on(tmp_path, capsys):
     rows, errors = read_rows(out), read_errors(out)
     m = read_manifest(str(out))
     assert f"rows:       {m.rows}" in summary and f"errors:     {m.errors}" in summary
+    # listing and planning, before the pipeline's own "done in", is a phase of its own in the summary
+    planned = re.search(r"^  planning:   ([0-9.]+) s before the pipeline ran", summary, re.M)
+    assert planned and 0 < float(planned.group(1)) < 60, summary
 
     by_source = {}
     for e in errors:
