@@ -18,6 +18,7 @@ BENCHES = {
     "peers": "bench.peers",
     "fixed_cost": "bench.fixed_cost",
     "neural_inference": "bench.neural_inference",
+    "scaling": "bench.scaling",
 }
 
 if __name__ == "__main__":

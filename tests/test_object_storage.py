@@ -351,6 +351,48 @@ def test_commit_lease_is_exclusive_and_reruns_are_incremental_on_object_storage(
     assert m.rows == first.rows + 1 and m.parent == first.commit
 
 
+def s3_requests(work) -> dict[str, int]:
+    """The S3 requests `work()` makes through fsspec's s3 filesystem (the instance tokenmill's calls get), by
+    operation."""
+    s3 = fsspec.filesystem("s3")
+    s3.connect()
+    calls: dict[str, int] = {}
+
+    def count(model, **_):
+        calls[model.name] = calls.get(model.name, 0) + 1
+
+    s3.s3.meta.events.register("before-call.s3", count)
+    try:
+        work()
+    finally:
+        s3.s3.meta.events.unregister("before-call.s3", count)
+    return calls
+
+
+def test_listing_and_planning_on_s3_make_the_same_requests_for_10_files_as_for_40(stores):
+    """The launcher lists a bucket in pages with each object's size and ETag (one ListObjectsV2 per 1,000 keys),
+    never a request per file: a HEAD or GET per input would make 10,000 inputs cost 10,000 round trips before
+    the pipeline starts (docs/benchmarks.md, Cost as work grows)."""
+    from tokenmill.pipelines import build
+
+    def requests_for(n: int) -> tuple[dict[str, int], dict[str, int]]:
+        prefix = f"s3://bucket/listing-{n}"
+        fsspec.filesystem("s3").pipe({f"bucket/listing-{n}/doc-{i:03d}.jsonl": b'{"text": "x"}\n'
+                                      for i in range(n)})
+        listed: list = []
+        listing = s3_requests(lambda: listed.extend(fs.match(f"{prefix}/*.jsonl")))
+        assert len(listed) == n and all(f.size == 14 and f.change_token.startswith("ETag=") for f in listed)
+        planning = s3_requests(lambda: build.make_pipeline(
+            ["--input", f"{prefix}/*.jsonl", "--output", f"s3://bucket/listing-out-{n}", "--tokenizer", "bytes"]))
+        return listing, planning
+
+    counts = {n: requests_for(n) for n in (10, 40)}
+    assert counts[10] == counts[40], counts
+    listing, planning = counts[40]
+    assert listing.get("ListObjectsV2", 0) >= 1 and sum(listing.values()) <= 3, listing
+    assert sum(planning.values()) < 20, planning
+
+
 def test_progress_survives_the_store_going_away_mid_build(stores, tmp_path):
     """The store stops once the first progress record is written and is back 3 s later. The poller's reads fail
     with botocore's own errors (not OSError): each is skipped and counted, and the build's retried writes decide
