@@ -1,6 +1,7 @@
 """Versioned, incremental builds: reruns reuse unchanged inputs, new tokenizers add versions."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -40,6 +41,8 @@ def test_rerun_without_changes_tokenizes_nothing_and_leaves_the_manifest_alone(t
     code, first, _ = build(capsys, src, out)
     assert code == 0 and first["inputs_to_tokenize"] == 3 and first["documents"] == 60
     before = (out / "_manifest.json").read_bytes()
+    # every field of the Manifest is written, with its value (to_json dumps the fields without asdict's copy)
+    assert json.loads(before) == dataclasses.asdict(read_manifest(str(out)))
     code, again, text = build(capsys, src, out)
     assert code == 0 and "up to date" in text
     assert again["inputs_to_tokenize"] == 0 and again["inputs_unchanged"] == 3
