@@ -194,16 +194,19 @@ def write_file_direct(path: str, view: memoryview, size: int) -> bool:
         os.close(fd)
 
 
-def write_bytes_atomic(uri: str, data: bytes | memoryview | Any) -> None:
+def write_bytes_atomic(uri: str, data: bytes | memoryview | Any, durable: bool = True) -> None:
     """Write a whole file so that readers see either nothing or all of it.
 
     Locally: a temp file in the same folder, then rename. On object stores a
-    single PUT already has that property.
+    single PUT already has that property. `durable=False` skips the two fsyncs
+    (the rename stays atomic to readers) for files that a crash may lose, such
+    as progress records: on this VM an fsynced small file cost 1.7 ms to write
+    and 0.3 ms to delete, against 0.07 and 0.02 ms.
     """
     fs, path = fsspec.core.url_to_fs(uri)
     if isinstance(fs, LocalFileSystem):
         # Write, fsync, rename, fsync the folder: after a crash the file is the old one or the whole new one.
-        with local_atomic_path(path, durable=True) as tmp:
+        with local_atomic_path(path, durable=durable) as tmp:
             with open(tmp, "wb") as f:
                 f.write(data)
     else:
