@@ -97,7 +97,8 @@ def local_atomic_path(path: str, durable: bool = False) -> Iterator[str]:
     """A temporary path beside local `path`: renamed to `path` when the block succeeds, else removed.
 
     `durable`: the file's bytes are fsynced before the rename and the folder
-    after it, so that after a power loss `path` is absent or whole.
+    after it, so that after a power loss `path` is absent or whole (manifests;
+    data shards are made durable together at the commit: sync_filesystem).
     """
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
@@ -212,6 +213,41 @@ def write_bytes_atomic(uri: str, data: bytes | memoryview | Any, durable: bool =
     else:
         payload = bytes(data)
         with_retries(lambda: fs.pipe_file(path, payload), f"writing {uri}")
+
+
+def sync_filesystem(uri: str) -> None:
+    """Make every file written so far on local `uri`'s filesystem durable, in one call, before a commit names them.
+
+    Data shards are written by workers without an fsync each: on this VM a build
+    of 10,000 one-document files took 59-63 s with a file and a folder fsync per
+    shard, against 36-40 s without. One syncfs(2) of the dataset's filesystem
+    at the commit flushes them all (and their renames): 0.03-0.05 s there.
+    Linux has syncfs; elsewhere os.sync() flushes every filesystem. Object
+    stores need nothing: a completed PUT is stored.
+    """
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not isinstance(fs, LocalFileSystem):
+        return
+    syncfs = getattr(_libc(), "syncfs", None)
+    if syncfs is None:
+        os.sync()
+        return
+    fd = os.open(path if os.path.isdir(path) else os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        if syncfs(fd) != 0:
+            os.sync()  # the call failed (errno in ctypes); the whole-machine sync is the fallback
+    finally:
+        os.close(fd)
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    except OSError:
+        return None
 
 
 def _fsync_folder(folder: str) -> None:

@@ -39,7 +39,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from tokenmill.schemas.card import publish_card
 from tokenmill.schemas.manifest import MANIFEST_NAME, Manifest, read_manifest, write_manifest, write_schema_json
-from tokenmill.schemas.storage import join, with_retries
+from tokenmill.schemas.storage import join, sync_filesystem, with_retries
 
 VERSIONS_DIR = "versions"
 LEASE_NAME = "_commit.lease"
@@ -239,6 +239,7 @@ def commit(root: str, manifest: Manifest, base_commit: str) -> str:
             raise MissingShardsError(f"{root}: {len(gone)} shard(s) this run wrote are gone or changed (removed "
                                      f"by a gc during the build?), e.g. {gone[0]}; nothing was committed (run "
                                      "again to rewrite them)")
+        sync_filesystem(root)  # every shard it names on disk before the manifest that names them
         manifest.parent = current_commit
         manifest.versions = history(current, manifest)
         write_schema_json(root, manifest)

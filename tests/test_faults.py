@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -192,23 +193,33 @@ def test_a_launcher_killed_mid_build_leaves_no_workers_and_no_temp_folder(tmp_pa
         shutil.rmtree(short, ignore_errors=True)
 
 
-def test_every_file_a_commit_names_is_fsynced_before_its_rename_and_its_folder_after(tmp_path, monkeypatch):
-    """Power loss: data shards were written without fsync, so a crash could leave a committed shard empty or torn.
+def test_every_file_a_commit_names_is_on_disk_before_the_manifest_that_names_it(tmp_path, monkeypatch):
+    """Power loss: data shards were written without any sync, so a crash could leave a committed shard torn.
 
-    Every data shard, error shard and manifest is fsynced under its temporary name (before the rename publishes
-    it), and its folder after; direct-I/O and streamed shards alike (a 1 MiB threshold splits them).
+    The commit syncs the dataset's filesystem (syncfs) once, after every shard is in place (direct-I/O and
+    streamed shards alike) and before the manifest; error shards and manifests are fsynced under their temporary
+    name and their folder after the rename.
     """
     from tests.conftest import run_build, write_jsonl
+    from tokenmill.schemas import storage
     from tokenmill.transforms import write
 
-    synced: list[str] = []
-    real_fsync = os.fsync
+    events: list[tuple[str, str]] = []
+    real_fsync, libc = os.fsync, storage._libc()
 
     def fsync(fd):
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
         return real_fsync(fd)
 
+    class Libc:
+        def syncfs(self, fd):
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            events.append(("syncfs", path))
+            events.extend(("present", str(p)) for p in sorted(Path(path).rglob("*.parquet")))
+            return libc.syncfs(fd)
+
     monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(storage, "_libc", Libc)
     monkeypatch.setattr(write, "DIRECT_MIN_BYTES", 1 << 20)
     direct: list[str] = []
     real_direct = write.write_file_direct
@@ -221,11 +232,15 @@ def test_every_file_a_commit_names_is_fsynced_before_its_rename_and_its_folder_a
     assert run_build(["--input", str(src / "*.jsonl"), "--output", str(out), "--tokenizer", "bytes",
                       "--progress", "none"]) == 0
     m = read_manifest(str(out))
-    named = [*m.files, *(s["path"] for s in m.error_shards), "_manifest.json"]
     assert len(m.files) == 2 and len(m.error_shards) == 1 and len(direct) == 1  # one shard by each path
-    for rel in named:
+    [at] = [i for i, (kind, path) in enumerate(events) if kind == "syncfs" and path == str(out)]
+    present = {path for kind, path in events if kind == "present"}
+    assert {str(out / f) for f in m.files} <= present  # every data shard was in place when the disk was synced
+    for rel in [*(s["path"] for s in m.error_shards), "_manifest.json"]:
         final = out / rel
-        tmp_synced = [p for p in synced if os.path.dirname(p) == str(final.parent)
-                      and os.path.basename(p).startswith(f".{final.name}.") and p.endswith(".tmp")]
-        assert tmp_synced, f"{rel} was never fsynced before its rename; fsynced: {synced}"
-        assert str(final.parent) in synced, f"the folder of {rel} was never fsynced"
+        synced = [i for i, (kind, p) in enumerate(events) if kind == "fsync" and os.path.dirname(p) == str(
+            final.parent) and os.path.basename(p).startswith(f".{final.name}.") and p.endswith(".tmp")]
+        assert synced, f"{rel} was never fsynced before its rename: {events}"
+        assert ("fsync", str(final.parent)) in events, f"the folder of {rel} was never fsynced"
+        if rel == "_manifest.json":
+            assert synced[0] > at  # the manifest comes after the sync of what it names

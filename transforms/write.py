@@ -150,13 +150,13 @@ def write_parquet_shard(uri: str, table: pa.Table, row_group_rows: int | None, c
     if direct_io and table.nbytes >= DIRECT_MIN_BYTES:
         view, size = _render_parquet(table, row_group_rows, compression)
         data = view[:size]
-        with local_atomic_path(path, durable=True) as tmp:
+        with local_atomic_path(path) as tmp:
             if not write_file_direct(tmp, view, size):
                 with open(tmp, "wb") as f:
                     f.write(data)
         groups = _row_groups(pq.read_metadata(pa.BufferReader(pa.py_buffer(data))))
         return size, hashlib.sha256(data).hexdigest(), groups
-    with local_atomic_path(path, durable=True) as tmp:
+    with local_atomic_path(path) as tmp:
         _write_parquet(table, tmp, row_group_rows, compression)
         with open(tmp, "rb") as f:
             sha = hashlib.file_digest(f, "sha256").hexdigest()
