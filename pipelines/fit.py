@@ -79,9 +79,10 @@ class _SamplePatches(beam.DoFn):
 
 
 def write_fit_progress(root: str, kind: str, source: str, block: int, **record: Any) -> None:
-    """One progress record (pipelines/progress.py reads them) for a block the fit sampled or skipped."""
+    """One progress record (pipelines/progress.py reads them) for a block the fit sampled or skipped;
+    not fsynced, like a build's (transforms/write.write_progress)."""
     write_bytes_atomic(join(root, PROGRESS_DIR, f"{kind}-{shard_name(source, block)}.json"),
-                       json.dumps({"source": source, "block": block, **record}).encode())
+                       json.dumps({"source": source, "block": block, **record}).encode(), durable=False)
 
 
 def _progress_of_failures(block: Any, root: str) -> Any:
