@@ -298,3 +298,41 @@ def test_a_missing_extra_is_one_line_naming_it(models, images, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("tokenmill build: error: diffusers: tokenizers need diffusers, which is not "
                                    "installed: pip install 'tokenmill[diffusers]'")
+
+
+BUILD_AND_SAY_ENVIRONMENT = """
+import os, sys
+from tokenmill.pipelines import build
+from tokenmill.transforms.tokenizers.neural import torch_environment
+rc = build.run(sys.argv[1:])
+print(rc, os.environ.get("OMP_WAIT_POLICY"), os.environ.get("THP_MEM_ALLOC_ENABLE"), torch_environment())
+"""
+
+
+def test_the_torch_environment_is_set_before_torch_loads_and_changes_no_latent(models, tmp_path):
+    """A build process sets passive OpenMP waiting and 2 MiB pages before it imports torch (a variable the user
+    set wins; TOKENMILL_TORCH_TUNING=0 sets none), and the latents are the same bytes either way. 256 x 256
+    inputs in batches of 2 make tensors of 2 MiB and more, the ones that get huge pages."""
+    import os
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(folder / f"n{i}.png")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE")}
+    said, latents = {}, {}
+    for name, extra in (("tuned", {}), ("user", {"OMP_WAIT_POLICY": "ACTIVE"}),
+                        ("off", {"TOKENMILL_TORCH_TUNING": "0"})):
+        out = tmp_path / name
+        proc = subprocess.run([sys.executable, "-c", BUILD_AND_SAY_ENVIRONMENT, "--input", str(folder / "*.png"),
+                               "--output", str(out), "--tokenizer", f"diffusers:{models['kl']}", "--batch-size", "2",
+                               "--progress", "none", "--runner=FnApiRunner", "--direct_num_workers=1",
+                               "--direct_running_mode=in_memory"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300, env={**env, **extra})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        said[name] = proc.stdout.strip().splitlines()[-1]
+        latents[name] = read_rows(out).column("latents").to_pylist()
+    assert said == {"tuned": "0 PASSIVE 1 False", "user": "0 ACTIVE 1 False", "off": "0 None None False"}
+    assert len(latents["tuned"]) == 3 and all(len(v) == 128 * 128 * 4 * 4 for v in latents["tuned"])  # f = 2, fp32
+    assert latents["tuned"] == latents["off"] == latents["user"]

@@ -45,7 +45,7 @@ import numpy as np
 
 from tokenmill.schemas.storage import join, read_bytes, with_retries
 from tokenmill.transforms.tokenizers.base import ImageTokenizer, TokenizerSpecError, VideoTokenizer
-from tokenmill.transforms.tokenizers.neural import EncoderModel, neural_options
+from tokenmill.transforms.tokenizers.neural import EncoderModel, neural_options, torch_environment
 
 DTYPES = ("fp32", "bf16", "fp16")
 LATENT_MODES = ("mean", "sample")
@@ -183,6 +183,7 @@ class _Autoencoder(EncoderModel):
     max_batch = None  # any batch size (EncoderModel's loader sets this for fixed-batch programs)
 
     def __init__(self, uri: str, modality: str, device: str, dtype: str, latent: str, seed: int):
+        torch_environment()
         import torch
 
         if dtype not in DTYPES:

@@ -29,6 +29,8 @@ and NeuralVideoTokenizer, and loads them with `load_family`
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -39,6 +41,27 @@ from tokenmill.transforms.tokenizers.base import ImageTokenizer, TokenizerSpecEr
 DTYPES = ("fp32", "bf16", "fp16")
 # --dtype → torch dtype name, and the name of what a floating output is stored as (schemas.tables.LATENT_STORAGE).
 _TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+# What torch reads once, when it loads (libgomp) or on its first allocation (c10's CPU allocator), and only from
+# the environment. Measured on AutoencoderKL encodes (docs/benchmarks.md, "diffusers: AutoencoderKL"): GNU
+# OpenMP's worker threads spin after every parallel region, burning the core that the other thread of the
+# region, tokenmill's decoding threads or other processes need (a quarter of a build's CPU samples were in
+# libgomp); and every activation above glibc's 32 MiB mmap limit (a batch of 8 512x512 images makes many)
+# was a fresh mapping faulted in 4 KiB at a time (1.9 M page faults per 64 images, most of the system time).
+# Passive waiting and 2 MiB pages change no value (the same latents, bit for bit).
+TORCH_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE", "THP_MEM_ALLOC_ENABLE": "1"}
+
+
+def torch_environment() -> bool:
+    """Set TORCH_ENVIRONMENT's defaults before the first `import torch` of this process (a variable the user
+    set wins; TOKENMILL_TORCH_TUNING=0 skips it). Workers forked or started from the process inherit them.
+    Returns whether they were set: too late once torch is imported."""
+    if "torch" in sys.modules or os.environ.get("TOKENMILL_TORCH_TUNING") == "0":
+        return False
+    for name, value in TORCH_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    return True
 
 
 def torch_dtype(name: str):
@@ -102,6 +125,7 @@ class EncoderModel:
 
     def __init__(self, uri: str, device: str, dtype: str, pad_multiple: int, vocab_size: int | None,
                  probe_shape: tuple[int, ...], order: tuple[int, ...]):
+        torch_environment()
         try:
             import torch
         except ImportError:
