@@ -29,7 +29,7 @@ PIPELINE = textwrap.dedent("""
         def process(self, x):
             from threadpoolctl import threadpool_info
             blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
-            yield x * x, os.getpid(), os.getppid(), blas
+            yield x * x, os.getpid(), os.getppid(), blas, os.environ.get("RAYON_NUM_THREADS")
 
     beam_args, _ = runners.local_defaults(["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
     options = runners.pipeline_options(beam_args)
@@ -69,6 +69,8 @@ def test_workers_are_forked_from_the_zygote_with_one_blas_thread_and_give_the_sa
     assert {r[2] for r in rows} == {zygote}, "every worker is a child of the zygote"
     assert len({r[1] for r in rows}) == 2, "two worker processes"
     assert {b for r in rows for b in r[3]} == {1}, "OPENBLAS_NUM_THREADS=1 applies to the inherited OpenBLAS"
+    rayon = os.environ.get("RAYON_NUM_THREADS", "1")  # one per worker (tokenizers' pool), unless set here
+    assert {r[4] for r in rows} == {rayon}
     assert not _alive(zygote), "gone with the run"
 
     cold = _run(PIPELINE, {"TOKENMILL_FORK_WORKERS": "0"})
@@ -76,6 +78,7 @@ def test_workers_are_forked_from_the_zygote_with_one_blas_thread_and_give_the_sa
     assert _rows(cold.stdout, "ZYGOTE") == [[]]
     assert sorted(r[0] for r in _rows(cold.stdout, "ROW")) == sorted(r[0] for r in rows)
     assert {r[3][0] for r in _rows(cold.stdout, "ROW")} == {1}
+    assert {r[4] for r in _rows(cold.stdout, "ROW")} == {rayon}
 
 
 def test_a_second_pipeline_in_the_same_process_starts_workers_the_usual_way():

@@ -10,8 +10,9 @@ each measured (docs/benchmarks.md) and each with a switch:
   the pipeline proto: the one place tokenmill relies on Beam internals
   (FnApiRunner.run_via_runner_api, the provision info). tests/test_local_workers.py
   notices when a Beam release changes them.
-* **Thread limits** (TOKENMILL_LIMIT_THREADS=0 turns off; a BLAS variable the
-  user set wins): one BLAS thread per worker process when there is a worker per core.
+* **Thread limits** (TOKENMILL_LIMIT_THREADS=0 turns off; a variable the
+  user set wins): one BLAS thread and one rayon thread (tokenizers) per worker
+  process when there is a worker per core.
 * **Allocator tuning** (TOKENMILL_MALLOC_TUNING=0 turns off): for modalities
   that ask (video), glibc keeps freed memory instead of handing it back.
 * **One process for small builds** (TOKENMILL_SMALL_BUILD_BYTES=0 turns off):
@@ -114,17 +115,24 @@ def tune(options: PipelineOptions, *, allocator: bool = False) -> None:
         keep_freed_memory()
 
 
+# Rust's rayon pool (Hugging Face tokenizers' encode_batch), sized from this variable when first used.
+RAYON_THREAD_VARIABLE = "RAYON_NUM_THREADS"
+
+
 def limit_threads(options: PipelineOptions) -> None:
-    """With one local worker process per core, give each one BLAS thread.
+    """With one local worker process per core, give each one BLAS thread and one rayon thread.
 
     numpy's matrix products (vq code search, pca) otherwise start a thread per
     core in every worker, and N workers fight over N cores (measured: 2 workers
-    took 7.1 s where 1 took 4.8). Variables the user set are left alone.
+    took 7.1 s where 1 took 4.8). So does `hf:`'s batch encode (tokenizers'
+    rayon pool: 2 workers on 20 MB took 12.2-14.5 CPU s with a pool per core
+    and 10.7-12.2 with one thread each, docs/benchmarks.md). Variables the user
+    set are left alone.
     """
     from tokenmill.pipelines.local.zygote import BLAS_THREAD_VARIABLES
 
     if _worker_processes(options) > 1 and os.environ.get("TOKENMILL_LIMIT_THREADS", "1") != "0":
-        for name in BLAS_THREAD_VARIABLES:
+        for name in (*BLAS_THREAD_VARIABLES, RAYON_THREAD_VARIABLE):
             os.environ.setdefault(name, "1")
 
 
