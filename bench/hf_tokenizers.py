@@ -14,13 +14,16 @@ punctuation and emoji) and two tokenizers trained on a 2 MB sample of it:
 
 Timed, each as a whole process (interpreter start, imports, loading the
 tokenizer, reading the corpus, encoding; tokenmill also writes its dataset), in
-rounds (each side once per round, best of --repeat), peak RSS sampled:
+rounds (each side once per round, best of --repeat), with peak RSS, CPU seconds
+(user + system of the process tree) and the 1-minute load average at the start:
   raw batch       one process reading the JSON lines and calling the library's
                   batch encode on 1,000 documents at a time: transformers'
                   AutoTokenizer(batch, add_special_tokens=False) for the
                   SentencePiece folder, tokenizers' Tokenizer.encode_batch for
                   the tokenizer.json. With the library's own threads (rayon: one
-                  per core), and pinned to one (RAYON_NUM_THREADS=1).
+                  per core), and pinned to one (RAYON_NUM_THREADS=1); and in 2
+                  processes (a fork pool, each process loading the tokenizer and
+                  encoding half of the shards, library threads left as they are).
   tokenmill       tokenmill build --tokenizer hf:FOLDER with 1 worker (one
                   process, one document at a time) and 2 workers.
 Token counts must agree between the two sides.
@@ -36,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.text_build import REPO, TOKENMILL, bench_result, best_of_rounds, run_measured
+from bench.text_build import REPO, TOKENMILL, bench_result, best_of_rounds, measure
 from bench.corpus import load_texts
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -127,9 +130,7 @@ def train_tokenizers(folder: Path, files: list[Path]) -> dict[str, Path]:
     return out
 
 
-def raw_main(kind: str, folder: str, files: list[str]) -> None:
-    """The raw side, in its own process: read, load, batch-encode; prints one `BENCH {json}` line."""
-    texts = load_texts([Path(f) for f in files])
+def _raw_encoder(kind: str, folder: str):
     if kind == "sentencepiece":
         from transformers import AutoTokenizer
 
@@ -144,31 +145,58 @@ def raw_main(kind: str, folder: str, files: list[str]) -> None:
 
         def encode(batch):
             return [e.ids for e in tok.encode_batch(batch, add_special_tokens=False)]
-    start = time.perf_counter()
-    tokens = 0
-    for i in range(0, len(texts), 1000):
-        tokens += sum(len(ids) for ids in encode(texts[i:i + 1000]))
+    return encode
+
+
+def _raw_part(job: tuple[str, str, list[str]]) -> tuple[int, int]:
+    """(documents, tokens) of some shards: read, load, batch-encode 1,000 documents at a time."""
+    kind, folder, files = job
+    texts = load_texts([Path(f) for f in files])
+    encode = _raw_encoder(kind, folder)
+    return len(texts), sum(sum(len(ids) for ids in encode(texts[i:i + 1000])) for i in range(0, len(texts), 1000))
+
+
+def raw_main(kind: str, folder: str, files: list[str], processes: int = 1) -> None:
+    """The raw side, in its own process (and a fork pool for processes > 1); prints one `BENCH {json}` line.
+    With one process the timer covers the encoding alone; with a pool it covers each worker's read, load and
+    encoding too."""
+    if processes == 1:
+        texts = load_texts([Path(f) for f in files])
+        encode = _raw_encoder(kind, folder)
+        start = time.perf_counter()
+        tokens = sum(sum(len(ids) for ids in encode(texts[i:i + 1000])) for i in range(0, len(texts), 1000))
+        documents = len(texts)
+    else:
+        import multiprocessing
+
+        start = time.perf_counter()
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            parts = pool.map(_raw_part, [(kind, folder, files[i::processes]) for i in range(processes)])
+        documents, tokens = (sum(x) for x in zip(*parts, strict=True))
     print("BENCH " + json.dumps({"seconds": time.perf_counter() - start, "tokens": tokens,
-                                 "documents": len(texts)}))
+                                 "documents": documents}))
 
 
-def raw(kind: str, folder: Path, files: list[Path], env: dict[str, str]) -> dict:
-    out, wall, peak = run_measured([sys.executable, "-m", "bench.hf_tokenizers", "raw", kind, str(folder),
-                                    *map(str, files)], env={**OFFLINE, **env})
-    r = bench_result(out)
-    return {"seconds": wall, "encode_s": r["seconds"], "tokens": r["tokens"], "peak_rss": peak}
+def raw(kind: str, folder: Path, files: list[Path], env: dict[str, str], processes: int = 1) -> dict:
+    load = os.getloadavg()[0]
+    m = measure([sys.executable, "-m", "bench.hf_tokenizers", "raw", str(processes), kind, str(folder),
+                 *map(str, files)], env={**OFFLINE, **env})
+    r = bench_result(m.out)
+    return {"seconds": m.wall, "encode_s": r["seconds"], "tokens": r["tokens"], "peak_rss": m.peak_rss,
+            "cpu_s": m.cpu_s, "load": round(load, 2)}
 
 
 def tokenmill(folder: Path, files: list[Path], workers: int, out_dir: Path) -> dict:
     runner = ["--runner=FnApiRunner", f"--direct_num_workers={workers}",
               f"--direct_running_mode={'multi_processing' if workers > 1 else 'in_memory'}"]
     shutil.rmtree(out_dir, ignore_errors=True)
-    _, wall, peak = run_measured([*TOKENMILL, "--input", str(files[0].parent / "*.jsonl"), "--output", str(out_dir),
-                                  "--tokenizer", f"hf:{folder}", "--progress", "none", "--overwrite", *runner],
-                                 env=OFFLINE)
+    load = os.getloadavg()[0]
+    m = measure([*TOKENMILL, "--input", str(files[0].parent / "*.jsonl"), "--output", str(out_dir),
+                 "--tokenizer", f"hf:{folder}", "--progress", "none", "--overwrite", *runner], env=OFFLINE)
     manifest = json.loads((out_dir / "_manifest.json").read_text())
     build_s = round(manifest["timing"]["finished_at"] - manifest["timing"]["started_at"], 3)
-    return {"seconds": wall, "build_s": build_s, "tokens": manifest["tokens"], "peak_rss": peak}
+    return {"seconds": m.wall, "build_s": build_s, "tokens": manifest["tokens"], "peak_rss": m.peak_rss,
+            "cpu_s": m.cpu_s, "load": round(load, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,25 +218,30 @@ def main(argv: list[str] | None = None) -> int:
             runs = {
                 f"{kind}: raw batch, 1 proc": lambda k=kind, f=folder: raw(k, f, files, {}),
                 f"{kind}: raw batch, 1 proc, 1 thread": lambda k=kind, f=folder: raw(k, f, files, ONE_THREAD),
+                f"{kind}: raw batch, 2 procs": lambda k=kind, f=folder: raw(k, f, files, {}, 2),
                 f"{kind}: tokenmill hf:, 1 worker": lambda f=folder: tokenmill(f, files, 1, Path(tmp) / "tm"),
                 f"{kind}: tokenmill hf:, 2 workers": lambda f=folder: tokenmill(f, files, 2, Path(tmp) / "tm"),
             }
             results.update(best_of_rounds(args.repeat, runs))
             print(f"  done: {kind}", flush=True)
 
-    print(f"\n{'':44s} {'whole s':>8s} {'MB/s':>6s} {'encode s':>9s} {'peak RSS':>9s}   runs")
+    print(f"\n{'':44s} {'whole s':>8s} {'MB/s':>6s} {'encode s':>9s} {'CPU s':>6s} {'peak RSS':>9s} {'load':>5s}"
+          "   runs")
     for name, r in results.items():
         inner = r.get("encode_s", r.get("build_s"))
-        print(f"{name:44s} {r['seconds']:8.2f} {text_mb / r['seconds']:6.2f} {inner:9.2f} "
-              f"{r['peak_rss'] / 2**20:5.0f} MiB   {r['runs']}")
+        print(f"{name:44s} {r['seconds']:8.2f} {text_mb / r['seconds']:6.2f} {inner:9.2f} {r['cpu_s']:6.2f} "
+              f"{r['peak_rss'] / 2**20:5.0f} MiB {r['load']:5.1f}   {r['runs']}")
     print()
     for kind in folders:
         tm, raw1 = results[f"{kind}: tokenmill hf:, 1 worker"], results[f"{kind}: raw batch, 1 proc"]
-        for name in (f"{kind}: raw batch, 1 proc, 1 thread", f"{kind}: tokenmill hf:, 2 workers"):
+        for name in (f"{kind}: raw batch, 1 proc, 1 thread", f"{kind}: raw batch, 2 procs",
+                     f"{kind}: tokenmill hf:, 2 workers"):
             assert results[name]["tokens"] == tm["tokens"] == raw1["tokens"], (name, results[name]["tokens"])
-        for other in ("raw batch, 1 proc", "raw batch, 1 proc, 1 thread"):
-            ratio = results[f"{kind}: {other}"]["seconds"] / tm["seconds"]
-            print(f"{kind}: tokenmill 1 worker vs {other:28s} {ratio:5.2f}x")
+        for mine, other in (("1 worker", "raw batch, 1 proc"), ("1 worker", "raw batch, 1 proc, 1 thread"),
+                            ("2 workers", "raw batch, 2 procs")):
+            t, o = results[f"{kind}: tokenmill hf:, {mine}"], results[f"{kind}: {other}"]
+            print(f"{kind}: tokenmill {mine:9s} vs {other:28s} wall {o['seconds'] / t['seconds']:5.2f}x  "
+                  f"CPU {o['cpu_s'] / t['cpu_s']:5.2f}x")
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps({"corpus_text_mb": text_mb, "results": results}, indent=2))
     print(f"\nresults: {args.results}")
@@ -218,6 +251,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["raw"]:
         os.environ.update(OFFLINE)
-        raw_main(sys.argv[2], sys.argv[3], sys.argv[4:])
+        raw_main(sys.argv[3], sys.argv[4], sys.argv[5:], int(sys.argv[2]))
     else:
         sys.exit(main())
