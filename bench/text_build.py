@@ -77,7 +77,14 @@ class Measured:
 
 
 def measure(cmd: list[str], env: dict | None = None, *, pss: bool = False) -> Measured:
-    """Run a command from the repository root, sampling its process tree's memory; raises if it fails."""
+    """Run a command from the repository root, sampling its process tree's memory; raises if it fails.
+
+    CPU seconds count every process of the tree, grandchildren included: this
+    process becomes their subreaper (Linux), so a worker its parent never waited
+    for (datatrove's pool) is reparented here and reaped, not lost to init.
+    """
+    _become_subreaper()
+    already = {c.pid for c in psutil.Process().children()}  # e.g. a job service a bench keeps running
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
@@ -98,11 +105,26 @@ def measure(cmd: list[str], env: dict | None = None, *, pss: bool = False) -> Me
     wall = time.perf_counter() - start
     done.set()
     t.join()
+    _reap_orphans(already)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-3000:]}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return Measured(out, wall, peak[0], peak[1], cpu)
+
+
+def _become_subreaper() -> None:
+    """prctl(PR_SET_CHILD_SUBREAPER): orphaned descendants become our children (their CPU time then counts)."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
+
+
+def _reap_orphans(already: set[int]) -> None:
+    """Wait for every descendant reparented to this process (see measure), so RUSAGE_CHILDREN includes them;
+    children it had before the run (`already`) are left alone, and one still running after 30 s is not waited for."""
+    psutil.wait_procs([c for c in psutil.Process().children() if c.pid not in already], timeout=30)
 
 
 def run_measured(cmd: list[str], env: dict | None = None) -> tuple[str, float, int]:
