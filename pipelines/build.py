@@ -14,10 +14,15 @@ import time
 import uuid
 from typing import Any, Sequence
 
-import apache_beam as beam
+if __name__ == "__main__":  # `python -m tokenmill.pipelines.build`: Beam imported as lean as `tokenmill build` does
+    from tokenmill.pipelines.beam_seam import lean_import
+
+    lean_import(sys.argv[1:])
+
+import apache_beam as beam  # noqa: E402
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from tokenmill.pipelines import runners
+from tokenmill.pipelines import beam_seam, runners
 from tokenmill.pipelines.cli_errors import OneLineArgumentParser, UsageError, usage_errors
 from tokenmill.pipelines.progress import BuildProgress, human
 from tokenmill.pipelines.spec import BuildSpec, SpecError, add_options, from_args, tokenizer_epilog
@@ -294,6 +299,7 @@ def make_pipeline(argv: Sequence[str] | None = None
 
 def plan_build(spec: BuildSpec, beam_args: Sequence[str]) -> tuple[BuildSpec, beam.Pipeline, str, dict[str, int], bool]:
     """make_pipeline for a BuildSpec (what `retokenize` and schedulers use)."""
+    beam_seam.install()
     chosen = list(beam_args)
     beam_args, runner = runners.local_defaults(chosen)
     options = runners.pipeline_options(beam_args)

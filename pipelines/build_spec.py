@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 import apache_beam as beam
 
-from tokenmill.pipelines import runners
+from tokenmill.pipelines import beam_seam, runners
 from tokenmill.pipelines.build import BuildDataset, _summary, prepare
 from tokenmill.pipelines.cli_errors import OneLineArgumentParser, UsageError, usage_errors
 from tokenmill.pipelines.spec import BuildSpec, SpecError, from_loose_values
@@ -148,6 +148,7 @@ def run_config(argv: Sequence[str]) -> int:
             raise UsageError(f"cannot read --config {args.config}: {e}") from None
         output, sources = load_build_spec(text, args.config)
         output = fs.canonical(output)
+        beam_seam.install()
         beam_args, runner = runners.local_defaults(beam_args)
         options = runners.pipeline_options(beam_args)
         local = runners.runs_locally(options)

@@ -20,6 +20,10 @@ COMMANDS = {
     "validate": ("tokenmill.pipelines.commands:validate", "check a dataset against its manifest and schema"),
 }
 
+# Commands that run a build, on this machine unless --runner says otherwise: Beam is imported lean for them
+# (pipelines/beam_seam.py).
+LOCAL_BUILDS = ("build", "retokenize")
+
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -46,6 +50,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(2)
     import importlib
 
+    if argv[0] in LOCAL_BUILDS:
+        from tokenmill.pipelines.beam_seam import lean_import
+
+        lean_import(argv[1:])
     from tokenmill.schemas.manifest import MultiDatasetRoot
 
     module, _, func = COMMANDS[argv[0]][0].partition(":")

@@ -7,9 +7,10 @@ each measured (docs/benchmarks.md) and each with a switch:
 * **Warm workers** (TOKENMILL_FORK_WORKERS=0 turns off): multi_processing SDK
   workers fork from a warm copy of the launcher instead of importing Beam and
   tokenmill afresh (zygote.py). This rewrites the runner's worker command in
-  the pipeline proto: the one place tokenmill relies on Beam internals
-  (FnApiRunner.run_via_runner_api, the provision info). tests/test_local_workers.py
-  notices when a Beam release changes them.
+  the pipeline proto: relying on Beam internals (FnApiRunner.run_via_runner_api,
+  the provision info) as only pipelines/beam_seam.py otherwise does (Beam's
+  start-up short-cuts). tests/test_local_workers.py notices when a Beam release
+  changes them.
 * **Thread limits** (TOKENMILL_LIMIT_THREADS=0 turns off; a variable the
   user set wins): one BLAS thread and one rayon thread (tokenizers) per worker
   process when there is a worker per core.
@@ -34,20 +35,7 @@ from typing import Any, Iterator, Sequence
 
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-DEFAULT_LOCAL_RUNNER = "FnApiRunner"
-_LOCAL = {"fnapirunner", "directrunner", "switchingdirectrunner", "bundlebaseddirectrunner"}
-
-
-def is_local_runner(runner: str | None) -> bool:
-    """Whether the named runner runs the job on this machine (FnApiRunner, DirectRunner).
-
-    Only then may the launcher list inputs and probe the output before the run.
-    A remote runner (DataflowRunner, PortableRunner, FlinkRunner, SparkRunner, ...)
-    runs on workers with their own credentials, and a job must translate on a
-    launcher that has none: the pipeline lists its inputs itself.
-    """
-    name = (runner or DEFAULT_LOCAL_RUNNER).lower()
-    return name in _LOCAL or name + "runner" in _LOCAL
+from tokenmill.pipelines.runner_kind import DEFAULT_LOCAL_RUNNER, is_local_runner  # noqa: F401 (API)
 
 
 def _given(args: Sequence[str], name: str) -> bool:
