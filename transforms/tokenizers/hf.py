@@ -34,6 +34,7 @@ model weights).
 """
 from __future__ import annotations
 
+import array
 import contextlib
 import functools
 import hashlib
@@ -61,6 +62,16 @@ _VOCAB_FILES = re.compile(r"(tokenizer\.json|.*\.model|vocab\.json|vocab\.txt|me
 SMALL_FILE = 64 << 20
 _WEIGHTS = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|gguf|h5|msgpack|onnx|npz|tflite)")
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _uint32(ids: list[int]) -> np.ndarray:
+    """An encoding's IDs (a list of Python ints) as uint32: through array.array, about 4x faster than
+    np.asarray(ids, np.uint32), which inspects every element for its type first (0.14 against 0.03 s for
+    7.6 M IDs here)."""
+    return np.frombuffer(array.array("I", ids), dtype=np.uint32) if _UINT_IS_32 else np.asarray(ids, np.uint32)
+
+
+_UINT_IS_32 = array.array("I").itemsize == 4
 
 
 def _token_name(value: Any) -> str | None:
@@ -156,7 +167,7 @@ class HFTokenizer(TextTokenizer):
         return self._identity_data
 
     def _encode(self, text: str) -> np.ndarray:
-        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.uint32)
+        return _uint32(self._tok.encode(text, add_special_tokens=False).ids)
 
     def _encode_each(self, texts: Sequence[str]) -> list[Any]:
         """One batch call per block (measured about a fifth faster than a call per document, and it may
@@ -172,7 +183,7 @@ class HFTokenizer(TextTokenizer):
             if isinstance(e, _PROCESS_EXCEPTIONS):
                 raise
             return super()._encode_each(texts)
-        return [np.asarray(e.ids, dtype=np.uint32) for e in encodings]
+        return [_uint32(e.ids) for e in encodings]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
