@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.corpus import build_corpus
-from bench.text_build import REPO, bench_result, best_of_rounds, manifest_seconds, run_measured
+from bench.text_build import REPO, bench_result, best_of_rounds, manifest_seconds, measure, run_measured
 
 TOKENMILL = [str(Path(sys.executable).parent / "tokenmill"), "build"]
 ONE_THREAD = {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -81,11 +81,10 @@ def train_tokenizer(folder: Path, files: list[Path]) -> Path:
 
 def tokenmill(argv: list[str], out: Path, n: int, env: dict | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    _, wall, peak = run_measured([*TOKENMILL, *argv, "--output", str(out), "--progress", "none", *runner_args(n)],
-                                 env=env)
+    r = measure([*TOKENMILL, *argv, "--output", str(out), "--progress", "none", *runner_args(n)], env=env)
     m = json.loads((out / "_manifest.json").read_text())
-    return {"seconds": wall, "pipeline_s": manifest_seconds(m), "tokens": m["tokens"], "rows": m["rows"],
-            "peak_rss": peak}
+    return {"seconds": r.wall, "pipeline_s": manifest_seconds(m), "tokens": m["tokens"], "rows": m["rows"],
+            "peak_rss": r.peak_rss, "cpu_s": round(r.cpu_s, 2)}
 
 
 # -- datatrove ---------------------------------------------------------------
@@ -115,10 +114,11 @@ def datatrove_docs(out: Path) -> list[np.ndarray]:
 
 def datatrove(folder: Path, tokenizer: Path, out: Path, n: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    stdout, wall, peak = run_measured([sys.executable, "-m", "bench.peers", "datatrove", str(n), str(folder),
-                                       str(out), str(tokenizer)], env=ONE_THREAD)
+    r = measure([sys.executable, "-m", "bench.peers", "datatrove", str(n), str(folder), str(out), str(tokenizer)],
+                env=ONE_THREAD)
     tokens = sum(len(d) for d in datatrove_docs(out))
-    return {"seconds": wall, "pipeline_s": bench_result(stdout)["seconds"], "tokens": tokens, "peak_rss": peak}
+    return {"seconds": r.wall, "pipeline_s": bench_result(r.out)["seconds"], "tokens": tokens, "peak_rss": r.peak_rss,
+            "cpu_s": round(r.cpu_s, 2)}
 
 
 def same_tokens_as_datatrove(tm_out: Path, dt_out: Path) -> tuple[int, int, int]:
@@ -128,14 +128,14 @@ def same_tokens_as_datatrove(tm_out: Path, dt_out: Path) -> tuple[int, int, int]
 
     m = json.loads((tm_out / "_manifest.json").read_text())
     t = pa.concat_tables([pq.read_table(tm_out / f, columns=["source", "locator", "tokens"]) for f in m["files"]])
-    rows = sorted(zip(t.column("source").to_pylist(), t.column("locator").to_pylist(), t.column("tokens").to_pylist()),
-                  key=lambda r: (r[0], int(r[1].split(":")[1])))
+    rows = sorted(zip(t.column("source").to_pylist(), t.column("locator").to_pylist(), t.column("tokens").to_pylist(),
+                      strict=True), key=lambda r: (r[0], int(r[1].split(":")[1])))
     eos = rows[0][2][-1] if rows else None
     ours = [r[2] for r in rows if r[2] != [eos]]
     theirs = [d.tolist() for d in datatrove_docs(dt_out)]
     if len(ours) != len(theirs):
         return 0, max(len(ours), len(theirs)), len(rows) - len(ours)
-    equal = sum(a == b for a, b in zip(ours, theirs))
+    equal = sum(a == b for a, b in zip(ours, theirs, strict=True))
     return equal, len(ours) - equal, len(rows) - len(ours)
 
 
@@ -203,7 +203,8 @@ def report(results: dict[str, dict], checks: list[tuple[str, float]], notes: lis
     print(f"\nload now: {load}")
     print(f"\n{'':48s} {'whole s':>8s} {'inner s':>8s} {'peak RSS':>9s}   runs (whole s)")
     for name, r in results.items():
-        print(f"{name:48s} {r['seconds']:8.2f} {r['pipeline_s']:8.2f} {r['peak_rss'] / 2**20:5.0f} MiB   {r['runs']}")
+        cpu = f"  CPU s {r['cpu_s']:.2f}" if "cpu_s" in r else ""
+        print(f"{name:48s} {r['seconds']:8.2f} {r['pipeline_s']:8.2f} {r['peak_rss'] / 2**20:5.0f} MiB   {r['runs']}{cpu}")
     print()
     for note in notes:
         print(note)
@@ -223,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--processes", default="1,2")
     ap.add_argument("--skip", default="", help="comma-separated parts to leave out: text, hf, images")
+    ap.add_argument("--shortcuts-off", action="store_true",
+                    help="text: also run tokenmill with TOKENMILL_BEAM_SHORTCUTS=0 in each round")
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "data" / "peers.json")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -246,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
                 runs = {f"text: datatrove, {n} proc": lambda n=n: datatrove(folder, tok, tmp / f"dt{n}", n),
                         f"text: tokenmill hf:, {n} proc": lambda n=n: tokenmill(
                             [*inputs, "--tokenizer", f"hf:{tok}", "--eos"], tmp / f"tm{n}", n, ONE_THREAD)}
+                if args.shortcuts_off:  # what pipelines/beam_seam.py saves, in the same rounds
+                    runs[f"text: tokenmill hf:, Beam short-cuts off, {n} proc"] = lambda n=n: tokenmill(
+                        [*inputs, "--tokenizer", f"hf:{tok}", "--eos"], tmp / f"tmo{n}", n,
+                        {**ONE_THREAD, "TOKENMILL_BEAM_SHORTCUTS": "0"})
                 results.update(best_of_rounds(args.repeat, runs))
                 dt, tm = results[f"text: datatrove, {n} proc"], results[f"text: tokenmill hf:, {n} proc"]
                 checks.append((f"text {n} proc: tokenmill vs datatrove", dt["seconds"] / tm["seconds"]))
