@@ -1,6 +1,6 @@
 """tokenmill beside the closest peers, same inputs, same tokenizer, same EOS policy, one run.
 
-    ./run_local.sh bench peers [--corpus-mb 30] [--images 300] [--repeat 3] [--skip text,hf,images]
+    ./run_local.sh bench peers [--corpus-mb 30] [--images 300] [--repeat 3] [--skip text,hf,images] [--shortcuts-off]
 
 Every side is a whole process (interpreter start to finished output), run in
 rounds (each side once per round, after a sync) at 1 and 2 processes; the best
