@@ -155,6 +155,7 @@ class BuildProgress:
         """
         try:
             fsys, path = self._fs()
+            fsys.invalidate_cache(path)  # s3fs/gcsfs keep listings: a cached one hides the records written since
             try:
                 names = fsys.glob(join(path, "*.json"))
             except FileNotFoundError:
