@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import mmap
 import os
@@ -240,12 +241,13 @@ def sync_filesystem(uri: str) -> None:
         os.close(fd)
 
 
+@functools.lru_cache(maxsize=1)
 def _libc():
+    """The C library's symbols (the running program's, as dlopen(NULL) gives them), or None where none load."""
     import ctypes
-    import ctypes.util
 
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        return ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
 
