@@ -148,11 +148,10 @@ def files(argv: Sequence[str] | None = None) -> int:
 
 def decode(argv: Sequence[str] | None = None) -> int:
     """`tokenmill decode DIR --id ID --out FILE.png`: the image (or clip) a row's tokens stand for."""
-    import numpy as np
     from PIL import Image
 
-    from tokenmill.transforms.fs import open_binary
-    from tokenmill.schemas.manifest import read_manifest
+    from tokenmill.reports.dataset import DatasetView
+    from tokenmill.reports.render import contact_sheet
     from tokenmill.transforms.tokenizers.spec import load_image_tokenizer, load_video_tokenizer, recorded_options
 
     with usage_errors("tokenmill decode"):
@@ -164,9 +163,10 @@ def decode(argv: Sequence[str] | None = None) -> int:
         args = p.parse_args(argv)
         _check_image_out(args.out)
         try:
-            manifest = read_manifest(args.dir)
+            view = DatasetView(args.dir)
         except FileNotFoundError:
             raise UsageError(f"{args.dir}: no _manifest.json") from None
+        manifest = view.manifest
         if manifest.modality not in ("image", "video"):
             raise UsageError(f"{args.dir} is a {manifest.modality} dataset; decode turns image and video rows "
                              "into pictures")
@@ -177,41 +177,19 @@ def decode(argv: Sequence[str] | None = None) -> int:
             raise UsageError(str(e)) from None
         if tok.fingerprint() != manifest.tokenizer["fingerprint"]:
             raise UsageError(f"{manifest.tokenizer['spec']} no longer matches the dataset's fingerprint")
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from tokenmill.schemas.manifest import dataset_path
-
-    for shard in manifest.files:
-        with open_binary(dataset_path(args.dir, shard)) as f:
-            table = pq.read_table(f, filters=pc.field("id") == args.id)
-        if table.num_rows:
-            row = table.to_pylist()[0]
-            break
-    else:
+    row = view.row(args.id)
+    if row is None:
         print(f"tokenmill decode: error: no row with id {args.id}", file=sys.stderr)
         return 2
-    grid = tuple(row["grid"])
-    if "tokens" in row:
-        values = np.asarray(row["tokens"])
-    else:
-        from tokenmill.schemas.tables import LATENT_NUMPY
-
-        values = np.frombuffer(row["latents"], LATENT_NUMPY[manifest.tokenizer["latent_dtype"]]).reshape(
-            row["num_tokens"], -1)
-    from tokenmill.reports.render import contact_sheet, reconstruct
-
-    video = manifest.modality == "video"
     try:
-        image = reconstruct(tok, values, grid, (len(row["frame_indices"]), row["height"], row["width"]) if video
-                            else (row["height"], row["width"]))
+        image = view.reconstruction(row, tok)
     except NotImplementedError as e:
         print(f"tokenmill decode: error: {e}", file=sys.stderr)
         return 2
-    if video:
+    if view.modality == "video":
         image = contact_sheet(image)
     Image.fromarray(image).save(args.out)
-    print(f"tokenmill decode: {args.id} ({row['source']} {row['locator']}, grid {grid}) -> {args.out}")
+    print(f"tokenmill decode: {args.id} ({row['source']} {row['locator']}, grid {tuple(row['grid'])}) -> {args.out}")
     return 0
 
 

@@ -146,15 +146,16 @@ class DatasetView:
             raise ValueError(f"{spec} no longer matches the dataset's tokenizer fingerprint")
         return tok
 
-    def reconstruction(self, row: dict[str, Any]) -> np.ndarray:
-        """What an image or video row's tokens decode to, as `tokenmill decode` decodes them (render.reconstruct):
-        the image at the row's height and width, or the clip's frames (F, H, W, 3). ValueError where the
-        tokenizer cannot be loaded (see `tokenizer`), NotImplementedError where it has no decoder."""
+    def reconstruction(self, row: dict[str, Any], tokenizer: Any = None) -> np.ndarray:
+        """What an image or video row's tokens decode to (render.reconstruct): the image at the row's height and
+        width, or the clip's frames (F, H, W, 3). ValueError where the tokenizer cannot be loaded (see
+        `tokenizer`), NotImplementedError where it has no decoder. `tokenizer`: one loaded otherwise (`tokenmill
+        decode` may load a codebook from object storage, which a report never fetches)."""
         from tokenmill.reports.render import reconstruct
 
         shape = ((len(row["frame_indices"]), row["height"], row["width"]) if self.modality == "video"
                  else (row["height"], row["width"]))
-        return reconstruct(self.tokenizer, self.payload(row), row["grid"], shape)
+        return reconstruct(tokenizer or self.tokenizer, self.payload(row), row["grid"], shape)
 
     def original_image(self, row: dict[str, Any]) -> np.ndarray:
         """The source image of a row, decoded with the build's size policy (what was tokenized).
